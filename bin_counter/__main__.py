@@ -1,0 +1,3 @@
+from bin_counter.cli import main
+
+main()

@@ -1,0 +1,86 @@
+"""Typed configuration with the study's defaults. Every field of a run's config is logged as an MLflow param."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bin_counter import BinCounterError
+
+
+@dataclass
+class PrepareConfig:
+    source: str = "sample"  # `sample`, a local dir in ABID's layout, or s3://bucket[/prefix]
+    out: str = "data"
+    file_list: str | None = None
+    classes: str = "1-5"  # the study's counts
+    top_bucket: bool = False  # fold counts above the top class into it instead of dropping them
+    split: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    seed: int = 0
+    limit_per_class: int | None = None
+    workers: int = 8
+    upload: str | None = None
+    anonymous: bool | None = None  # None: anonymous only for ABID's public bucket
+
+
+@dataclass
+class TrainConfig:
+    data: str = "data"
+    backbone: str = "efficientnet-lite0"
+    weights: str | None = None  # a local weights file instead of the library's cache
+    batch_size: int = 32
+    lr: float = 1e-3
+    epochs: int = 5
+    seed: int = 0
+    weight_decay: float = 1e-4
+    image_size: int = 224
+    rotation_degrees: float = 30.0  # the study's augmentation
+    hflip: bool = False
+    unfreeze_last: int = 0  # backbone stages fine-tuned; 0 = the study's frozen backbone
+    backbone_lr: float = 1e-4
+    feature_cache: bool = True  # only used while the whole backbone is frozen
+    feature_views: int = 4  # augmented views cached per training image
+    cache_dir: str = ".cache/features"
+    num_workers: int = 2
+    register_as: str | None = None
+    run_name: str | None = None
+
+    def validate(self) -> None:
+        checks = {
+            "batch_size must be >= 2 (BatchNorm needs two samples)": self.batch_size >= 2,
+            "lr must be > 0": self.lr > 0,
+            "epochs must be >= 1": self.epochs >= 1,
+            "feature_views must be >= 1": self.feature_views >= 1,
+            "unfreeze_last must be >= 0": self.unfreeze_last >= 0,
+        }
+        for message, ok in checks.items():
+            if not ok:
+                raise BinCounterError(message)
+
+
+def as_params(config: Any) -> dict[str, Any]:
+    return {key: ("" if value is None else value) for key, value in dataclasses.asdict(config).items()}
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    try:
+        doc = yaml.safe_load(Path(path).read_text()) or {}
+    except FileNotFoundError:
+        raise BinCounterError(f"experiment file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise BinCounterError(f"experiment file {path} is not valid YAML: {exc}") from None
+    return doc
+
+
+def merge(config_cls: type, overrides: dict[str, Any]) -> Any:
+    """Build a config from a dict, refusing unknown keys so a typo in a YAML file is not silently ignored."""
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = set(overrides) - names
+    if unknown:
+        raise BinCounterError(f"unknown {config_cls.__name__} keys: {sorted(unknown)}")
+    return config_cls(**overrides)
+
+

@@ -1,0 +1,40 @@
+"""The prepared data directory: DATA_DIR/images/, manifest.csv and rejected.csv."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from bin_counter import BinCounterError
+from bin_counter.files import atomic_path
+
+MANIFEST = "manifest.csv"
+REJECTED = "rejected.csv"
+COLUMNS = ["image_id", "count", "split", "sha256", "width", "height", "path", "expected_quantity"]
+SPLITS = ("train", "val", "test")
+
+
+def write_csv(frame: pd.DataFrame, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False)
+
+
+def read_manifest(data_dir: Path, split: str | None = None) -> pd.DataFrame:
+    """The manifest with ids as strings (ABID's `01002` is not `1002`) and image paths made absolute."""
+    path = Path(data_dir) / MANIFEST
+    if not path.exists():
+        raise BinCounterError(f"no {MANIFEST} in {data_dir}: run `bin-counter prepare --out {data_dir}` first")
+    frame = pd.read_csv(path, dtype={"image_id": str, "split": str, "sha256": str, "path": str})
+    missing = set(COLUMNS) - set(frame.columns)
+    if missing:
+        raise BinCounterError(f"{path} lacks columns {sorted(missing)}; was it written by `bin-counter prepare`?")
+    frame["abs_path"] = [str(Path(data_dir) / p) for p in frame["path"]]
+    if split is not None:
+        frame = frame[frame["split"] == split].reset_index(drop=True)
+        if frame.empty:
+            raise BinCounterError(f"split {split!r} of {path} is empty")
+    return frame
+
+
+def classes_of(frame: pd.DataFrame) -> list[int]:
+    return sorted(int(c) for c in frame["count"].unique())

@@ -1,0 +1,75 @@
+"""MLflow set-up and the logging helpers shared by the commands."""
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import mlflow
+import pandas as pd
+
+DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
+DEFAULT_EXPERIMENT = "bin-counter"
+
+
+def configure() -> str:
+    """Use a local sqlite store in the working directory unless the user chose a tracking server."""
+    os.environ.setdefault("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    # `mlflow run` passes the experiment and run through the environment; keep them.
+    if not (os.environ.get("MLFLOW_EXPERIMENT_ID") or os.environ.get("MLFLOW_EXPERIMENT_NAME") or os.environ.get("MLFLOW_RUN_ID")):
+        mlflow.set_experiment(DEFAULT_EXPERIMENT)
+    return os.environ["MLFLOW_TRACKING_URI"]
+
+
+@contextmanager
+def run(name: str, **tags: str) -> Iterator[mlflow.ActiveRun]:
+    """A run of its own, or a child of the active one (so `main` shows prepare/train/evaluate beneath it)."""
+    nested = mlflow.active_run() is not None
+    with mlflow.start_run(run_name=None if os.environ.get("MLFLOW_RUN_ID") and not nested else name,
+                          nested=nested) as active:
+        mlflow.set_tags({"bin_counter.command": name, "git_commit": git_commit(), **tags})
+        yield active
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def log_params(params: dict[str, Any]) -> None:
+    mlflow.log_params({key: value for key, value in params.items()})
+
+
+def log_figure(figure, name: str) -> None:
+    import matplotlib.pyplot as plt
+
+    mlflow.log_figure(figure, name)
+    plt.close(figure)
+
+
+def log_frame(frame: pd.DataFrame, name: str) -> None:
+    """Log a table as CSV and markdown (the markdown reads well in the MLflow artifact view)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        frame.to_csv(Path(tmp) / f"{name}.csv", index=False)
+        (Path(tmp) / f"{name}.md").write_text(frame.to_markdown(index=False) + "\n")
+        mlflow.log_artifact(str(Path(tmp) / f"{name}.csv"))
+        mlflow.log_artifact(str(Path(tmp) / f"{name}.md"))
+
+
+def log_dataset(manifest: pd.DataFrame, source: str, name: str, context: str) -> str:
+    """Log the manifest as an MLflow dataset input; returns its digest (also tagged on the run)."""
+    import warnings
+
+    with warnings.catch_warnings():  # MLflow's hints about source guessing and int columns are noise here
+        warnings.simplefilter("ignore", UserWarning)
+        dataset = mlflow.data.from_pandas(manifest.drop(columns=["abs_path"], errors="ignore"), source=source, name=name)
+    mlflow.log_input(dataset, context=context)
+    mlflow.set_tag("dataset_digest", dataset.digest)
+    return dataset.digest

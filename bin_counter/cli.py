@@ -11,6 +11,14 @@ from bin_counter import BinCounterError
 log = logging.getLogger("bin_counter")
 
 
+def _int(value: str) -> int:
+    """MLproject passes numbers as floats (`5.0`); an int option accepts those."""
+    number = float(value)
+    if not number.is_integer():
+        raise argparse.ArgumentTypeError(f"expected an integer, got {value}")
+    return int(number)
+
+
 def _optional_bool(value: str) -> bool:
     return value.lower() in ("1", "true", "yes")
 
@@ -23,9 +31,9 @@ def add_prepare(sub) -> None:
     p.add_argument("--classes", default="1-5", help="counts kept, e.g. 1-5, 0-5, 1-10 (default 1-5)")
     p.add_argument("--top-bucket", action="store_true", help="fold counts above the top class into it")
     p.add_argument("--split", default="0.8,0.1,0.1", help="train,val,test ratios (default 0.8,0.1,0.1)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--limit-per-class", type=int, help="keep at most N images per count")
-    p.add_argument("--workers", type=int, default=8, help="parallel downloads/validations (default 8)")
+    p.add_argument("--seed", type=_int, default=0)
+    p.add_argument("--limit-per-class", type=_int, help="keep at most N images per count")
+    p.add_argument("--workers", type=_int, default=8, help="parallel downloads/validations (default 8)")
     p.add_argument("--upload", help="copy the prepared splits to s3://bucket/prefix")
     p.add_argument("--anonymous", type=_optional_bool, default=None,
                    help="read S3 without credentials (default: only for ABID's public bucket)")
@@ -43,6 +51,97 @@ def cmd_prepare(args) -> None:
     run(cfg)
 
 
+def add_train_options(p, defaults=None) -> None:
+    from bin_counter.config import TrainConfig
+
+    d = defaults or TrainConfig()
+    p.add_argument("--data", default=d.data, help="DATA_DIR written by `prepare` (default: data)")
+    p.add_argument("--backbone", default=d.backbone, help=f"backbone name (default {d.backbone})")
+    p.add_argument("--weights", help="pretrained backbone weights file instead of the library's cache")
+    p.add_argument("--batch-size", type=_int, default=d.batch_size)
+    p.add_argument("--lr", type=float, default=d.lr, help="learning rate of the classifier head")
+    p.add_argument("--epochs", type=_int, default=d.epochs)
+    p.add_argument("--seed", type=_int, default=d.seed)
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--image-size", type=_int, default=d.image_size)
+    p.add_argument("--rotation-degrees", type=float, default=d.rotation_degrees)
+    p.add_argument("--hflip", action="store_true", help="add random horizontal flips")
+    p.add_argument("--unfreeze-last", type=_int, default=d.unfreeze_last, help="fine-tune the last N backbone stages")
+    p.add_argument("--backbone-lr", type=float, default=d.backbone_lr, help="learning rate of unfrozen stages")
+    p.add_argument("--no-feature-cache", dest="feature_cache", action="store_false",
+                   help="always run the full forward pass")
+    p.add_argument("--feature-views", type=_int, default=d.feature_views, help="augmented views cached per image")
+    p.add_argument("--cache-dir", default=d.cache_dir)
+    p.add_argument("--num-workers", type=_int, default=d.num_workers, help="DataLoader workers")
+
+
+def train_config(args):
+    import dataclasses
+
+    from bin_counter.config import TrainConfig
+
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a counting model and log it to MLflow")
+    add_train_options(p)
+    p.add_argument("--register-as", help="register the logged model under this name")
+    p.add_argument("--run-name")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args) -> None:
+    from bin_counter.train import train
+
+    train(train_config(args))
+
+
+def add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="evaluate a logged/registered model on a prepared split")
+    p.add_argument("--model-uri", required=True, help="runs:/RUN_ID/model, models:/NAME@champion, ...")
+    p.add_argument("--data", default="data")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--output", help="also write the metrics as JSON to this file")
+    p.add_argument("--batch-size", type=_int, default=64)
+    p.set_defaults(func=cmd_evaluate)
+
+
+def cmd_evaluate(args) -> None:
+    from bin_counter.evaluate import evaluate
+
+    evaluate(args.model_uri, args.data, args.split, args.output, args.batch_size)
+
+
+def add_compare(sub) -> None:
+    p = sub.add_parser("compare", help="train and evaluate several backbones on the same split (the study)")
+    add_train_options(p)
+    p.add_argument("--backbones", default="efficientnet-lite0,resnet50", help="comma-separated backbone names")
+    p.add_argument("--experiment", help="a study definition (YAML) from experiments/; flags override it")
+    p.set_defaults(func=cmd_compare)
+
+
+def cmd_compare(args) -> None:
+    from bin_counter.compare import compare
+
+    compare(train_config(args), [b.strip() for b in args.backbones.split(",") if b.strip()])
+
+
+def add_main(sub) -> None:
+    p = sub.add_parser("main", help="the embedded default: prepare the bundled sample, train, evaluate")
+    p.add_argument("--source", default="sample")
+    p.add_argument("--out", default="data")
+    add_train_options(p)
+    p.set_defaults(func=cmd_main)
+
+
+def cmd_main(args) -> None:
+    from bin_counter.pipeline import main_pipeline
+
+    main_pipeline(args.source, train_config(args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bin-counter", description="Count objects in Amazon bin photos (ABID), tracked with MLflow.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -52,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = [add_prepare]
+COMMANDS = [add_prepare, add_train, add_evaluate, add_compare, add_main]
 
 
 def main(argv: list[str] | None = None) -> None:

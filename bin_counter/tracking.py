@@ -70,6 +70,6 @@ def log_dataset(manifest: pd.DataFrame, source: str, name: str, context: str) ->
     with warnings.catch_warnings():  # MLflow's hints about source guessing and int columns are noise here
         warnings.simplefilter("ignore", UserWarning)
         dataset = mlflow.data.from_pandas(manifest.drop(columns=["abs_path"], errors="ignore"), source=source, name=name)
-    mlflow.log_input(dataset, context=context)
+        mlflow.log_input(dataset, context=context)
     mlflow.set_tag("dataset_digest", dataset.digest)
     return dataset.digest

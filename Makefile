@@ -1,0 +1,25 @@
+# The two commands of the README: `make run` (the embedded default) and `make test` (the whole suite).
+# Both create .venv and install what is missing on first use.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export MLFLOW_TRACKING_URI ?= sqlite:///mlruns.db
+export MLFLOW_DISABLE_TELEMETRY ?= true
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+run: $(VENV)/.installed
+	PATH="$(abspath $(VENV))/bin:$$PATH" mlflow run . -e main --env-manager local
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q -p no:cacheprovider
+
+benchmarks: $(VENV)/.installed
+	for b in experiments/benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
+
+.PHONY: install run test benchmarks

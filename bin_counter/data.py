@@ -1,0 +1,102 @@
+"""Images -> tensors: loading with clear failures, the study's transforms, Dataset/DataLoader over a manifest."""
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import logging
+from pathlib import Path
+
+import pandas as pd
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+
+from bin_counter.abid import MAX_IMAGE_PIXELS
+from bin_counter.models import backbone_spec
+
+log = logging.getLogger(__name__)
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS  # PIL then refuses decompression bombs instead of only warning
+
+
+def open_image(source: str | Path | bytes) -> Image.Image:
+    """An RGB image from a path or encoded bytes, or ValueError with a one-line reason."""
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                raise ValueError(f"image is {image.width}x{image.height}, over the {MAX_IMAGE_PIXELS:,}-pixel limit")
+            return image.convert("RGB")
+    except ValueError:
+        raise
+    except FileNotFoundError:
+        raise ValueError(f"no such file: {source}") from None
+    except Exception as exc:  # UnidentifiedImageError, truncated data, DecompressionBombError...
+        raise ValueError(f"not a readable image ({type(exc).__name__}: {exc})") from None
+
+
+def decode_base64_image(text: str) -> Image.Image:
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("empty image field")
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("image field is not valid base64") from None
+    return open_image(raw)
+
+
+def eval_transform(backbone: str, image_size: int = 224) -> transforms.Compose:
+    spec = backbone_spec(backbone)
+    return transforms.Compose([
+        transforms.Resize((image_size, image_size)),  # the study squashes the whole bin to a square
+        transforms.ToTensor(),
+        transforms.Normalize(spec.mean, spec.std),
+    ])
+
+
+def train_transform(backbone: str, image_size: int = 224, rotation: float = 30.0, hflip: bool = False):
+    spec = backbone_spec(backbone)
+    steps = [transforms.Resize((image_size, image_size)), transforms.RandomRotation(rotation)]
+    if hflip:
+        steps.append(transforms.RandomHorizontalFlip())
+    steps += [transforms.ToTensor(), transforms.Normalize(spec.mean, spec.std)]
+    return transforms.Compose(steps)
+
+
+class ManifestImages(Dataset):
+    """(image, label index) per manifest row; an unreadable image yields None and is reported, not crashed on."""
+
+    def __init__(self, frame: pd.DataFrame, classes: list[int], transform):
+        self.paths = list(frame["abs_path"])
+        self.ids = list(frame["image_id"])
+        index = {count: i for i, count in enumerate(classes)}
+        self.labels = [index[int(c)] for c in frame["count"]]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            image = open_image(self.paths[i])
+        except ValueError as exc:
+            log.warning("skipping image %s: %s", self.ids[i], exc)
+            return None
+        return self.transform(image), self.labels[i], i
+
+
+def collate_skipping_bad(batch):
+    batch = [item for item in batch if item is not None]
+    if not batch:
+        return None
+    images, labels, indices = zip(*batch)
+    return torch.stack(images), torch.tensor(labels), torch.tensor(indices)
+
+
+def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int, seed: int = 0,
+                drop_last: bool = False) -> DataLoader:
+    """Pinned memory and persistent workers only where they help: a CUDA device, several workers."""
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
+                      collate_fn=collate_skipping_bad, pin_memory=torch.cuda.is_available(),
+                      generator=generator, drop_last=drop_last and len(dataset) > batch_size)

@@ -1,0 +1,107 @@
+"""evaluate: any model URI on a prepared split -> metrics, plots and tables in MLflow (and --output JSON)."""
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+from tqdm.auto import tqdm
+
+from bin_counter import BinCounterError, metrics, plots, tracking
+from bin_counter.files import atomic_write_text
+from bin_counter.manifest import read_manifest
+from bin_counter.prepare import read_classes
+
+log = logging.getLogger(__name__)
+
+
+def load_model(model_uri: str):
+    try:
+        return mlflow.pyfunc.load_model(model_uri)
+    except Exception as exc:  # MlflowException, OSError... one line is what the user needs
+        raise BinCounterError(f"cannot load model {model_uri}: {str(exc).splitlines()[0]}") from None
+
+
+def predict_paths(model, paths: list[str], batch_size: int = 64, desc: str = "predict") -> pd.DataFrame:
+    """Predictions for image files in batches; unreadable files come back with `error` set, never a crash."""
+    parts = []
+    for start in tqdm(range(0, len(paths), batch_size), desc=desc, unit="batch"):
+        batch = pd.DataFrame({"path": paths[start:start + batch_size]})
+        parts.append(model.predict(batch, params={"on_error": "skip"}))
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+
+
+@dataclass
+class Report:
+    metrics: dict
+    predictions: pd.DataFrame  # the split's rows with predicted_count, confidence, error
+    classes: list[int]
+
+
+def evaluate_model(model, frame: pd.DataFrame, classes: list[int], batch_size: int = 64) -> Report:
+    predictions = predict_paths(model, list(frame["abs_path"]), batch_size, desc="evaluate")
+    table = pd.concat([frame.reset_index(drop=True), predictions], axis=1)
+    unreadable = table[table["error"] != ""]
+    for row in unreadable.itertuples():
+        log.warning("skipped %s: %s", row.image_id, row.error)
+    scored = table[table["error"] == ""]
+    if scored.empty:
+        raise BinCounterError("no image of the split could be read")
+    result = metrics.classification_metrics(scored["count"], scored["predicted_count"], classes)
+    result["unreadable"] = len(unreadable)
+    return Report(result, table, classes)
+
+
+def log_report(report: Report, prefix: str = "") -> None:
+    """Metrics (macro, weighted, per class, ordinal), plots and tables into the active MLflow run."""
+    m = report.metrics
+    mlflow.log_metrics(metrics.scalar_metrics(m, prefix))
+    tracking.log_frame(m["per_class"], f"{prefix}per_class")
+    tracking.log_figure(plots.confusion_matrices(m["confusion"], report.classes), f"{prefix}confusion_matrix.png")
+    tracking.log_figure(plots.per_class_bars(m["per_class"]), f"{prefix}per_class.png")
+    wrong = report.predictions[(report.predictions["error"] == "") &
+                               (report.predictions["predicted_count"] != report.predictions["count"])]
+    if len(wrong):
+        worst = wrong.sort_values("confidence", ascending=False).head(24)
+        titles = [f"{r.image_id}: true {r.count}, pred {r.predicted_count} ({r.confidence:.0%})" for r in worst.itertuples()]
+        tracking.log_figure(plots.image_grid(list(worst["abs_path"]), titles, title="Most confident mistakes"),
+                            f"{prefix}misclassified.png")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"{prefix}predictions.csv"
+        report.predictions.drop(columns=["abs_path"]).to_csv(path, index=False)
+        mlflow.log_artifact(str(path))
+    mlflow.log_dict(metrics.json_ready(m), f"{prefix}metrics.json")
+
+
+def summary_lines(m: dict) -> str:
+    return (f"accuracy {m['accuracy']:.4f}  macro P/R/F1 {m['precision_macro']:.4f}/{m['recall_macro']:.4f}/"
+            f"{m['f1_macro']:.4f}  weighted F1 {m['f1_weighted']:.4f}  MAE {m['mae']:.3f}  RMSE {m['rmse']:.3f}  "
+            f"within one {m['within_one']:.3f}  (n={m['n']})")
+
+
+def evaluate(model_uri: str, data: str, split: str = "test", output: str | None = None, batch_size: int = 64) -> Report:
+    """`bin-counter evaluate`."""
+    frame = read_manifest(Path(data), split)
+    classes = read_classes(Path(data))
+    model = load_model(model_uri)
+    with tracking.run("evaluate", model_uri=model_uri, split=split):
+        mlflow.log_params({"model_uri": model_uri, "data": str(data), "split": split})
+        tracking.log_dataset(frame, str(Path(data).resolve()), "abid", context=split)
+        report = evaluate_model(model, frame, classes, batch_size)
+        full = read_manifest(Path(data))
+        reference = full[full["split"] == "train"] if (full["split"] == "train").any() else full
+        baseline = metrics.majority_baseline(reference["count"], frame["count"])
+        mlflow.log_metric("majority_baseline_accuracy", baseline)
+        log_report(report)
+    print(summary_lines(report.metrics))
+    print(f"majority-class baseline accuracy {baseline:.4f}")
+    print(report.metrics["per_class"].to_string(index=False))
+    if output:
+        atomic_write_text(Path(output), json.dumps(metrics.json_ready(report.metrics), indent=2) + "\n")
+    return report
+
+

@@ -1,0 +1,73 @@
+"""Classification and counting metrics (scikit-learn), and the study's printed lines."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
+
+# SageMaker metric definitions parse these lines; keep the labels exactly as the study printed them.
+STUDY_REGEXES = {
+    "Average loss": r"Average loss: ([0-9\.]+)",
+    "Accuracy": r"Accuracy: ([0-9\.]+)",
+    "Precision": r"Precision: ([0-9\.]+)",
+    "Recall": r"Recall: ([0-9\.]+)",
+    "F1 Score": r"F1 Score: ([0-9\.]+)",
+}
+
+
+def classification_metrics(y_true, y_pred, classes: list[int]) -> dict:
+    """Accuracy, macro/weighted P/R/F1, per-class table, confusion matrix, and the ordinal errors.
+
+    Labels are counts (not class indices), so RMSE/MAE are in objects per bin.
+    """
+    y_true, y_pred = np.asarray(y_true, dtype=int), np.asarray(y_pred, dtype=int)
+    out: dict = {"accuracy": float(accuracy_score(y_true, y_pred)), "n": int(len(y_true))}
+    for average in ("macro", "weighted"):
+        p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, labels=classes, average=average, zero_division=0)
+        out.update({f"precision_{average}": float(p), f"recall_{average}": float(r), f"f1_{average}": float(f)})
+    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=classes, average=None, zero_division=0)
+    out["per_class"] = pd.DataFrame({"class": classes, "precision": p, "recall": r, "f1": f, "support": s})
+    out["confusion"] = confusion_matrix(y_true, y_pred, labels=classes)
+    error = y_pred - y_true
+    out["rmse"] = float(np.sqrt(np.mean(error ** 2)))
+    out["mae"] = float(np.mean(np.abs(error)))
+    out["within_one"] = float(np.mean(np.abs(error) <= 1))
+    return out
+
+
+def scalar_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
+    """The numbers of `classification_metrics` flattened for mlflow.log_metrics, per class included."""
+    flat = {f"{prefix}{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
+    table = metrics["per_class"]
+    for name in ("precision", "recall", "f1"):
+        for count, value in zip(table["class"], table[name]):
+            flat[f"{prefix}{name}_class_{count}"] = float(value)
+    return flat
+
+
+def majority_baseline(train_counts, test_counts) -> float:
+    """Accuracy of always answering the most common training count."""
+    values, frequency = np.unique(np.asarray(train_counts), return_counts=True)
+    return float(np.mean(np.asarray(test_counts) == values[frequency.argmax()]))
+
+
+def study_lines(loss: float, metrics: dict) -> str:
+    return "\n".join([
+        f"Average loss: {loss:.4f}",
+        f"Accuracy: {metrics['accuracy']:.4f}",
+        f"Precision: {metrics['precision_macro']:.4f}",
+        f"Recall: {metrics['recall_macro']:.4f}",
+        f"F1 Score: {metrics['f1_macro']:.4f}",
+    ])
+
+
+def json_ready(metrics: dict) -> dict:
+    """What `evaluate --output` writes: plain numbers, per_class keyed by count."""
+    out = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    out["per_class"] = {
+        str(int(row["class"])): {"precision": row["precision"], "recall": row["recall"], "f1": row["f1"],
+                                 "support": int(row["support"])}
+        for _, row in metrics["per_class"].iterrows()
+    }
+    out["confusion_matrix"] = metrics["confusion"].tolist()
+    return out

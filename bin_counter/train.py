@@ -1,0 +1,258 @@
+"""train: the loop, readable top to bottom, and the `train` command around it."""
+from __future__ import annotations
+
+import copy
+import logging
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from bin_counter import BinCounterError, metrics, plots, tracking
+from bin_counter.config import TrainConfig, as_params
+from bin_counter.data import ManifestImages, eval_transform, make_loader, train_transform
+from bin_counter.features import FeatureViews, cached_features
+from bin_counter.manifest import read_manifest
+from bin_counter.models import CountingModel, backbone_is_frozen, create_model, freeze
+from bin_counter.prepare import read_classes
+from bin_counter.pyfunc import log_model
+
+log = logging.getLogger(__name__)
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def set_train_mode(net: nn.Module) -> None:
+    """Train mode, except frozen BatchNorm layers: their running statistics must stay ImageNet's."""
+    net.train()
+    for module in net.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in module.parameters()):
+            module.eval()
+
+
+def grad_norm(net: nn.Module) -> float:
+    norms = [p.grad.detach().norm() for p in net.parameters() if p.grad is not None]
+    return float(torch.norm(torch.stack(norms))) if norms else 0.0
+
+
+def train_one_epoch(net, criterion, optimizer, loader, device, scaler, desc="train") -> dict:
+    set_train_mode(net)
+    total_loss, correct, seen, norms = 0.0, 0, 0, []
+    start = time.perf_counter()
+    for batch in tqdm(loader, desc=desc, unit="batch", leave=False):
+        if batch is None:
+            continue
+        inputs, labels, _ = batch
+        inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with torch.autocast(device.type, enabled=device.type == "cuda"):
+            logits = net(inputs)
+            loss = criterion(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        norms.append(grad_norm(net))
+        scaler.step(optimizer)
+        scaler.update()
+        total_loss += loss.item() * len(labels)
+        correct += (logits.argmax(1) == labels).sum().item()
+        seen += len(labels)
+    seconds = time.perf_counter() - start
+    return {"loss": total_loss / max(seen, 1), "accuracy": correct / max(seen, 1), "grad_norm": float(np.mean(norms or [0])),
+            "seconds": seconds, "images_per_s": seen / seconds if seconds else 0.0}
+
+
+@torch.no_grad()
+def evaluate_epoch(net, criterion, loader, device) -> dict:
+    """Loss plus the true and predicted class indices (and the dataset rows they belong to)."""
+    net.eval()
+    total_loss, seen, y_true, y_pred, rows, probs = 0.0, 0, [], [], [], []
+    for batch in loader:
+        if batch is None:
+            continue
+        inputs, labels, indices = batch
+        inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with torch.autocast(device.type, enabled=device.type == "cuda"):
+            logits = net(inputs).float()
+        total_loss += criterion(logits, labels).item() * len(labels)
+        seen += len(labels)
+        y_true.append(labels.cpu())
+        y_pred.append(logits.argmax(1).cpu())
+        probs.append(torch.softmax(logits, 1).cpu())
+        rows.append(indices)
+    if not seen:
+        raise BinCounterError("no readable image to evaluate on")
+    return {"loss": total_loss / seen, "y_true": torch.cat(y_true).numpy(), "y_pred": torch.cat(y_pred).numpy(),
+            "rows": torch.cat(rows).numpy(), "probs": torch.cat(probs).numpy()}
+
+
+def make_optimizer(cfg: TrainConfig, model: CountingModel, net: nn.Module) -> torch.optim.Optimizer:
+    """The new head learns at `lr`; unfrozen backbone stages at their own, smaller `backbone_lr`."""
+    head = [p for p in model.head.parameters() if p.requires_grad]
+    groups = [{"params": head, "lr": cfg.lr}]
+    if net is model:
+        backbone = [p for p in model.backbone.parameters() if p.requires_grad]
+        if backbone:
+            groups.append({"params": backbone, "lr": cfg.backbone_lr})
+    return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+
+
+@dataclass
+class Loaders:
+    net: nn.Module  # what the loaders feed: the head (cached features) or the whole model (images)
+    train: DataLoader
+    val: DataLoader
+    test: DataLoader | None
+
+
+def build_loaders(cfg: TrainConfig, model: CountingModel, frames: dict[str, pd.DataFrame], classes: list[int],
+                  device: torch.device) -> Loaders:
+    eval_tf = eval_transform(cfg.backbone, cfg.image_size)
+    train_tf = train_transform(cfg.backbone, cfg.image_size, cfg.rotation_degrees, cfg.hflip)
+    if cfg.feature_cache and backbone_is_frozen(model):
+        description = {"backbone": cfg.backbone, "weights": weights_id(cfg.weights), "size": cfg.image_size,
+                       "rotation": cfg.rotation_degrees, "hflip": cfg.hflip}
+        loaders = {}
+        for split, frame in frames.items():
+            training = split == "train"
+            features, ok = cached_features(
+                model, frame, classes, train_tf if training else eval_tf, cfg.feature_views if training else 1,
+                {**description, "train": training}, Path(cfg.cache_dir) if cfg.cache_dir else None,
+                cfg.batch_size, cfg.num_workers, cfg.seed, device, split)
+            labels = torch.tensor([classes.index(int(c)) for c in frame["count"]])
+            dataset = FeatureViews(features, labels, ok, random_view=training)
+            loaders[split] = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=training,
+                                        drop_last=training and len(dataset) > cfg.batch_size,
+                                        generator=torch.Generator().manual_seed(cfg.seed))
+        return Loaders(model.head, loaders["train"], loaders["val"], loaders.get("test"))
+    loaders = {
+        split: make_loader(ManifestImages(frame, classes, train_tf if split == "train" else eval_tf), cfg.batch_size,
+                           shuffle=split == "train", num_workers=cfg.num_workers, seed=cfg.seed,
+                           drop_last=split == "train")
+        for split, frame in frames.items()
+    }
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    return Loaders(model, loaders["train"], loaders["val"], loaders.get("test"))
+
+
+def weights_id(weights: str | None) -> str:
+    if not weights:
+        return "default"
+    path = Path(weights)
+    return f"{path.resolve()}:{path.stat().st_size}:{path.stat().st_mtime_ns}" if path.exists() else weights
+
+
+@dataclass
+class FitResult:
+    history: pd.DataFrame
+    best_epoch: int
+    best_val: dict
+
+
+def fit(cfg: TrainConfig, model: CountingModel, loaders: Loaders, classes: list[int], device: torch.device,
+        on_epoch=None) -> FitResult:
+    """Train for cfg.epochs, keep the weights of the epoch with the lowest validation loss."""
+    net = loaders.net
+    criterion = nn.CrossEntropyLoss()
+    optimizer = make_optimizer(cfg, model, net)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
+    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
+    best_loss, best_state, best_epoch, best_val, rows = float("inf"), None, 0, {}, []
+    for epoch in range(1, cfg.epochs + 1):
+        train_stats = train_one_epoch(net, criterion, optimizer, loaders.train, device, scaler, f"epoch {epoch}")
+        val = evaluate_epoch(net, criterion, loaders.val, device)
+        val_metrics = metrics.classification_metrics(np.asarray(classes)[val["y_true"]],
+                                                     np.asarray(classes)[val["y_pred"]], classes)
+        scheduler.step()
+        print(f"Epoch {epoch}/{cfg.epochs}  Train loss: {train_stats['loss']:.4f}  "
+              f"Train accuracy: {train_stats['accuracy']:.4f}")
+        print(metrics.study_lines(val["loss"], val_metrics), flush=True)
+        row = {"epoch": epoch, "train_loss": train_stats["loss"], "train_accuracy": train_stats["accuracy"],
+               "val_loss": val["loss"], "val_accuracy": val_metrics["accuracy"],
+               "val_precision": val_metrics["precision_macro"], "val_recall": val_metrics["recall_macro"],
+               "val_f1": val_metrics["f1_macro"], "val_mae": val_metrics["mae"], "grad_norm": train_stats["grad_norm"],
+               "epoch_seconds": train_stats["seconds"], "images_per_s": train_stats["images_per_s"]}
+        rows.append(row)
+        if mlflow.active_run():
+            mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+        if val["loss"] < best_loss:
+            best_loss, best_epoch, best_val = val["loss"], epoch, row
+            best_state = copy.deepcopy(net.state_dict())
+        if on_epoch is not None:
+            on_epoch(epoch, row)
+    net.load_state_dict(best_state)
+    return FitResult(pd.DataFrame(rows), best_epoch, best_val)
+
+
+@dataclass
+class TrainResult:
+    run_id: str
+    model_uri: str
+    test_metrics: dict | None
+    best_epoch: int
+    history: pd.DataFrame
+
+
+def split_frames(data: str) -> dict[str, pd.DataFrame]:
+    manifest = read_manifest(Path(data))
+    frames = {split: manifest[manifest["split"] == split].reset_index(drop=True) for split in ("train", "val", "test")}
+    for split in ("train", "val"):
+        if frames[split].empty:
+            raise BinCounterError(f"the {split} split of {data} is empty; prepare it with a non-zero {split} ratio")
+    if frames["test"].empty:
+        del frames["test"]
+    return frames
+
+
+def train(cfg: TrainConfig, on_epoch=None) -> TrainResult:
+    """`bin-counter train`: one MLflow run with params, per-epoch metrics, plots, test metrics and the model."""
+    cfg.validate()
+    set_seed(cfg.seed)
+    device = pick_device()
+    classes = read_classes(Path(cfg.data))
+    frames = split_frames(cfg.data)
+    with tracking.run(cfg.run_name or f"train-{cfg.backbone}", backbone=cfg.backbone) as active:
+        model = create_model(cfg.backbone, len(classes), cfg.weights).to(device)
+        tracking.log_params({**as_params(cfg), **freeze(model, cfg.unfreeze_last), "device": device.type,
+                             "classes": ",".join(map(str, classes))})
+        tracking.log_dataset(pd.concat(frames.values()), str(Path(cfg.data).resolve()), "abid", context="training")
+        loaders = build_loaders(cfg, model, frames, classes, device)
+        result = fit(cfg, model, loaders, classes, device, on_epoch)
+        mlflow.log_metrics({"best_epoch": result.best_epoch, "best_val_loss": result.best_val["val_loss"]})
+        tracking.log_figure(plots.history(result.history), "training_history.png")
+        tracking.log_frame(result.history, "history")
+
+        test_metrics = None
+        if loaders.test is not None:
+            test = evaluate_epoch(loaders.net, nn.CrossEntropyLoss(), loaders.test, device)
+            test_metrics = metrics.classification_metrics(np.asarray(classes)[test["y_true"]],
+                                                          np.asarray(classes)[test["y_pred"]], classes)
+            test_metrics["loss"] = test["loss"]
+            mlflow.log_metrics(metrics.scalar_metrics(test_metrics, prefix="test_"))
+            log.info("test accuracy %.3f, macro F1 %.3f, MAE %.3f (best epoch %d)", test_metrics["accuracy"],
+                     test_metrics["f1_macro"], test_metrics["mae"], result.best_epoch)
+
+        config = {"backbone": cfg.backbone, "classes": classes, "image_size": cfg.image_size,
+                  "best_epoch": result.best_epoch}
+        examples = list(frames.get("test", frames["val"])["abs_path"][:2])
+        info = log_model(model.cpu(), config, examples, cfg.register_as)
+        run_id = active.info.run_id
+    print(f"run_id: {run_id}")
+    return TrainResult(run_id, info.model_uri, test_metrics, result.best_epoch, result.history)
+

@@ -72,6 +72,8 @@ def cached_features(model: CountingModel, frame: pd.DataFrame, classes: list[int
         log.info("%s features loaded from cache %s", desc, path)
         return stored["features"].float(), stored["ok"]
     features, ok = extract(model, frame, classes, transform, views, batch_size, num_workers, seed, device, desc)
+    # Train on what the cache holds, so a fresh run and a cached rerun give the same model.
+    features = features.half().float()
     if path is not None:
         with atomic_path(path) as tmp:
             torch.save({"features": features.half(), "ok": ok}, tmp)

@@ -1,0 +1,150 @@
+"""Shared fixtures: real sample images, a real sqlite MLflow store per test, a real moto S3 server on 127.0.0.1."""
+from __future__ import annotations
+
+import http.client
+import os
+import shutil
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+os.environ.setdefault("TQDM_DISABLE", "1")
+
+from bin_counter.config import PrepareConfig  # noqa: E402
+from bin_counter.prepare import SAMPLE_DIR, prepare  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(autouse=True)
+def mlflow_store(tmp_path, monkeypatch):
+    """Each test gets its own sqlite tracking store and working directory."""
+    import mlflow
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(var, raising=False)
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    while mlflow.active_run():
+        mlflow.end_run()
+
+
+def sample_ids(per_class: int) -> dict[int, list[str]]:
+    import json
+
+    doc = json.loads((SAMPLE_DIR / "file_list.json").read_text())
+    return {int(k): [Path(p).stem for p in v[:per_class]] for k, v in doc.items()}
+
+
+def make_abid_dir(root: Path, per_class: int) -> Path:
+    """A local directory in ABID's layout with real sample images."""
+    (root / "bin-images").mkdir(parents=True)
+    (root / "metadata").mkdir()
+    for ids in sample_ids(per_class).values():
+        for image_id in ids:
+            shutil.copy(SAMPLE_DIR / "bin-images" / f"{image_id}.jpg", root / "bin-images")
+            shutil.copy(SAMPLE_DIR / "metadata" / f"{image_id}.json", root / "metadata")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """A prepared DATA_DIR of 12 real images per count (60 in all), split 0.6/0.2/0.2."""
+    out = tmp_path_factory.mktemp("tiny") / "data"
+    prepare(PrepareConfig(source="sample", out=str(out), split=(0.6, 0.2, 0.2), limit_per_class=12, workers=2))
+    return out
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint():
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def aws(moto_endpoint, monkeypatch):
+    """Real boto3 clients pointed at the moto server through AWS_ENDPOINT_URL."""
+    import boto3
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    requests_reset(moto_endpoint)
+    return boto3.client("s3", endpoint_url=moto_endpoint, region_name="us-east-1")
+
+
+def requests_reset(endpoint: str) -> None:
+    """Empty the moto server between tests."""
+    host, port = endpoint.replace("http://", "").split(":")
+    conn = http.client.HTTPConnection(host, int(port))
+    conn.request("POST", "/moto-api/reset")
+    conn.getresponse().read()
+    conn.close()
+
+
+class SlowProxy:
+    """An HTTP proxy in front of moto that delays each object GET and logs every request path.
+
+    It lets a test kill a download part-way at a known point and count what was fetched.
+    """
+
+    def __init__(self, upstream: str, delay: float):
+        self.upstream = upstream.replace("http://", "")
+        self.delay = delay
+        self.gets: list[str] = []
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _forward(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0) or 0))
+                if self.command == "GET" and "list-type" not in self.path and self.path.count("/") > 1:
+                    proxy.gets.append(self.path.split("?")[0])
+                    time.sleep(proxy.delay)
+                host, port = proxy.upstream.split(":")
+                conn = http.client.HTTPConnection(host, int(port))
+                conn.request(self.command, self.path, body=body, headers=dict(self.headers))
+                response = conn.getresponse()
+                data = response.read()
+                self.send_response(response.status)
+                head = self.command == "HEAD"  # keeps the object's Content-Length and sends no body
+                for key, value in response.getheaders():
+                    if key.lower() not in ("transfer-encoding", "connection") and (head or key.lower() != "content-length"):
+                        self.send_header(key, value)
+                if not head:
+                    self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if not head:
+                    self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()

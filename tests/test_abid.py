@@ -1,0 +1,68 @@
+import json
+
+import pytest
+
+from bin_counter import BinCounterError, abid
+from bin_counter.prepare import SAMPLE_DIR
+
+
+def test_parse_count_accepts_abid_metadata():
+    assert abid.parse_count(b'{"EXPECTED_QUANTITY": 4, "BIN_FCSKU_DATA": {}}') == 4
+    assert abid.parse_count('{"EXPECTED_QUANTITY": 0}') == 0
+
+
+@pytest.mark.parametrize("raw, reason", [
+    (b"{not json", "not valid JSON"),
+    (b'{"BIN_FCSKU_DATA": {}}', "no EXPECTED_QUANTITY"),
+    (b'{"EXPECTED_QUANTITY": -1}', "negative"),
+    (b'{"EXPECTED_QUANTITY": 2.5}', "not an integer"),
+    (b'{"EXPECTED_QUANTITY": "3"}', "not an integer"),
+    (b'{"EXPECTED_QUANTITY": true}', "not an integer"),
+    (b"[1, 2]", "no EXPECTED_QUANTITY"),
+])
+def test_parse_count_rejects_bad_metadata(raw, reason):
+    with pytest.raises(ValueError, match=reason):
+        abid.parse_count(raw)
+
+
+def test_check_image_decodes_real_jpeg_and_fails_truncated_one():
+    data = next((SAMPLE_DIR / "bin-images").glob("*.jpg")).read_bytes()
+    info = abid.check_image(data)
+    assert info.width > 0 and info.height > 0
+    with pytest.raises(ValueError, match="does not decode"):
+        abid.check_image(data[: len(data) // 2])  # header intact, body cut: only a full decode notices
+    with pytest.raises(ValueError, match="does not decode"):
+        abid.check_image(b"\xff\xd8 definitely not a jpeg")
+
+
+def test_ids_stay_strings():
+    assert abid.id_from_key("metadata/01002.json") == "01002"
+    assert abid.id_from_key("metadata/1002.json") == "1002"
+    assert abid.image_key("01002") == "bin-images/01002.jpg"
+
+
+def test_read_file_list_study_format_and_plain_list(tmp_path):
+    study = tmp_path / "file_list.json"
+    study.write_text(json.dumps({"1": ["metadata/01002.json", "metadata/1002.json"], "2": ["metadata/00005.json"]}))
+    assert abid.read_file_list(study) == ["01002", "1002", "00005"]
+    plain = tmp_path / "ids.json"
+    plain.write_text(json.dumps(["01002", "1002", "01002"]))
+    assert abid.read_file_list(plain) == ["01002", "1002"]
+
+
+@pytest.mark.parametrize("content", ["{oops", '{"1": "metadata/1.json"}', "[1, 2]", '"x"', "{}"])
+def test_read_file_list_malformed_is_a_clear_error(tmp_path, content):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    with pytest.raises(BinCounterError, match="file list"):
+        abid.read_file_list(path)
+
+
+def test_parse_classes():
+    assert abid.parse_classes("1-5") == [1, 2, 3, 4, 5]
+    assert abid.parse_classes("0-5") == [0, 1, 2, 3, 4, 5]
+    assert abid.parse_classes("1-10") == list(range(1, 11))
+    assert abid.parse_classes("0,2,4") == [0, 2, 4]
+    for bad in ("x", "3", "5-1"):
+        with pytest.raises(BinCounterError):
+            abid.parse_classes(bad)

@@ -154,8 +154,30 @@ def build_parser() -> argparse.ArgumentParser:
 COMMANDS = [add_prepare, add_train, add_evaluate, add_compare, add_main]
 
 
+def parse(argv: list[str] | None):
+    """Parse; a study definition (--experiment YAML) supplies defaults that explicit flags override."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "experiment", None):
+        from bin_counter.config import load_yaml
+
+        doc = load_yaml(args.experiment)
+        subparser = next(a for a in parser._subparsers._group_actions).choices[args.command]
+        known = {action.dest for action in subparser._actions}
+        unknown = set(doc) - known
+        if unknown:
+            raise SystemExit(f"error: {args.experiment}: unknown keys {sorted(unknown)}")
+        subparser.set_defaults(**{k: ",".join(v) if isinstance(v, list) else v for k, v in doc.items()})
+        args = parser.parse_args(argv)
+    return args
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    try:
+        args = parse(argv)
+    except BinCounterError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     for noisy in ("botocore", "urllib3", "alembic", "mlflow.store", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -48,10 +48,8 @@ def extract(model: CountingModel, frame: pd.DataFrame, classes: list[int], trans
                 continue
             images, _, indices = batch
             images = images.to(device, non_blocking=True)
-            if device.type == "cuda":
-                images = images.to(memory_format=torch.channels_last)
             with torch.autocast(device.type, enabled=use_amp):
-                out = model.backbone(images).float().cpu()
+                out = model.features(images).float().cpu()
             if features is None:
                 features = torch.zeros(len(dataset), views, out.shape[1])
             features[indices, view] = out

@@ -146,8 +146,6 @@ def build_loaders(cfg: TrainConfig, model: CountingModel, frames: dict[str, pd.D
                            drop_last=split == "train")
         for split, frame in frames.items()
     }
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
     return Loaders(model, loaders["train"], loaders["val"], loaders.get("test"))
 
 

@@ -142,6 +142,43 @@ def cmd_main(args) -> None:
     main_pipeline(args.source, train_config(args))
 
 
+def add_tune(sub) -> None:
+    p = sub.add_parser("tune", help="hyperparameter search (Optuna locally, or a SageMaker tuning job)")
+    add_train_options(p)
+    p.add_argument("--n-trials", type=_int, default=5)
+    p.add_argument("--n-jobs", type=_int, default=1, help="trials run in parallel in this process")
+    p.add_argument("--storage", help="Optuna RDB URL (sqlite:///optuna.db, postgresql://...) shared by workers")
+    p.add_argument("--study-name", default="bin-counter", help="rerun with the same name and storage to resume")
+    p.add_argument("--batch-size-range", default="32,128")
+    p.add_argument("--lr-range", default="1e-4,5e-2")
+    p.add_argument("--epochs-range", default="5,15")
+    p.add_argument("--register-as", help="register the best configuration's model under this name")
+    p.add_argument("--backend", choices=["local", "sagemaker"], default="local")
+    p.add_argument("--s3-data", help="sagemaker: s3://bucket/prefix written by `prepare --upload`")
+    p.add_argument("--role", help="sagemaker: execution role ARN")
+    p.add_argument("--instance-type", default="ml.g4dn.xlarge", help="sagemaker: training instance type")
+    p.add_argument("--image-uri", help="sagemaker: PyTorch training image (default: the region's PyTorch 2.x GPU image)")
+    p.add_argument("--region", help="sagemaker: AWS region (default AWS_DEFAULT_REGION)")
+    p.add_argument("--output-path", help="sagemaker: s3:// prefix for job outputs")
+    p.add_argument("--dry-run", action="store_true", help="sagemaker: print the request without sending it")
+    p.set_defaults(func=cmd_tune)
+
+
+def cmd_tune(args) -> None:
+    from bin_counter.tune import SearchSpace, TuneConfig, parse_range, tune
+
+    space = SearchSpace(parse_range(args.batch_size_range, int), parse_range(args.lr_range),
+                        parse_range(args.epochs_range, int))
+    cfg = TuneConfig(base=train_config(args), space=space, n_trials=args.n_trials, n_jobs=args.n_jobs,
+                     storage=args.storage, study_name=args.study_name, seed=args.seed, register_as=args.register_as)
+    if args.backend == "sagemaker":
+        from bin_counter.sagemaker_jobs import tuning_job
+
+        tuning_job(cfg, args)
+    else:
+        tune(cfg)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bin-counter", description="Count objects in Amazon bin photos (ABID), tracked with MLflow.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -151,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = [add_prepare, add_train, add_evaluate, add_compare, add_main]
+COMMANDS = [add_prepare, add_train, add_evaluate, add_compare, add_main, add_tune]
 
 
 def parse(argv: list[str] | None):

@@ -77,6 +77,14 @@ def log_report(report: Report, prefix: str = "") -> None:
     mlflow.log_dict(metrics.json_ready(m), f"{prefix}metrics.json")
 
 
+def evaluate_into_run(run_id: str, model_uri: str, data: str, split: str = "test") -> Report:
+    """Evaluate a just-trained model and log the report into its own (already finished) run."""
+    report = evaluate_model(load_model(model_uri), read_manifest(Path(data), split), read_classes(Path(data)))
+    with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
+        log_report(report)
+    return report
+
+
 def summary_lines(m: dict) -> str:
     return (f"accuracy {m['accuracy']:.4f}  macro P/R/F1 {m['precision_macro']:.4f}/{m['recall_macro']:.4f}/"
             f"{m['f1_macro']:.4f}  weighted F1 {m['f1_weighted']:.4f}  MAE {m['mae']:.3f}  RMSE {m['rmse']:.3f}  "

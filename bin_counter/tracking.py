@@ -26,11 +26,14 @@ def configure() -> str:
 
 
 @contextmanager
-def run(name: str, **tags: str) -> Iterator[mlflow.ActiveRun]:
-    """A run of its own, or a child of the active one (so `main` shows prepare/train/evaluate beneath it)."""
+def run(name: str, parent_run_id: str | None = None, **tags: str) -> Iterator[mlflow.ActiveRun]:
+    """A run of its own, or a child of the active one (so `main` shows prepare/train/evaluate beneath it).
+
+    `parent_run_id` makes a child from another thread (Optuna's n_jobs), where no run is active.
+    """
     nested = mlflow.active_run() is not None
-    with mlflow.start_run(run_name=None if os.environ.get("MLFLOW_RUN_ID") and not nested else name,
-                          nested=nested) as active:
+    run_name = None if os.environ.get("MLFLOW_RUN_ID") and not nested and not parent_run_id else name
+    with mlflow.start_run(run_name=run_name, nested=nested, parent_run_id=parent_run_id) as active:
         mlflow.set_tags({"bin_counter.command": name, "git_commit": git_commit(), **tags})
         yield active
 
@@ -70,6 +73,13 @@ def log_dataset(manifest: pd.DataFrame, source: str, name: str, context: str) ->
     with warnings.catch_warnings():  # MLflow's hints about source guessing and int columns are noise here
         warnings.simplefilter("ignore", UserWarning)
         dataset = mlflow.data.from_pandas(manifest.drop(columns=["abs_path"], errors="ignore"), source=source, name=name)
-        mlflow.log_input(dataset, context=context)
+        try:
+            mlflow.log_input(dataset, context=context)
+        except mlflow.exceptions.MlflowException as exc:
+            # Two runs logging the same new dataset at once (tune's workers) race on its insert; the loser
+            # retries and links to the row the winner wrote.
+            if "UNIQUE constraint" not in str(exc):
+                raise
+            mlflow.log_input(dataset, context=context)
     mlflow.set_tag("dataset_digest", dataset.digest)
     return dataset.digest

@@ -201,7 +201,7 @@ def fit(cfg: TrainConfig, model: CountingModel, loaders: Loaders, classes: list[
 @dataclass
 class TrainResult:
     run_id: str
-    model_uri: str
+    model_uri: str | None
     test_metrics: dict | None
     best_epoch: int
     history: pd.DataFrame
@@ -218,14 +218,17 @@ def split_frames(data: str) -> dict[str, pd.DataFrame]:
     return frames
 
 
-def train(cfg: TrainConfig, on_epoch=None) -> TrainResult:
-    """`bin-counter train`: one MLflow run with params, per-epoch metrics, plots, test metrics and the model."""
+def train(cfg: TrainConfig, on_epoch=None, save_model: bool = True, parent_run_id: str | None = None) -> TrainResult:
+    """`bin-counter train`: one MLflow run with params, per-epoch metrics, plots, test metrics and the model.
+
+    `on_epoch(epoch, row)` may raise (Optuna's pruning does); `save_model=False` skips logging the model (trials).
+    """
     cfg.validate()
     set_seed(cfg.seed)
     device = pick_device()
     classes = read_classes(Path(cfg.data))
     frames = split_frames(cfg.data)
-    with tracking.run(cfg.run_name or f"train-{cfg.backbone}", backbone=cfg.backbone) as active:
+    with tracking.run(cfg.run_name or f"train-{cfg.backbone}", parent_run_id, backbone=cfg.backbone) as active:
         model = create_model(cfg.backbone, len(classes), cfg.weights).to(device)
         tracking.log_params({**as_params(cfg), **freeze(model, cfg.unfreeze_last), "device": device.type,
                              "classes": ",".join(map(str, classes))})
@@ -246,11 +249,13 @@ def train(cfg: TrainConfig, on_epoch=None) -> TrainResult:
             log.info("test accuracy %.3f, macro F1 %.3f, MAE %.3f (best epoch %d)", test_metrics["accuracy"],
                      test_metrics["f1_macro"], test_metrics["mae"], result.best_epoch)
 
-        config = {"backbone": cfg.backbone, "classes": classes, "image_size": cfg.image_size,
-                  "best_epoch": result.best_epoch}
-        examples = list(frames.get("test", frames["val"])["abs_path"][:2])
-        info = log_model(model.cpu(), config, examples, cfg.register_as)
+        model_uri = None
+        if save_model:
+            config = {"backbone": cfg.backbone, "classes": classes, "image_size": cfg.image_size,
+                      "best_epoch": result.best_epoch}
+            examples = list(frames.get("test", frames["val"])["abs_path"][:2])
+            model_uri = log_model(model.cpu(), config, examples, cfg.register_as).model_uri
         run_id = active.info.run_id
     print(f"run_id: {run_id}")
-    return TrainResult(run_id, info.model_uri, test_metrics, result.best_epoch, result.history)
+    return TrainResult(run_id, model_uri, test_metrics, result.best_epoch, result.history)
 

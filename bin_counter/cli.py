@@ -179,6 +179,69 @@ def cmd_tune(args) -> None:
         tune(cfg)
 
 
+def add_promote(sub) -> None:
+    p = sub.add_parser("promote", help="move @champion to a model version only if it beats the current champion")
+    p.add_argument("--name", required=True, help="registered model name")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--version", help="candidate version (default: the newest)")
+    group.add_argument("--run-id", help="candidate: the model of this run (registered if it is not yet)")
+    p.add_argument("--data", default="data", help="DATA_DIR whose test split both models are scored on")
+    p.add_argument("--metric", default="f1_macro", help="f1_macro (default), accuracy, mae, rmse, ...")
+    p.add_argument("--min-gain", type=float, default=0.0, help="improvement needed to take the champion alias")
+    p.set_defaults(func=cmd_promote)
+
+
+def cmd_promote(args) -> None:
+    from bin_counter.registry import promote
+
+    promote(args.name, args.data, args.version, args.run_id, args.metric, args.min_gain)
+
+
+def add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="count the objects in new bin images and list bins for a manual check")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model-uri", help="runs:/.../model, models:/NAME@champion")
+    source.add_argument("--endpoint", help="a SageMaker endpoint name")
+    source.add_argument("--url", help="a served model, e.g. http://127.0.0.1:5001")
+    p.add_argument("--input", required=True, help="a folder, a prepare manifest/DATA_DIR, an image, or s3://bucket/prefix")
+    p.add_argument("--output", default="results.csv")
+    p.add_argument("--min-confidence", type=float, default=0.5, help="below this a bin is listed for a manual check")
+    p.add_argument("--batch-size", type=_int, default=16)
+    p.add_argument("--region", help="AWS region of --endpoint")
+    p.set_defaults(func=cmd_predict)
+
+
+def cmd_predict(args) -> None:
+    from bin_counter.predict import make_counter, predict
+
+    predict(make_counter(args.model_uri, args.endpoint, args.url, args.region), args.input, args.output,
+            args.min_confidence, args.batch_size)
+
+
+def add_deploy(sub) -> None:
+    p = sub.add_parser("deploy", help="deploy a model to a SageMaker endpoint with MLflow's SageMaker target")
+    p.add_argument("--model-uri", help="models:/NAME@champion, runs:/.../model")
+    p.add_argument("--endpoint", required=True)
+    p.add_argument("--region", required=True)
+    p.add_argument("--execution-role-arn")
+    p.add_argument("--image-url", help="the ECR image from `mlflow sagemaker build-and-push-container`")
+    p.add_argument("--instance-type", default="ml.m5.large")
+    p.add_argument("--instance-count", type=_int, default=1)
+    p.add_argument("--bucket", help="S3 bucket for the model artifacts (default: MLflow's per-region bucket)")
+    action = p.add_mutually_exclusive_group()
+    action.add_argument("--update", action="store_true", help="replace the model of an existing endpoint")
+    action.add_argument("--delete", action="store_true", help="delete the endpoint")
+    p.add_argument("--dry-run", action="store_true", help="print what would be done")
+    p.set_defaults(func=cmd_deploy)
+
+
+def cmd_deploy(args) -> None:
+    from bin_counter.deploy import deploy
+
+    deploy(args.endpoint, args.region, args.model_uri, args.execution_role_arn, args.image_url, args.instance_type,
+           args.instance_count, args.bucket, args.update, args.delete, args.dry_run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bin-counter", description="Count objects in Amazon bin photos (ABID), tracked with MLflow.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -188,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = [add_prepare, add_train, add_evaluate, add_compare, add_main, add_tune]
+COMMANDS = [add_prepare, add_train, add_evaluate, add_compare, add_main, add_tune, add_promote, add_predict,
+            add_deploy]
 
 
 def parse(argv: list[str] | None):

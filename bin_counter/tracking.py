@@ -66,6 +66,15 @@ def log_frame(frame: pd.DataFrame, name: str) -> None:
         mlflow.log_artifact(str(Path(tmp) / f"{name}.md"))
 
 
+def dataset_digest(manifest: pd.DataFrame) -> str:
+    """MLflow's digest of a manifest, the same one `log_dataset` records on runs."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return mlflow.data.from_pandas(manifest.drop(columns=["abs_path"], errors="ignore")).digest
+
+
 def log_dataset(manifest: pd.DataFrame, source: str, name: str, context: str) -> str:
     """Log the manifest as an MLflow dataset input; returns its digest (also tagged on the run)."""
     import warnings

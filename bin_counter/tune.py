@@ -84,7 +84,7 @@ def open_study(cfg: TuneConfig, pruner: optuna.pruners.BasePruner | None = None)
             # A worker that dies mid-trial stops sending heartbeats; its trial is then failed and retried.
             storage = optuna.storages.RDBStorage(
                 cfg.storage, heartbeat_interval=60, grace_period=180,
-                heartbeat_stale_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1))
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
         return optuna.create_study(study_name=cfg.study_name, storage=storage, direction="minimize",
                                    sampler=sampler, pruner=pruner, load_if_exists=True)
     except Exception as exc:  # sqlalchemy / driver errors: an unreachable or malformed URL

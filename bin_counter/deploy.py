@@ -1,0 +1,66 @@
+"""deploy: a logged/registered model to a SageMaker endpoint through MLflow's SageMaker deployment target.
+
+This is exactly `mlflow deployments create -t sagemaker:/REGION ...`; the container image must be built by the
+same MLflow version as the model (`mlflow sagemaker build-and-push-container`), which the model pins.
+"""
+from __future__ import annotations
+
+import json
+import logging
+
+from bin_counter import BinCounterError
+
+log = logging.getLogger(__name__)
+
+
+def deployment_config(execution_role_arn: str | None, image_url: str | None, region: str, instance_type: str,
+                      instance_count: int, bucket: str | None, synchronous: bool = True,
+                      timeout_seconds: int = 1200) -> dict:
+    config = {"region_name": region, "instance_type": instance_type, "instance_count": instance_count,
+              "synchronous": synchronous, "timeout_seconds": timeout_seconds}
+    if execution_role_arn:
+        config["execution_role_arn"] = execution_role_arn
+    if image_url:
+        config["image_url"] = image_url
+    if bucket:
+        config["bucket"] = bucket
+    return config
+
+
+def client_for(region: str):
+    from mlflow.deployments import get_deploy_client
+
+    return get_deploy_client(f"sagemaker:/{region}")
+
+
+def deploy(endpoint: str, region: str, model_uri: str | None = None, execution_role_arn: str | None = None,
+           image_url: str | None = None, instance_type: str = "ml.m5.large", instance_count: int = 1,
+           bucket: str | None = None, update: bool = False, delete: bool = False, dry_run: bool = False) -> dict:
+    """`bin-counter deploy`: create (or --update, or --delete) the endpoint; returns what MLflow reports."""
+    if delete:
+        action = "delete"
+    elif not model_uri:
+        raise BinCounterError("--model-uri is required to create or update an endpoint")
+    else:
+        action = "update" if update else "create"
+    config = deployment_config(execution_role_arn, image_url, region, instance_type, instance_count, bucket)
+    if action != "delete" and not execution_role_arn:
+        raise BinCounterError("--execution-role-arn is required: the role SageMaker runs the endpoint with")
+    if dry_run:
+        plan = {"action": action, "target": f"sagemaker:/{region}", "endpoint": endpoint, "model_uri": model_uri,
+                "config": config}
+        print(json.dumps(plan, indent=2))
+        return plan
+    client = client_for(region)
+    try:
+        if action == "delete":
+            client.delete_deployment(endpoint, config={"region_name": region, "synchronous": True})
+            result = {"name": endpoint, "deleted": True}
+        elif action == "update":
+            result = client.update_deployment(endpoint, model_uri=model_uri, config=config)
+        else:
+            result = client.create_deployment(endpoint, model_uri=model_uri, config=config)
+    except Exception as exc:  # MlflowException, botocore errors: one line for the user
+        raise BinCounterError(f"{action} of endpoint {endpoint} failed: {str(exc).splitlines()[0]}") from None
+    print(f"{action}d endpoint {endpoint} in {region}")
+    return result

@@ -1,0 +1,227 @@
+"""Registry, serving over real HTTP, batch prediction and SageMaker deployment (moto) of a real trained model."""
+import base64
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+import requests
+from PIL import Image
+
+from bin_counter.config import TrainConfig
+from bin_counter.manifest import read_manifest
+from bin_counter.predict import LocalModel, predict
+from bin_counter.registry import promote
+from bin_counter.train import train
+from conftest import free_port, make_abid_dir
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def registry(tiny_data, tmp_path_factory):
+    """One sqlite store with model `bins` v1 (and v2) trained on real sample images."""
+    root = tmp_path_factory.mktemp("registry")
+    uri = f"sqlite:///{root / 'mlruns.db'}"
+    old = os.getcwd()
+    os.chdir(root)
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    mlflow.set_tracking_uri(uri)
+    try:
+        for seed in (0, 1):
+            train(TrainConfig(data=str(tiny_data), epochs=2, batch_size=8, feature_views=1, num_workers=0, seed=seed,
+                              cache_dir=str(root / "cache"), register_as="bins"))
+    finally:
+        os.chdir(old)
+    return uri
+
+
+@pytest.fixture
+def use_registry(registry, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registry)
+    mlflow.set_tracking_uri(registry)
+    return registry
+
+
+def b64(image: Image.Image, fmt="JPEG") -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_promote_moves_champion_only_on_real_gain(use_registry, tiny_data):
+    client = mlflow.MlflowClient()
+    first = promote("bins", str(tiny_data), version="1")
+    assert first["decision"] == "first champion"
+    assert str(client.get_model_version_by_alias("bins", "champion").version) == "1"
+    # v2 must beat v1 by a full F1 point of 1.0: impossible, so it becomes the challenger
+    held = promote("bins", str(tiny_data), version="2", min_gain=1.0)
+    assert held["alias"] == "challenger"
+    assert str(client.get_model_version_by_alias("bins", "champion").version) == "1"
+    assert str(client.get_model_version_by_alias("bins", "challenger").version) == "2"
+    tags = client.get_model_version("bins", "2").tags
+    assert tags["promotion_decision"] == "not better than champion" and tags["compared_with_version"] == "1"
+    assert float(tags["candidate_f1_macro"]) == pytest.approx(held["candidate"], abs=1e-4)
+    assert float(tags["champion_f1_macro"]) == pytest.approx(held["champion"], abs=1e-4)
+    assert tags["data_digest"]
+    # any gain above -1 wins: v2 takes the champion alias
+    won = promote("bins", str(tiny_data), version="2", min_gain=-1.0)
+    assert won["decision"] == "better than champion"
+    assert str(client.get_model_version_by_alias("bins", "champion").version) == "2"
+    promote("bins", str(tiny_data), version="1", min_gain=0.0)  # restore v1 for the serving test if it is better
+    mae = promote("bins", str(tiny_data), version="1", metric="mae", min_gain=10.0)  # lower-is-better metric
+    assert mae["alias"] in ("challenger", "champion")
+
+
+def test_registered_version_holds_the_best_epoch(use_registry):
+    version = mlflow.MlflowClient().get_model_version("bins", "1")
+    run = mlflow.get_run(version.run_id)
+    history = [m.value for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, "val_loss")]
+    config = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/model/artifacts/config.json")
+    assert config["best_epoch"] == 1 + history.index(min(history))
+
+
+def wait_for(url: str, process, seconds: float = 180) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited: {process.stderr.read()[-3000:]}")
+        try:
+            if requests.get(url + "/ping", timeout=2).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(url)
+
+
+def test_served_model_over_http(use_registry, tiny_data, tmp_path):
+    client = mlflow.MlflowClient()
+    client.set_registered_model_alias("bins", "champion", "1")
+    port = free_port()
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    server = subprocess.Popen(
+        [os.path.join(bin_dir, "mlflow"), "models", "serve", "-m", "models:/bins@champion", "--env-manager", "local",
+         "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(url, server)
+        images = list(read_manifest(tiny_data, "test")["abs_path"][:3])
+        good = {"dataframe_split": {"columns": ["image"],
+                                    "data": [[base64.b64encode(Path(p).read_bytes()).decode()] for p in images]}}
+        response = requests.post(url + "/invocations", json=good, timeout=60)
+        assert response.status_code == 200, response.text
+        rows = response.json()["predictions"]
+        assert len(rows) == 3 and all(r["predicted_count"] in (1, 2, 3, 4, 5) and r["error"] == "" for r in rows)
+        # the same images through the registered model in-process give the same counts
+        local = LocalModel("models:/bins@champion")(images)
+        assert [r["predicted_count"] for r in rows] == list(local["predicted_count"])
+
+        bomb = Image.new("L", (9500, 9500))  # 90 MP of zeros: ~100 kB as PNG
+        huge = Image.new("L", (10000, 10000), color=128)  # a 100-megapixel photo
+        bad_payloads = {
+            "not base64": "%%% not base64 %%%",
+            "not an image": base64.b64encode(b"hello, I am not a JPEG").decode(),
+            "empty": "",
+            "decompression bomb": b64(bomb, "PNG"),
+            "100 megapixels": b64(huge, "JPEG"),
+        }
+        for label, value in bad_payloads.items():
+            bad = requests.post(url + "/invocations", json={"dataframe_records": [{"image": value}]}, timeout=120)
+            assert 400 <= bad.status_code < 500, (label, bad.status_code, bad.text[:500])
+            message = bad.json()["message"]
+            assert any(word in message for word in ("base64", "image", "pixel")), (label, message[:300])
+            again = requests.post(url + "/invocations", json=good, timeout=60)  # still serving
+            assert again.status_code == 200
+        not_json = requests.post(url + "/invocations", data=b"\x00\x01", timeout=30,
+                                 headers={"Content-Type": "application/json"})
+        assert 400 <= not_json.status_code < 500
+
+        # batch prediction through the REST endpoint: same counts, unreadable files listed, not fatal
+        folder = make_abid_dir(tmp_path / "abid", per_class=1)
+        (folder / "bin-images" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 broken")
+        results = predict(__import__("bin_counter.predict", fromlist=["RestModel"]).RestModel(url), str(folder),
+                          str(tmp_path / "rest.csv"))
+        assert len(results) == 6 and results.set_index("image_id").loc["broken", "needs_check"]
+        assert "image" in results.set_index("image_id").loc["broken", "error"]
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=30)
+
+
+def test_predict_folder_manifest_and_s3(use_registry, tiny_data, tmp_path, aws):
+    folder = make_abid_dir(tmp_path / "abid", per_class=2)
+    (folder / "bin-images" / "truncated.jpg").write_bytes(next((folder / "bin-images").glob("*.jpg")).read_bytes()[:400])
+    (folder / "bin-images" / "notes.jpg").write_text("not an image at all")
+    model = LocalModel("models:/bins/1")
+    out = tmp_path / "results.csv"
+    results = predict(model, str(folder), str(out), min_confidence=0.99)
+    written = pd.read_csv(out, dtype={"image_id": str})
+    assert len(written) == 12 and set(written.columns) >= {"image_id", "predicted_count", "confidence",
+                                                           "expected_quantity", "mismatch"}
+    table = written.set_index("image_id")
+    assert table.loc["notes", "check_reason"] == "unreadable image" and isinstance(table.loc["notes", "error"], str)
+    assert table.loc["truncated", "check_reason"] == "unreadable image"
+    readable = written[written["error"].isna()]
+    assert readable["expected_quantity"].notna().all()  # from ABID metadata beside the images
+    assert (readable["mismatch"] == (readable["predicted_count"] != readable["expected_quantity"])).all()
+    check = pd.read_csv(tmp_path / "results_manual_check.csv")
+    assert len(check) == int(written["needs_check"].sum()) >= 2  # confidence < 0.99 flags nearly everything
+
+    from_manifest = predict(model, str(tiny_data), str(tmp_path / "m.csv"))
+    assert len(from_manifest) == 60 and from_manifest["expected_quantity"].notna().all()
+
+    aws.create_bucket(Bucket="incoming")
+    for path in sorted((folder / "bin-images").glob("0*.jpg"))[:4]:
+        aws.put_object(Bucket="incoming", Key=f"today/bin-images/{path.name}", Body=path.read_bytes())
+        aws.put_object(Bucket="incoming", Key=f"today/metadata/{path.stem}.json",
+                       Body=(folder / "metadata" / f"{path.stem}.json").read_bytes())
+    from_s3 = predict(model, "s3://incoming/today", str(tmp_path / "s3.csv"))
+    assert len(from_s3) == 4 and from_s3["expected_quantity"].notna().all()
+    batched = predict(model, str(folder), str(tmp_path / "b1.csv"), batch_size=1)
+    assert list(batched["predicted_count"]) == list(results["predicted_count"])
+
+
+def test_deploy_to_sagemaker_on_moto(use_registry, aws, capsys):
+    from bin_counter.cli import main
+
+    aws.create_bucket(Bucket="models")
+    common = ["--endpoint", "bins", "--region", "us-east-1"]
+    create = ["deploy", "--model-uri", "models:/bins/1", *common, "--execution-role-arn",
+              "arn:aws:iam::123456789012:role/sm", "--image-url",
+              f"123456789012.dkr.ecr.us-east-1.amazonaws.com/mlflow-pyfunc:{mlflow.__version__}", "--bucket", "models"]
+    main(create + ["--dry-run"])
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["action"] == "create" and plan["config"]["instance_type"] == "ml.m5.large"
+    assert not aws.list_objects_v2(Bucket="models").get("Contents")
+    main(create)
+    from mlflow.deployments import get_deploy_client
+
+    client = get_deploy_client("sagemaker:/us-east-1")
+    assert [d["EndpointName"] for d in client.list_deployments()] == ["bins"]
+    assert client.get_deployment("bins")["EndpointStatus"] == "InService"
+    assert any(o["Key"].endswith("model.tar.gz") for o in aws.list_objects_v2(Bucket="models")["Contents"])
+    # the same endpoint through MLflow's own CLI: users can equally type `mlflow deployments ...`
+    listed = subprocess.run([os.path.join(os.path.dirname(sys.executable), "mlflow"), "deployments", "get", "-t",
+                             "sagemaker:/us-east-1", "--name", "bins"], capture_output=True, text=True, env=os.environ)
+    assert listed.returncode == 0 and "InService" in listed.stdout
+    main(["deploy", *common, "--delete"])
+    assert client.list_deployments() == []
+
+
+def test_deploy_errors_are_one_line(use_registry, capsys):
+    from bin_counter.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["deploy", "--endpoint", "x", "--region", "us-east-1", "--model-uri", "models:/bins/1"])
+    assert "--execution-role-arn is required" in capsys.readouterr().err
+
+

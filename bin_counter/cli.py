@@ -89,6 +89,8 @@ def add_train(sub) -> None:
     add_train_options(p)
     p.add_argument("--register-as", help="register the logged model under this name")
     p.add_argument("--run-name")
+    p.add_argument("--profile", action="store_true",
+                   help="profile the first epoch: step-time breakdown, utilisation, top operators, HTML report")
     p.set_defaults(func=cmd_train)
 
 

@@ -10,6 +10,7 @@ import pandas as pd
 
 from bin_counter import plots, tracking
 from bin_counter.config import TrainConfig
+from bin_counter.models import backbone_spec
 from bin_counter.evaluate import evaluate_into_run, summary_lines
 from bin_counter.train import train
 
@@ -18,6 +19,8 @@ TABLE_METRICS = ["accuracy", "precision_macro", "recall_macro", "f1_macro", "mae
 
 
 def compare(base: TrainConfig, backbones: list[str]) -> pd.DataFrame:
+    for name in backbones:
+        backbone_spec(name)  # an unknown name fails before any training
     rows = []
     with tracking.run("compare") as parent:
         mlflow.log_params({"backbones": ",".join(backbones), "data": base.data, "seed": base.seed})

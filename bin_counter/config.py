@@ -47,6 +47,7 @@ class TrainConfig:
     num_workers: int = 2
     register_as: str | None = None
     run_name: str | None = None
+    profile: bool = False  # torch.profiler + utilisation sampling over the first epoch, report in the run
 
     def validate(self) -> None:
         checks = {

@@ -33,7 +33,11 @@ def run(name: str, parent_run_id: str | None = None, **tags: str) -> Iterator[ml
     """
     nested = mlflow.active_run() is not None
     run_name = None if os.environ.get("MLFLOW_RUN_ID") and not nested and not parent_run_id else name
-    with mlflow.start_run(run_name=run_name, nested=nested, parent_run_id=parent_run_id) as active:
+    # System metrics (CPU, memory, disk, network; GPU through nvidia-ml-py) show as charts in the MLflow UI.
+    # Our runs can be short: the default 10 s sampling would miss most of them.
+    mlflow.set_system_metrics_sampling_interval(1)
+    with mlflow.start_run(run_name=run_name, nested=nested, parent_run_id=parent_run_id,
+                          log_system_metrics=True) as active:
         mlflow.set_tags({"bin_counter.command": name, "git_commit": git_commit(), **tags})
         yield active
 

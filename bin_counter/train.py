@@ -4,8 +4,9 @@ from __future__ import annotations
 import copy
 import logging
 import random
+import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
@@ -18,11 +19,13 @@ from tqdm.auto import tqdm
 
 from bin_counter import BinCounterError, metrics, plots, tracking
 from bin_counter.config import TrainConfig, as_params
+from bin_counter.debugger import Rules
 from bin_counter.data import ManifestImages, eval_transform, make_loader, train_transform
 from bin_counter.features import FeatureViews, cached_features
 from bin_counter.manifest import read_manifest
 from bin_counter.models import CountingModel, backbone_is_frozen, create_model, freeze
 from bin_counter.prepare import read_classes
+from bin_counter.profiling import NO_PROFILE, Profile, profiler_findings, write_report
 from bin_counter.pyfunc import log_model
 
 log = logging.getLogger(__name__)
@@ -51,29 +54,35 @@ def grad_norm(net: nn.Module) -> float:
     return float(torch.norm(torch.stack(norms))) if norms else 0.0
 
 
-def train_one_epoch(net, criterion, optimizer, loader, device, scaler, desc="train") -> dict:
+def train_one_epoch(net, criterion, optimizer, loader, device, scaler, desc="train", profiler=NO_PROFILE) -> dict:
     set_train_mode(net)
     total_loss, correct, seen, norms = 0.0, 0, 0, []
-    start = time.perf_counter()
+    start = waited = time.perf_counter()
     for batch in tqdm(loader, desc=desc, unit="batch", leave=False):
+        profiler.data_wait(time.perf_counter() - waited)
         if batch is None:
             continue
         inputs, labels, _ = batch
         inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        with torch.autocast(device.type, enabled=device.type == "cuda"):
+        with profiler.phase("forward"), torch.autocast(device.type, enabled=device.type == "cuda"):
             logits = net(inputs)
             loss = criterion(logits, labels)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        norms.append(grad_norm(net))
-        scaler.step(optimizer)
-        scaler.update()
+        with profiler.phase("backward"):
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+        with profiler.phase("optimizer"):
+            scaler.unscale_(optimizer)
+            norms.append(grad_norm(net))  # the debugger rules read these
+            scaler.step(optimizer)
+            scaler.update()
         total_loss += loss.item() * len(labels)
         correct += (logits.argmax(1) == labels).sum().item()
         seen += len(labels)
+        profiler.step(len(labels))
+        waited = time.perf_counter()
     seconds = time.perf_counter() - start
-    return {"loss": total_loss / max(seen, 1), "accuracy": correct / max(seen, 1), "grad_norm": float(np.mean(norms or [0])),
+    return {"loss": total_loss / max(seen, 1), "accuracy": correct / max(seen, 1),
+            "grad_norm": float(np.mean(norms or [0])), "grad_norm_max": float(np.max(norms or [0])),
             "seconds": seconds, "images_per_s": seen / seconds if seconds else 0.0}
 
 
@@ -161,19 +170,26 @@ class FitResult:
     history: pd.DataFrame
     best_epoch: int
     best_val: dict
+    findings: list = field(default_factory=list)
+    stopped: str | None = None  # why training stopped early (NaN loss), if it did
 
 
 def fit(cfg: TrainConfig, model: CountingModel, loaders: Loaders, classes: list[int], device: torch.device,
-        on_epoch=None) -> FitResult:
-    """Train for cfg.epochs, keep the weights of the epoch with the lowest validation loss."""
+        on_epoch=None, rules: Rules | None = None, profiler=NO_PROFILE) -> FitResult:
+    """Train for cfg.epochs, keep the weights of the epoch with the lowest validation loss.
+
+    The debugger rules look at every epoch; a NaN/inf loss stops training, keeping the best epoch so far.
+    """
+    rules = rules or Rules()
     net = loaders.net
     criterion = nn.CrossEntropyLoss()
     optimizer = make_optimizer(cfg, model, net)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
-    best_loss, best_state, best_epoch, best_val, rows = float("inf"), None, 0, {}, []
+    best_loss, best_state, best_epoch, best_val, rows, stopped = float("inf"), None, 0, {}, [], None
     for epoch in range(1, cfg.epochs + 1):
-        train_stats = train_one_epoch(net, criterion, optimizer, loaders.train, device, scaler, f"epoch {epoch}")
+        train_stats = train_one_epoch(net, criterion, optimizer, loaders.train, device, scaler, f"epoch {epoch}",
+                                      profiler if epoch == 1 else NO_PROFILE)
         val = evaluate_epoch(net, criterion, loaders.val, device)
         val_metrics = metrics.classification_metrics(np.asarray(classes)[val["y_true"]],
                                                      np.asarray(classes)[val["y_pred"]], classes)
@@ -185,17 +201,27 @@ def fit(cfg: TrainConfig, model: CountingModel, loaders: Loaders, classes: list[
                "val_loss": val["loss"], "val_accuracy": val_metrics["accuracy"],
                "val_precision": val_metrics["precision_macro"], "val_recall": val_metrics["recall_macro"],
                "val_f1": val_metrics["f1_macro"], "val_mae": val_metrics["mae"], "grad_norm": train_stats["grad_norm"],
-               "epoch_seconds": train_stats["seconds"], "images_per_s": train_stats["images_per_s"]}
+               "grad_norm_max": train_stats["grad_norm_max"], "epoch_seconds": train_stats["seconds"],
+               "images_per_s": train_stats["images_per_s"]}
         rows.append(row)
         if mlflow.active_run():
-            mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=epoch)
+            mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch" and np.isfinite(v)}, step=epoch)
+        for finding in rules.check_epoch(rows):
+            log.warning("debugger: %s at epoch %d: %s", finding.rule, finding.epoch, finding.message)
+            if mlflow.active_run():
+                mlflow.set_tag(*finding.as_tag())
+            if finding.rule == "nan_loss":
+                stopped = f"loss became NaN/inf at epoch {epoch}"
+        if stopped:
+            break
         if val["loss"] < best_loss:
             best_loss, best_epoch, best_val = val["loss"], epoch, row
             best_state = copy.deepcopy(net.state_dict())
         if on_epoch is not None:
             on_epoch(epoch, row)
-    net.load_state_dict(best_state)
-    return FitResult(pd.DataFrame(rows), best_epoch, best_val)
+    if best_state is not None:
+        net.load_state_dict(best_state)
+    return FitResult(pd.DataFrame(rows), best_epoch, best_val, list(rules.findings), stopped)
 
 
 @dataclass
@@ -218,6 +244,33 @@ def split_frames(data: str) -> dict[str, pd.DataFrame]:
     return frames
 
 
+def test_split_metrics(loaders: Loaders, classes: list[int], device: torch.device) -> dict | None:
+    """The best epoch's model on the test split, through the same (cached) inputs as training."""
+    if loaders.test is None:
+        return None
+    test = evaluate_epoch(loaders.net, nn.CrossEntropyLoss(), loaders.test, device)
+    result = metrics.classification_metrics(np.asarray(classes)[test["y_true"]], np.asarray(classes)[test["y_pred"]],
+                                            classes)
+    result["loss"] = test["loss"]
+    return result
+
+
+def profiled_fit(cfg: TrainConfig, model, loaders: Loaders, classes, device, on_epoch, rules: Rules) -> FitResult:
+    """fit() with the profiler over the first epoch; the report and its findings go to the active run."""
+    with Profile(device, cfg.batch_size) as profile:
+        result = fit(cfg, model, loaders, classes, device, on_epoch, rules, profiler=profile)
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = write_report(profile, result.findings, Path(tmp))
+        for path in paths.values():
+            mlflow.log_artifact(str(path), "profiler")
+    summary = profile.summary()
+    mlflow.log_metrics({f"profile_{k}": v for k, v in summary.items() if isinstance(v, float) and np.isfinite(v)})
+    for rule, message in profiler_findings(summary):
+        log.warning("profiler: %s: %s", rule, message)
+        mlflow.set_tag(f"profiler.{rule}", message)
+    return result
+
+
 def train(cfg: TrainConfig, on_epoch=None, save_model: bool = True, parent_run_id: str | None = None) -> TrainResult:
     """`bin-counter train`: one MLflow run with params, per-epoch metrics, plots, test metrics and the model.
 
@@ -233,22 +286,24 @@ def train(cfg: TrainConfig, on_epoch=None, save_model: bool = True, parent_run_i
         tracking.log_params({**as_params(cfg), **freeze(model, cfg.unfreeze_last), "device": device.type,
                              "classes": ",".join(map(str, classes))})
         tracking.log_dataset(pd.concat(frames.values()), str(Path(cfg.data).resolve()), "abid", context="training")
+        rules = Rules()
+        for finding in rules.check_labels(frames["train"]["count"], classes):
+            log.warning("debugger: %s: %s", finding.rule, finding.message)
+            mlflow.set_tag(*finding.as_tag())
         loaders = build_loaders(cfg, model, frames, classes, device)
-        result = fit(cfg, model, loaders, classes, device, on_epoch)
+        run_fit = profiled_fit if cfg.profile else fit
+        result = run_fit(cfg, model, loaders, classes, device, on_epoch, rules)
+        if result.best_epoch == 0:
+            raise BinCounterError(f"training stopped: {result.stopped}, before any epoch had a finite loss; "
+                                  "no model was kept. Lower --lr.")
         mlflow.log_metrics({"best_epoch": result.best_epoch, "best_val_loss": result.best_val["val_loss"]})
         tracking.log_figure(plots.history(result.history), "training_history.png")
         tracking.log_frame(result.history, "history")
-
-        test_metrics = None
-        if loaders.test is not None:
-            test = evaluate_epoch(loaders.net, nn.CrossEntropyLoss(), loaders.test, device)
-            test_metrics = metrics.classification_metrics(np.asarray(classes)[test["y_true"]],
-                                                          np.asarray(classes)[test["y_pred"]], classes)
-            test_metrics["loss"] = test["loss"]
+        test_metrics = test_split_metrics(loaders, classes, device)
+        if test_metrics is not None:
             mlflow.log_metrics(metrics.scalar_metrics(test_metrics, prefix="test_"))
             log.info("test accuracy %.3f, macro F1 %.3f, MAE %.3f (best epoch %d)", test_metrics["accuracy"],
                      test_metrics["f1_macro"], test_metrics["mae"], result.best_epoch)
-
         model_uri = None
         if save_model:
             config = {"backbone": cfg.backbone, "classes": classes, "image_size": cfg.image_size,
@@ -256,6 +311,8 @@ def train(cfg: TrainConfig, on_epoch=None, save_model: bool = True, parent_run_i
             examples = list(frames.get("test", frames["val"])["abs_path"][:2])
             model_uri = log_model(model.cpu(), config, examples, cfg.register_as).model_uri
         run_id = active.info.run_id
+        if result.stopped:  # raised inside the run, so MLflow marks it FAILED; the best epoch's model is kept
+            raise BinCounterError(f"training stopped: {result.stopped}; the best epoch ({result.best_epoch}) was "
+                                  f"kept as {model_uri or 'run ' + run_id}. Lower --lr.")
     print(f"run_id: {run_id}")
     return TrainResult(run_id, model_uri, test_metrics, result.best_epoch, result.history)
-

@@ -73,6 +73,7 @@ def add_train_options(p, defaults=None) -> None:
     p.add_argument("--feature-views", type=_int, default=d.feature_views, help="augmented views cached per image")
     p.add_argument("--cache-dir", default=d.cache_dir)
     p.add_argument("--num-workers", type=_int, default=d.num_workers, help="DataLoader workers")
+    p.add_argument("--checkpoint-dir", default=d.checkpoint_dir, help="where every finished epoch is checkpointed")
 
 
 def train_config(args):
@@ -89,6 +90,8 @@ def add_train(sub) -> None:
     add_train_options(p)
     p.add_argument("--register-as", help="register the logged model under this name")
     p.add_argument("--run-name")
+    p.add_argument("--resume", nargs="?", const="latest", metavar="RUN_ID",
+                   help="continue an interrupted run (the newest checkpoint, or RUN_ID's) in the same MLflow run")
     p.add_argument("--profile", action="store_true",
                    help="profile the first epoch: step-time breakdown, utilisation, top operators, HTML report")
     p.set_defaults(func=cmd_train)

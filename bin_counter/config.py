@@ -48,6 +48,8 @@ class TrainConfig:
     register_as: str | None = None
     run_name: str | None = None
     profile: bool = False  # torch.profiler + utilisation sampling over the first epoch, report in the run
+    checkpoint_dir: str | None = "checkpoints"  # a checkpoint per run, written at every epoch end
+    resume: str | None = None  # "latest" or a run id: continue that run from its last finished epoch
 
     def validate(self) -> None:
         checks = {

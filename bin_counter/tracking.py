@@ -26,18 +26,20 @@ def configure() -> str:
 
 
 @contextmanager
-def run(name: str, parent_run_id: str | None = None, **tags: str) -> Iterator[mlflow.ActiveRun]:
+def run(name: str, parent_run_id: str | None = None, run_id: str | None = None,
+        **tags: str) -> Iterator[mlflow.ActiveRun]:
     """A run of its own, or a child of the active one (so `main` shows prepare/train/evaluate beneath it).
 
-    `parent_run_id` makes a child from another thread (Optuna's n_jobs), where no run is active.
+    `parent_run_id` makes a child from another thread (Optuna's n_jobs), where no run is active; `run_id`
+    continues an existing run (a resumed training).
     """
     nested = mlflow.active_run() is not None
     run_name = None if os.environ.get("MLFLOW_RUN_ID") and not nested and not parent_run_id else name
     # System metrics (CPU, memory, disk, network; GPU through nvidia-ml-py) show as charts in the MLflow UI.
     # Our runs can be short: the default 10 s sampling would miss most of them.
     mlflow.set_system_metrics_sampling_interval(1)
-    with mlflow.start_run(run_name=run_name, nested=nested, parent_run_id=parent_run_id,
-                          log_system_metrics=True) as active:
+    with mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, nested=nested,
+                          parent_run_id=None if run_id else parent_run_id, log_system_metrics=True) as active:
         mlflow.set_tags({"bin_counter.command": name, "git_commit": git_commit(), **tags})
         yield active
 

@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from bin_counter import BinCounterError, metrics, plots, tracking
+from bin_counter import BinCounterError, checkpoint, metrics, plots, tracking
 from bin_counter.config import TrainConfig, as_params
 from bin_counter.debugger import Rules
 from bin_counter.data import ManifestImages, eval_transform, make_loader, train_transform
@@ -174,11 +174,22 @@ class FitResult:
     stopped: str | None = None  # why training stopped early (NaN loss), if it did
 
 
+@dataclass
+class Checkpointing:
+    """Where fit() saves its state at every epoch end, and the state it resumes from (if any)."""
+
+    path: Path
+    run_id: str
+    resume_from: dict | None = None
+
+
 def fit(cfg: TrainConfig, model: CountingModel, loaders: Loaders, classes: list[int], device: torch.device,
-        on_epoch=None, rules: Rules | None = None, profiler=NO_PROFILE) -> FitResult:
+        on_epoch=None, rules: Rules | None = None, profiler=NO_PROFILE,
+        checkpointing: Checkpointing | None = None) -> FitResult:
     """Train for cfg.epochs, keep the weights of the epoch with the lowest validation loss.
 
     The debugger rules look at every epoch; a NaN/inf loss stops training, keeping the best epoch so far.
+    With `checkpointing`, every finished epoch is saved, and a resumed fit continues after the saved epoch.
     """
     rules = rules or Rules()
     net = loaders.net
@@ -187,7 +198,15 @@ def fit(cfg: TrainConfig, model: CountingModel, loaders: Loaders, classes: list[
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
     best_loss, best_state, best_epoch, best_val, rows, stopped = float("inf"), None, 0, {}, [], None
-    for epoch in range(1, cfg.epochs + 1):
+    first_epoch = 1
+    if checkpointing and checkpointing.resume_from:
+        progress = checkpoint.restore(checkpointing.resume_from, net, optimizer, scheduler, scaler,
+                                      [loaders.train, loaders.val])
+        best_loss, best_state, best_epoch, best_val, rows = (progress[k] for k in (
+            "best_loss", "best_state", "best_epoch", "best_val", "rows"))
+        first_epoch = checkpointing.resume_from["epoch"] + 1
+        log.info("resuming after epoch %d (best so far: epoch %d)", first_epoch - 1, best_epoch)
+    for epoch in range(first_epoch, cfg.epochs + 1):
         train_stats = train_one_epoch(net, criterion, optimizer, loaders.train, device, scaler, f"epoch {epoch}",
                                       profiler if epoch == 1 else NO_PROFILE)
         val = evaluate_epoch(net, criterion, loaders.val, device)
@@ -217,6 +236,11 @@ def fit(cfg: TrainConfig, model: CountingModel, loaders: Loaders, classes: list[
         if val["loss"] < best_loss:
             best_loss, best_epoch, best_val = val["loss"], epoch, row
             best_state = copy.deepcopy(net.state_dict())
+        if checkpointing:
+            progress = {"best_loss": best_loss, "best_state": best_state, "best_epoch": best_epoch,
+                        "best_val": best_val, "rows": rows}
+            checkpoint.save(checkpointing.path, epoch, net, optimizer, scheduler, scaler, progress,
+                            [loaders.train, loaders.val], checkpointing.run_id, as_params(cfg))
         if on_epoch is not None:
             on_epoch(epoch, row)
     if best_state is not None:
@@ -255,10 +279,12 @@ def test_split_metrics(loaders: Loaders, classes: list[int], device: torch.devic
     return result
 
 
-def profiled_fit(cfg: TrainConfig, model, loaders: Loaders, classes, device, on_epoch, rules: Rules) -> FitResult:
+def profiled_fit(cfg: TrainConfig, model, loaders: Loaders, classes, device, on_epoch, rules: Rules,
+                 checkpointing: Checkpointing | None = None) -> FitResult:
     """fit() with the profiler over the first epoch; the report and its findings go to the active run."""
     with Profile(device, cfg.batch_size) as profile:
-        result = fit(cfg, model, loaders, classes, device, on_epoch, rules, profiler=profile)
+        result = fit(cfg, model, loaders, classes, device, on_epoch, rules, profiler=profile,
+                     checkpointing=checkpointing)
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_report(profile, result.findings, Path(tmp))
         for path in paths.values():
@@ -271,46 +297,104 @@ def profiled_fit(cfg: TrainConfig, model, loaders: Loaders, classes, device, on_
     return result
 
 
+def ensure_data(data: str) -> None:
+    """`mlflow run . -e train` on a fresh checkout: with no data directory at all, start from the bundled sample."""
+    if not Path(data).exists():
+        from bin_counter.config import PrepareConfig
+        from bin_counter.prepare import prepare
+
+        log.info("no data at %s: preparing the bundled ABID sample there first", data)
+        prepare(PrepareConfig(source="sample", out=data))
+
+
+def resume_state(cfg: TrainConfig) -> dict | None:
+    """The checkpoint to continue from (--resume [RUN_ID]); it must come from the same configuration."""
+    if not cfg.resume:
+        return None
+    if not cfg.checkpoint_dir:
+        raise BinCounterError("--resume needs a --checkpoint-dir")
+    path = checkpoint.latest(cfg.checkpoint_dir) if cfg.resume == "latest" else \
+        checkpoint.path_for(cfg.checkpoint_dir, cfg.resume)
+    state = checkpoint.load(path)
+    ignored = {"resume", "run_name", "register_as", "num_workers", "profile", "checkpoint_dir"}
+    mine = {k: v for k, v in as_params(cfg).items() if k not in ignored}
+    theirs = {k: v for k, v in state["config"].items() if k not in ignored}
+    changed = sorted(k for k in mine if mine[k] != theirs.get(k))
+    if changed:
+        raise BinCounterError(f"--resume: {path} was written with other settings ({', '.join(changed)}); "
+                              "rerun with the original options")
+    return state
+
+
+def start_rules(frames: dict[str, pd.DataFrame], classes: list[int]) -> Rules:
+    rules = Rules()
+    for finding in rules.check_labels(frames["train"]["count"], classes):
+        log.warning("debugger: %s: %s", finding.rule, finding.message)
+        mlflow.set_tag(*finding.as_tag())
+    return rules
+
+
+def log_outcome(cfg: TrainConfig, model, loaders: Loaders, result: FitResult, frames, classes, device,
+                save_model: bool) -> tuple[dict | None, str | None]:
+    """History, test metrics and (optionally) the best epoch's model, into the active run."""
+    if result.best_epoch == 0:
+        raise BinCounterError(f"training stopped: {result.stopped}, before any epoch had a finite loss; "
+                              "no model was kept. Lower --lr.")
+    mlflow.log_metrics({"best_epoch": result.best_epoch, "best_val_loss": result.best_val["val_loss"]})
+    tracking.log_figure(plots.history(result.history), "training_history.png")
+    tracking.log_frame(result.history, "history")
+    test_metrics = test_split_metrics(loaders, classes, device)
+    if test_metrics is not None:
+        mlflow.log_metrics(metrics.scalar_metrics(test_metrics, prefix="test_"))
+        log.info("test accuracy %.3f, macro F1 %.3f, MAE %.3f (best epoch %d)", test_metrics["accuracy"],
+                 test_metrics["f1_macro"], test_metrics["mae"], result.best_epoch)
+    model_uri = None
+    if save_model:
+        config = {"backbone": cfg.backbone, "classes": classes, "image_size": cfg.image_size,
+                  "best_epoch": result.best_epoch}
+        examples = list(frames.get("test", frames["val"])["abs_path"][:2])
+        model_uri = log_model(model.cpu(), config, examples, cfg.register_as).model_uri
+    return test_metrics, model_uri
+
+
 def train(cfg: TrainConfig, on_epoch=None, save_model: bool = True, parent_run_id: str | None = None) -> TrainResult:
     """`bin-counter train`: one MLflow run with params, per-epoch metrics, plots, test metrics and the model.
 
     `on_epoch(epoch, row)` may raise (Optuna's pruning does); `save_model=False` skips logging the model (trials).
+    SIGTERM/Ctrl-C stop it with the finished epochs checkpointed; `--resume` continues the same MLflow run.
     """
     cfg.validate()
     set_seed(cfg.seed)
     device = pick_device()
+    ensure_data(cfg.data)
     classes = read_classes(Path(cfg.data))
     frames = split_frames(cfg.data)
-    with tracking.run(cfg.run_name or f"train-{cfg.backbone}", parent_run_id, backbone=cfg.backbone) as active:
-        model = create_model(cfg.backbone, len(classes), cfg.weights).to(device)
-        tracking.log_params({**as_params(cfg), **freeze(model, cfg.unfreeze_last), "device": device.type,
-                             "classes": ",".join(map(str, classes))})
-        tracking.log_dataset(pd.concat(frames.values()), str(Path(cfg.data).resolve()), "abid", context="training")
-        rules = Rules()
-        for finding in rules.check_labels(frames["train"]["count"], classes):
-            log.warning("debugger: %s: %s", finding.rule, finding.message)
-            mlflow.set_tag(*finding.as_tag())
-        loaders = build_loaders(cfg, model, frames, classes, device)
-        run_fit = profiled_fit if cfg.profile else fit
-        result = run_fit(cfg, model, loaders, classes, device, on_epoch, rules)
-        if result.best_epoch == 0:
-            raise BinCounterError(f"training stopped: {result.stopped}, before any epoch had a finite loss; "
-                                  "no model was kept. Lower --lr.")
-        mlflow.log_metrics({"best_epoch": result.best_epoch, "best_val_loss": result.best_val["val_loss"]})
-        tracking.log_figure(plots.history(result.history), "training_history.png")
-        tracking.log_frame(result.history, "history")
-        test_metrics = test_split_metrics(loaders, classes, device)
-        if test_metrics is not None:
-            mlflow.log_metrics(metrics.scalar_metrics(test_metrics, prefix="test_"))
-            log.info("test accuracy %.3f, macro F1 %.3f, MAE %.3f (best epoch %d)", test_metrics["accuracy"],
-                     test_metrics["f1_macro"], test_metrics["mae"], result.best_epoch)
-        model_uri = None
-        if save_model:
-            config = {"backbone": cfg.backbone, "classes": classes, "image_size": cfg.image_size,
-                      "best_epoch": result.best_epoch}
-            examples = list(frames.get("test", frames["val"])["abs_path"][:2])
-            model_uri = log_model(model.cpu(), config, examples, cfg.register_as).model_uri
+    resumed = resume_state(cfg)
+    with tracking.run(cfg.run_name or f"train-{cfg.backbone}", parent_run_id,
+                      run_id=resumed["run_id"] if resumed else None, backbone=cfg.backbone) as active:
         run_id = active.info.run_id
+        model = create_model(cfg.backbone, len(classes), cfg.weights).to(device)
+        trainable = freeze(model, cfg.unfreeze_last)
+        if not resumed:  # a resumed run already has them
+            tracking.log_params({**as_params(cfg), **trainable, "device": device.type,
+                                 "classes": ",".join(map(str, classes))})
+            tracking.log_dataset(pd.concat(frames.values()), str(Path(cfg.data).resolve()), "abid", context="training")
+        rules = start_rules(frames, classes)
+        loaders = build_loaders(cfg, model, frames, classes, device)
+        checkpointing = Checkpointing(checkpoint.path_for(cfg.checkpoint_dir, run_id), run_id, resumed) \
+            if cfg.checkpoint_dir else None
+        try:
+            with checkpoint.interruptible():
+                result = (profiled_fit if cfg.profile else fit)(cfg, model, loaders, classes, device, on_epoch, rules,
+                                                                checkpointing=checkpointing)
+        except checkpoint.TrainingInterrupted as signal_name:
+            mlflow.end_run("KILLED")
+            where = f"checkpointed in {checkpointing.path}; " if checkpointing else ""
+            raise BinCounterError(f"interrupted by {signal_name}: finished epochs are {where}rerun with --resume "
+                                  f"to continue run {run_id}") from None
+        test_metrics, model_uri = log_outcome(cfg, model, loaders, result, frames, classes, device, save_model)
+        if checkpointing:
+            checkpointing.path.unlink(missing_ok=True)  # finished: nothing left to resume
         if result.stopped:  # raised inside the run, so MLflow marks it FAILED; the best epoch's model is kept
             raise BinCounterError(f"training stopped: {result.stopped}; the best epoch ({result.best_epoch}) was "
                                   f"kept as {model_uri or 'run ' + run_id}. Lower --lr.")

@@ -101,7 +101,8 @@ def objective_for(cfg: TuneConfig, parent_run_id: str):
             study.stop()
             raise BudgetReached(f"trial {trial.number} not run: the study already has {cfg.n_trials} trials")
         params = cfg.space.suggest(trial)
-        trial_cfg = dataclasses.replace(cfg.base, **params, run_name=f"trial-{trial.number}", register_as=None)
+        trial_cfg = dataclasses.replace(cfg.base, **params, run_name=f"trial-{trial.number}", register_as=None,
+                                        checkpoint_dir=None)
         trial.set_user_attr("study", cfg.study_name)
         run_ids = []
 

@@ -247,6 +247,31 @@ def cmd_deploy(args) -> None:
            args.instance_count, args.bucket, args.update, args.delete, args.dry_run)
 
 
+def add_launch(sub) -> None:
+    p = sub.add_parser("launch", help="run `train` as a SageMaker training job: launch [options] -- <train options>")
+    p.add_argument("--backend", choices=["sagemaker"], default="sagemaker")
+    p.add_argument("--s3-data", help="s3://bucket/prefix written by `prepare --upload`")
+    p.add_argument("--role", help="execution role ARN")
+    p.add_argument("--output-path", help="s3:// prefix for the job's outputs (and checkpoints)")
+    p.add_argument("--instance-type", default="ml.g4dn.xlarge")
+    p.add_argument("--instance-count", type=_int, default=1, help="more than 1: torchrun across instances (DDP)")
+    p.add_argument("--spot", action="store_true", help="managed spot training; resumes from checkpoints in S3")
+    p.add_argument("--checkpoints", action="store_true", help="sync checkpoints to S3 without spot")
+    p.add_argument("--image-uri", help="training image (default: the region's PyTorch 2.5 GPU image)")
+    p.add_argument("--region")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the CreateTrainingJob request (the code is staged in S3 so the request is complete)")
+    p.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then `train` options, e.g. -- --epochs 10")
+    p.set_defaults(func=cmd_launch)
+
+
+def cmd_launch(args) -> None:
+    from bin_counter.sagemaker_jobs import training_job
+
+    train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
+    training_job(args, train_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bin-counter", description="Count objects in Amazon bin photos (ABID), tracked with MLflow.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -257,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = [add_prepare, add_train, add_evaluate, add_compare, add_main, add_tune, add_promote, add_predict,
-            add_deploy]
+            add_deploy, add_launch]
 
 
 def parse(argv: list[str] | None):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import transforms
 
 from bin_counter.abid import MAX_IMAGE_PIXELS
@@ -94,9 +94,16 @@ def collate_skipping_bad(batch):
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int, seed: int = 0,
-                drop_last: bool = False) -> DataLoader:
-    """Pinned memory and persistent workers only where they help: a CUDA device, several workers."""
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
-                      collate_fn=collate_skipping_bad, pin_memory=torch.cuda.is_available(),
-                      generator=generator, drop_last=drop_last and len(dataset) > batch_size)
+                drop_last: bool = False, collate_fn=collate_skipping_bad) -> DataLoader:
+    """Seeded shuffling; under torchrun a training loader gives each rank its own share of the data.
+    Pinned memory only where it helps: a CUDA device."""
+    from bin_counter import distributed
+
+    ctx = distributed.current()
+    sampler = None
+    if shuffle and ctx.enabled:
+        sampler = DistributedSampler(dataset, num_replicas=ctx.world, rank=ctx.rank, shuffle=True, seed=seed)
+    per_rank = len(sampler) if sampler is not None else len(dataset)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+                      num_workers=num_workers, collate_fn=collate_fn, pin_memory=torch.cuda.is_available(),
+                      generator=torch.Generator().manual_seed(seed), drop_last=drop_last and per_rank > batch_size)

@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from bin_counter import distributed
 from bin_counter.data import ManifestImages, make_loader
 from bin_counter.files import atomic_path
 from bin_counter.models import CountingModel
@@ -69,10 +70,18 @@ def cached_features(model: CountingModel, frame: pd.DataFrame, classes: list[int
         stored = torch.load(path, weights_only=True)
         log.info("%s features loaded from cache %s", desc, path)
         return stored["features"].float(), stored["ok"]
-    features, ok = extract(model, frame, classes, transform, views, batch_size, num_workers, seed, device, desc)
+    ctx = distributed.current()
+    if ctx.enabled:  # each rank extracts every world-th image, then all ranks share the whole set
+        mine = torch.arange(ctx.rank, len(frame), ctx.world)
+        part, part_ok = extract(model, frame.iloc[mine.numpy()].reset_index(drop=True), classes, transform, views,
+                                batch_size, num_workers, seed, device, f"{desc} (rank {ctx.rank})")
+        features = distributed.gather_rows(part, mine, len(frame))
+        ok = distributed.gather_rows(part_ok, mine, len(frame))
+    else:
+        features, ok = extract(model, frame, classes, transform, views, batch_size, num_workers, seed, device, desc)
     # Train on what the cache holds, so a fresh run and a cached rerun give the same model.
     features = features.half().float()
-    if path is not None:
+    if path is not None and ctx.main:
         with atomic_path(path) as tmp:
             torch.save({"features": features.half(), "ok": ok}, tmp)
     return features, ok

@@ -32,7 +32,13 @@ def our_arguments(argv):
 
 
 data = os.environ.get("SM_CHANNEL_TRAINING", "/opt/ml/input/data/training")
-main(["train", "--data", data, "--cache-dir", "/tmp/feature-cache", *our_arguments(sys.argv[1:])])
+args = ["train", "--data", data, "--cache-dir", "/tmp/feature-cache", *our_arguments(sys.argv[1:])]
+checkpoints = "/opt/ml/checkpoints"  # synced with S3 by SageMaker: a reclaimed spot job resumes from here
+if os.path.isdir(checkpoints):
+    args += ["--checkpoint-dir", checkpoints]
+    if any(name.endswith(".pt") for name in os.listdir(checkpoints)):
+        args.append("--resume")
+main(args)
 '''
 
 
@@ -62,37 +68,61 @@ def default_image(region: str, instance_type: str) -> str:
                                instance_type=instance_type, image_scope="training")
 
 
-def build_tuner(cfg, s3_data: str, role: str, instance_type: str, image_uri: str | None, region: str,
-                output_path: str | None, source_dir: Path):
+def tracking_environment() -> dict:
+    """A tracking server the jobs can reach (not a local sqlite file) is passed on to them."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    return {"MLFLOW_TRACKING_URI": uri} if uri and not uri.startswith(("sqlite", "file")) else {}
+
+
+def make_trainer(s3_data: str, role: str, instance_type: str, image_uri: str | None, region: str,
+                 output_path: str | None, source_dir: Path, hyperparameters: dict, instance_count: int = 1,
+                 spot: bool = False, checkpoint_s3: str | None = None):
+    """A ModelTrainer running our entry script in the PyTorch training image; code staged in the output bucket."""
+    import boto3
     from sagemaker.core.helper.session_helper import Session
-    from sagemaker.core.parameter import ContinuousParameter, IntegerParameter
-    from sagemaker.core.shapes import OutputDataConfig, StoppingCondition
+    from sagemaker.core.shapes import CheckpointConfig, OutputDataConfig, StoppingCondition
     from sagemaker.core.training.configs import Compute, SourceCode
     from sagemaker.train import ModelTrainer
-    from sagemaker.train.tuner import HyperparameterTuner
-    import boto3
 
     from bin_counter.s3 import parse_s3_uri
 
     # Code is staged in the bucket of the outputs (or the data): no SDK-made default bucket, no STS lookup.
     staging_bucket, _ = parse_s3_uri(output_path or s3_data)
     session = Session(boto_session=boto3.Session(region_name=region), default_bucket=staging_bucket)
-    base = cfg.base
-    static = {"backbone": base.backbone, "seed": base.seed, "feature-views": base.feature_views,
-              "unfreeze-last": base.unfreeze_last, "image-size": base.image_size}
-    environment = {"MLFLOW_TRACKING_URI": os.environ["MLFLOW_TRACKING_URI"]} if "MLFLOW_TRACKING_URI" in os.environ and not os.environ["MLFLOW_TRACKING_URI"].startswith("sqlite") else {}
-    trainer = ModelTrainer(
+    distributed = None
+    if instance_count > 1:
+        from sagemaker.train.distributed import Torchrun
+
+        distributed = Torchrun()  # our train runs unchanged under torchrun (DDP)
+    stopping = StoppingCondition(max_runtime_in_seconds=4 * 3600,
+                                 max_wait_time_in_seconds=8 * 3600 if spot else None)
+    return ModelTrainer(
         sagemaker_session=session,
         role=role,
         base_job_name="bin-counter",
         training_image=image_uri or default_image(region, instance_type),
         source_code=SourceCode(source_dir=str(source_dir), entry_script=ENTRY_SCRIPT, requirements="requirements.txt"),
-        compute=Compute(instance_type=instance_type, instance_count=1, volume_size_in_gb=50),
-        stopping_condition=StoppingCondition(max_runtime_in_seconds=4 * 3600),
+        compute=Compute(instance_type=instance_type, instance_count=instance_count, volume_size_in_gb=50,
+                        enable_managed_spot_training=spot),
+        distributed=distributed,
+        stopping_condition=stopping,
         output_data_config=OutputDataConfig(s3_output_path=output_path) if output_path else None,
-        hyperparameters=static,
-        environment=environment,
+        checkpoint_config=CheckpointConfig(s3_uri=checkpoint_s3, local_path="/opt/ml/checkpoints")
+        if checkpoint_s3 else None,
+        hyperparameters=hyperparameters,
+        environment=tracking_environment(),
     )
+
+
+def build_tuner(cfg, s3_data: str, role: str, instance_type: str, image_uri: str | None, region: str,
+                output_path: str | None, source_dir: Path):
+    from sagemaker.core.parameter import ContinuousParameter, IntegerParameter
+    from sagemaker.train.tuner import HyperparameterTuner
+
+    base = cfg.base
+    static = {"backbone": base.backbone, "seed": base.seed, "feature-views": base.feature_views,
+              "unfreeze-last": base.unfreeze_last, "image-size": base.image_size}
+    trainer = make_trainer(s3_data, role, instance_type, image_uri, region, output_path, source_dir, static)
     space = cfg.space
     ranges = {
         "batch-size": IntegerParameter(*space.batch_size),
@@ -144,4 +174,58 @@ def tuning_job(cfg, args) -> dict:
             raise BinCounterError(f"SageMaker tuning job not created: {str(exc).splitlines()[0]}") from None
         name = tuner.latest_tuning_job.hyper_parameter_tuning_job_name
     print(f"tuning job: {name} ({cfg.n_trials} training jobs, objective {OBJECTIVE} minimised)")
+    return {"name": name}
+
+
+def options_as_hyperparameters(train_args: list[str]) -> dict:
+    """`--epochs 10 --hflip` -> {"epochs": "10", "hflip": ""}: what SageMaker passes back as `--name value`."""
+    out, i = {}, 0
+    while i < len(train_args):
+        name = train_args[i]
+        if not name.startswith("--"):
+            raise BinCounterError(f"launch: expected an option after --, got {name!r}")
+        if i + 1 < len(train_args) and not train_args[i + 1].startswith("--"):
+            out[name[2:]] = train_args[i + 1]
+            i += 2
+        else:
+            raise BinCounterError(f"launch: {name} needs a value (flags without one cannot travel as hyperparameters)")
+    if "data" in out:
+        raise BinCounterError("launch: the data comes from --s3-data, not --data")
+    return out
+
+
+def training_job(args, train_args: list[str]) -> dict:
+    """`bin-counter launch --backend sagemaker ... -- <train options>`: our train as a SageMaker training job."""
+    from bin_counter.cli import parse
+    from bin_counter.s3 import parse_s3_uri
+
+    if not args.s3_data or not args.role or not args.output_path:
+        raise BinCounterError("launch needs --s3-data s3://... (from `prepare --upload`), --role ARN and --output-path")
+    parse_s3_uri(args.s3_data)
+    hyperparameters = options_as_hyperparameters(train_args)
+    try:  # the options must be valid `train` options before anything is sent
+        parse(["train", *train_args])
+    except SystemExit:
+        raise BinCounterError(f"launch: not valid train options: {' '.join(train_args)}") from None
+    region = region_of(args.region)
+    checkpoint_s3 = f"{args.output_path.rstrip('/')}/checkpoints" if args.spot or args.checkpoints else None
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            trainer = make_trainer(args.s3_data, args.role, args.instance_type, args.image_uri, region,
+                                   args.output_path, stage_source(Path(tmp)), hyperparameters, args.instance_count,
+                                   args.spot, checkpoint_s3)
+            from sagemaker.core.training.configs import InputData
+
+            channels = [InputData(channel_name="training", data_source=args.s3_data)]
+            if args.dry_run:
+                request = trainer._create_training_job_args(input_data_config=channels, boto3=True)
+                print(json.dumps(request, indent=2, default=str))
+                return request
+            trainer.train(input_data_config=channels, wait=False, logs=False)
+            name = trainer._latest_training_job.training_job_name
+        except BinCounterError:
+            raise
+        except Exception as exc:  # botocore/pydantic errors from the SDK: one line for the user
+            raise BinCounterError(f"SageMaker training job not created: {str(exc).splitlines()[0]}") from None
+    print(f"training job: {name} on {args.instance_count} x {args.instance_type}{' (spot)' if args.spot else ''}")
     return {"name": name}

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from contextlib import nullcontext
 import random
 import tempfile
 import time
@@ -14,10 +15,10 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
-from bin_counter import BinCounterError, checkpoint, metrics, plots, tracking
+from bin_counter import BinCounterError, checkpoint, distributed, metrics, plots, tracking
 from bin_counter.config import TrainConfig, as_params
 from bin_counter.debugger import Rules
 from bin_counter.data import ManifestImages, eval_transform, make_loader, train_transform
@@ -81,6 +82,7 @@ def train_one_epoch(net, criterion, optimizer, loader, device, scaler, desc="tra
         profiler.step(len(labels))
         waited = time.perf_counter()
     seconds = time.perf_counter() - start
+    total_loss, correct, seen = distributed.sum_across(total_loss, correct, seen)
     return {"loss": total_loss / max(seen, 1), "accuracy": correct / max(seen, 1),
             "grad_norm": float(np.mean(norms or [0])), "grad_norm_max": float(np.max(norms or [0])),
             "seconds": seconds, "images_per_s": seen / seconds if seconds else 0.0}
@@ -145,9 +147,8 @@ def build_loaders(cfg: TrainConfig, model: CountingModel, frames: dict[str, pd.D
                 cfg.batch_size, cfg.num_workers, cfg.seed, device, split)
             labels = torch.tensor([classes.index(int(c)) for c in frame["count"]])
             dataset = FeatureViews(features, labels, ok, random_view=training)
-            loaders[split] = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=training,
-                                        drop_last=training and len(dataset) > cfg.batch_size,
-                                        generator=torch.Generator().manual_seed(cfg.seed))
+            loaders[split] = make_loader(dataset, cfg.batch_size, shuffle=training, num_workers=0, seed=cfg.seed,
+                                         drop_last=training, collate_fn=None)
         return Loaders(model.head, loaders["train"], loaders["val"], loaders.get("test"))
     loaders = {
         split: make_loader(ManifestImages(frame, classes, train_tf if split == "train" else eval_tf), cfg.batch_size,
@@ -193,6 +194,9 @@ def fit(cfg: TrainConfig, model: CountingModel, loaders: Loaders, classes: list[
     """
     rules = rules or Rules()
     net = loaders.net
+    ctx = distributed.current()
+    # DDP only wraps the training forward; evaluation and state dicts use the plain module
+    train_net = nn.parallel.DistributedDataParallel(net) if ctx.enabled else net
     criterion = nn.CrossEntropyLoss()
     optimizer = make_optimizer(cfg, model, net)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
@@ -207,15 +211,18 @@ def fit(cfg: TrainConfig, model: CountingModel, loaders: Loaders, classes: list[
         first_epoch = checkpointing.resume_from["epoch"] + 1
         log.info("resuming after epoch %d (best so far: epoch %d)", first_epoch - 1, best_epoch)
     for epoch in range(first_epoch, cfg.epochs + 1):
-        train_stats = train_one_epoch(net, criterion, optimizer, loaders.train, device, scaler, f"epoch {epoch}",
-                                      profiler if epoch == 1 else NO_PROFILE)
+        if isinstance(loaders.train.sampler, DistributedSampler):
+            loaders.train.sampler.set_epoch(epoch)  # a new shuffle every epoch, the same on every rank
+        train_stats = train_one_epoch(train_net, criterion, optimizer, loaders.train, device, scaler,
+                                      f"epoch {epoch}", profiler if epoch == 1 else NO_PROFILE)
         val = evaluate_epoch(net, criterion, loaders.val, device)
         val_metrics = metrics.classification_metrics(np.asarray(classes)[val["y_true"]],
                                                      np.asarray(classes)[val["y_pred"]], classes)
         scheduler.step()
-        print(f"Epoch {epoch}/{cfg.epochs}  Train loss: {train_stats['loss']:.4f}  "
-              f"Train accuracy: {train_stats['accuracy']:.4f}")
-        print(metrics.study_lines(val["loss"], val_metrics), flush=True)
+        if ctx.main:
+            print(f"Epoch {epoch}/{cfg.epochs}  Train loss: {train_stats['loss']:.4f}  "
+                  f"Train accuracy: {train_stats['accuracy']:.4f}")
+            print(metrics.study_lines(val["loss"], val_metrics), flush=True)
         row = {"epoch": epoch, "train_loss": train_stats["loss"], "train_accuracy": train_stats["accuracy"],
                "val_loss": val["loss"], "val_accuracy": val_metrics["accuracy"],
                "val_precision": val_metrics["precision_macro"], "val_recall": val_metrics["recall_macro"],
@@ -236,7 +243,7 @@ def fit(cfg: TrainConfig, model: CountingModel, loaders: Loaders, classes: list[
         if val["loss"] < best_loss:
             best_loss, best_epoch, best_val = val["loss"], epoch, row
             best_state = copy.deepcopy(net.state_dict())
-        if checkpointing:
+        if checkpointing and ctx.main:
             progress = {"best_loss": best_loss, "best_state": best_state, "best_epoch": best_epoch,
                         "best_val": best_val, "rows": rows}
             checkpoint.save(checkpointing.path, epoch, net, optimizer, scheduler, scaler, progress,
@@ -330,7 +337,8 @@ def start_rules(frames: dict[str, pd.DataFrame], classes: list[int]) -> Rules:
     rules = Rules()
     for finding in rules.check_labels(frames["train"]["count"], classes):
         log.warning("debugger: %s: %s", finding.rule, finding.message)
-        mlflow.set_tag(*finding.as_tag())
+        if mlflow.active_run():
+            mlflow.set_tag(*finding.as_tag())
     return rules
 
 
@@ -365,17 +373,24 @@ def train(cfg: TrainConfig, on_epoch=None, save_model: bool = True, parent_run_i
     """
     cfg.validate()
     set_seed(cfg.seed)
-    device = pick_device()
-    ensure_data(cfg.data)
+    ctx = distributed.setup()  # under torchrun: one process per device, rank 0 alone talks to MLflow
+    device = distributed.device(ctx) if ctx.enabled else pick_device()
+    if ctx.main:
+        ensure_data(cfg.data)
+    distributed.barrier()
     classes = read_classes(Path(cfg.data))
     frames = split_frames(cfg.data)
     resumed = resume_state(cfg)
-    with tracking.run(cfg.run_name or f"train-{cfg.backbone}", parent_run_id,
-                      run_id=resumed["run_id"] if resumed else None, backbone=cfg.backbone) as active:
-        run_id = active.info.run_id
+    mlflow_run = tracking.run(cfg.run_name or f"train-{cfg.backbone}", parent_run_id,
+                              run_id=resumed["run_id"] if resumed else None, backbone=cfg.backbone) \
+        if ctx.main else nullcontext()
+    with mlflow_run as active:
+        run_id = distributed.broadcast(active.info.run_id if active else None)
+        if ctx.enabled and ctx.main:
+            mlflow.log_param("world_size", ctx.world)
         model = create_model(cfg.backbone, len(classes), cfg.weights).to(device)
         trainable = freeze(model, cfg.unfreeze_last)
-        if not resumed:  # a resumed run already has them
+        if not resumed and ctx.main:  # a resumed run already has them
             tracking.log_params({**as_params(cfg), **trainable, "device": device.type,
                                  "classes": ",".join(map(str, classes))})
             tracking.log_dataset(pd.concat(frames.values()), str(Path(cfg.data).resolve()), "abid", context="training")
@@ -388,15 +403,20 @@ def train(cfg: TrainConfig, on_epoch=None, save_model: bool = True, parent_run_i
                 result = (profiled_fit if cfg.profile else fit)(cfg, model, loaders, classes, device, on_epoch, rules,
                                                                 checkpointing=checkpointing)
         except checkpoint.TrainingInterrupted as signal_name:
-            mlflow.end_run("KILLED")
+            if ctx.main:
+                mlflow.end_run("KILLED")
             where = f"checkpointed in {checkpointing.path}; " if checkpointing else ""
             raise BinCounterError(f"interrupted by {signal_name}: finished epochs are {where}rerun with --resume "
                                   f"to continue run {run_id}") from None
-        test_metrics, model_uri = log_outcome(cfg, model, loaders, result, frames, classes, device, save_model)
-        if checkpointing:
-            checkpointing.path.unlink(missing_ok=True)  # finished: nothing left to resume
+        test_metrics, model_uri = None, None
+        if ctx.main:
+            test_metrics, model_uri = log_outcome(cfg, model, loaders, result, frames, classes, device, save_model)
+            if checkpointing:
+                checkpointing.path.unlink(missing_ok=True)  # finished: nothing left to resume
         if result.stopped:  # raised inside the run, so MLflow marks it FAILED; the best epoch's model is kept
             raise BinCounterError(f"training stopped: {result.stopped}; the best epoch ({result.best_epoch}) was "
                                   f"kept as {model_uri or 'run ' + run_id}. Lower --lr.")
-    print(f"run_id: {run_id}")
+    distributed.finish()
+    if ctx.main:
+        print(f"run_id: {run_id}")
     return TrainResult(run_id, model_uri, test_metrics, result.best_epoch, result.history)

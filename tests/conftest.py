@@ -38,6 +38,8 @@ def mlflow_store(tmp_path, monkeypatch):
     for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
         monkeypatch.delenv(var, raising=False)
     mlflow.set_tracking_uri(uri)
+    # a CLI call in an earlier test (tracking.configure) chose an experiment of its own store
+    mlflow.set_experiment(experiment_id="0")
     yield uri
     while mlflow.active_run():
         mlflow.end_run()

@@ -19,7 +19,7 @@ def test_torchrun_two_processes_match_one(tmp_path, mlflow_store):
     options = ["--epochs", "4", "--batch-size", "8", "--feature-views", "2", "--num-workers", "0", "--seed", "1"]
     env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          "-m", "bin_counter", "train", "--data", str(data), "--cache-dir", str(tmp_path / "cache-ddp"), *options],
         env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -1,0 +1,157 @@
+"""WebDataset-style tar shards: write the prepared splits as shards, stream them back from disk or S3.
+
+A shard is a plain tar in WebDataset's layout: for each image `<id>.jpg`, `<id>.cls` (the count) and `<id>.json`
+(its manifest row), consecutive. Streaming reads a shard front to back without seeking, so a training set larger
+than the disk trains straight from S3, each rank and DataLoader worker reading its own share of the shards.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+import tarfile
+from pathlib import Path
+from typing import Iterator
+
+import pandas as pd
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from bin_counter import BinCounterError, s3
+from bin_counter.files import atomic_path, atomic_write_text
+
+log = logging.getLogger(__name__)
+SHARD_DIR = "shards"
+INDEX = "index.json"
+
+
+def _add(archive: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644  # fixed metadata: the same data makes the same shard
+    archive.addfile(info, io.BytesIO(data))
+
+
+def write_shards(data_dir: Path, manifest: pd.DataFrame, shard_size: int) -> dict[str, list[str]]:
+    """DATA_DIR/shards/<split>-000000.tar ... and index.json listing them per split."""
+    out = Path(data_dir) / SHARD_DIR
+    index: dict[str, list[str]] = {}
+    for split, rows in manifest.groupby("split", sort=True):
+        names = []
+        for start in range(0, len(rows), shard_size):
+            name = f"{split}-{start // shard_size:06d}.tar"
+            with atomic_path(out / name) as tmp, tarfile.open(tmp, "w") as archive:
+                for row in rows.iloc[start:start + shard_size].itertuples():
+                    _add(archive, f"{row.image_id}.jpg", (Path(data_dir) / row.path).read_bytes())
+                    _add(archive, f"{row.image_id}.cls", str(int(row.count)).encode())
+                    _add(archive, f"{row.image_id}.json", json.dumps(
+                        {"image_id": row.image_id, "count": int(row.count), "sha256": row.sha256}).encode())
+            names.append(name)
+        index[split] = names
+    atomic_write_text(out / INDEX, json.dumps(index, indent=1) + "\n")
+    return index
+
+
+def shard_urls(location: str, split: str) -> list[str]:
+    """Shard paths or s3:// URIs of a split, from DATA_DIR/shards/index.json (local or in S3)."""
+    base = location.rstrip("/") + "/" + SHARD_DIR
+    if location.startswith("s3://"):
+        bucket, prefix = s3.parse_s3_uri(base)
+        client = s3.make_client(s3.is_anonymous(bucket, None))
+        try:
+            index = json.loads(client.get_object(Bucket=bucket, Key=prefix + INDEX)["Body"].read())
+        except Exception as exc:
+            raise BinCounterError(f"no shard index at {base}/{INDEX}: {str(exc).splitlines()[0]}") from None
+    else:
+        path = Path(base) / INDEX
+        if not path.exists():
+            raise BinCounterError(f"no shards in {location}: run `bin-counter prepare --shard-size N` first")
+        index = json.loads(path.read_text())
+    if not index.get(split):
+        raise BinCounterError(f"no {split} shards in {base}")
+    return [f"{base}/{name}" for name in index[split]]
+
+
+def _open(url: str):
+    if url.startswith("s3://"):
+        bucket, key = url[5:].split("/", 1)
+        client = s3.make_client(s3.is_anonymous(bucket, None))
+        return client.get_object(Bucket=bucket, Key=key)["Body"]  # a stream: nothing lands on disk
+    return open(url, "rb")
+
+
+def samples(url: str) -> Iterator[dict]:
+    """{'image_id', 'jpg': bytes, 'count': int} for each sample of one shard, read sequentially."""
+    current: dict = {}
+    with _open(url) as stream, tarfile.open(fileobj=stream, mode="r|") as archive:
+        for member in archive:
+            key, _, ext = member.name.partition(".")
+            if current and key != current["image_id"]:
+                yield current
+                current = {}
+            current["image_id"] = key
+            data = archive.extractfile(member).read()
+            if ext == "jpg":
+                current["jpg"] = data
+            elif ext == "cls":
+                current["count"] = int(data)
+    if current:
+        yield current
+
+
+class ShardStream(IterableDataset):
+    """(image, label index, position) streamed from shards; shards are split across ranks and workers, and a
+    seeded shuffle buffer mixes samples across shards in training."""
+
+    def __init__(self, urls: list[str], classes: list[int], transform, shuffle: bool = False, seed: int = 0,
+                 buffer: int = 256):
+        self.urls, self.transform, self.shuffle, self.seed, self.buffer = urls, transform, shuffle, seed, buffer
+        self.index = {count: i for i, count in enumerate(classes)}
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _my_urls(self) -> list[str]:
+        from bin_counter import distributed
+
+        ctx, worker = distributed.current(), get_worker_info()
+        urls = list(self.urls)
+        if self.shuffle:
+            random.Random(self.seed + self.epoch).shuffle(urls)
+        parts = ctx.world * (worker.num_workers if worker else 1)
+        me = ctx.rank * (worker.num_workers if worker else 1) + (worker.id if worker else 0)
+        return urls[me::parts]
+
+    def _decoded(self) -> Iterator[tuple]:
+        from bin_counter.data import open_image
+
+        position = 0
+        for url in self._my_urls():
+            for sample in samples(url):
+                try:
+                    image = open_image(sample["jpg"])
+                except (KeyError, ValueError) as exc:
+                    log.warning("skipping %s in %s: %s", sample.get("image_id"), url, exc)
+                    continue
+                yield self.transform(image), self.index[sample["count"]], position
+                position += 1
+
+    def __iter__(self):
+        if not self.shuffle:
+            yield from self._decoded()
+            return
+        rng, pool = random.Random(self.seed * 7919 + self.epoch), []
+        for item in self._decoded():
+            pool.append(item)
+            if len(pool) >= self.buffer:
+                yield pool.pop(rng.randrange(len(pool)))
+        rng.shuffle(pool)
+        yield from pool
+
+
+def stream_collate(batch):
+    images, labels, positions = zip(*batch)
+    return torch.stack(images), torch.tensor(labels), torch.tensor(positions)
+
+

@@ -35,6 +35,8 @@ def add_prepare(sub) -> None:
     p.add_argument("--limit-per-class", type=_int, help="keep at most N images per count")
     p.add_argument("--workers", type=_int, default=8, help="parallel downloads/validations (default 8)")
     p.add_argument("--upload", help="copy the prepared splits to s3://bucket/prefix")
+    p.add_argument("--shard-size", type=_int, default=0,
+                   help="also write WebDataset-style tar shards of N images (for `train --stream`)")
     p.add_argument("--anonymous", type=_optional_bool, default=None,
                    help="read S3 without credentials (default: only for ABID's public bucket)")
     p.set_defaults(func=cmd_prepare)
@@ -47,7 +49,7 @@ def cmd_prepare(args) -> None:
     cfg = PrepareConfig(source=args.source, out=args.out, file_list=args.file_list, classes=args.classes,
                         top_bucket=args.top_bucket, split=parse_split(args.split), seed=args.seed,
                         limit_per_class=args.limit_per_class, workers=args.workers, upload=args.upload,
-                        anonymous=args.anonymous)
+                        anonymous=args.anonymous, shard_size=args.shard_size)
     run(cfg)
 
 
@@ -74,6 +76,8 @@ def add_train_options(p, defaults=None) -> None:
     p.add_argument("--cache-dir", default=d.cache_dir)
     p.add_argument("--num-workers", type=_int, default=d.num_workers, help="DataLoader workers")
     p.add_argument("--checkpoint-dir", default=d.checkpoint_dir, help="where every finished epoch is checkpointed")
+    p.add_argument("--stream", action="store_true",
+                   help="stream the WebDataset shards of --data (a DATA_DIR or s3://...) instead of image files")
 
 
 def train_config(args):

@@ -24,6 +24,7 @@ class PrepareConfig:
     workers: int = 8
     upload: str | None = None
     anonymous: bool | None = None  # None: anonymous only for ABID's public bucket
+    shard_size: int = 0  # > 0: also write WebDataset-style tar shards of this many images
 
 
 @dataclass
@@ -48,6 +49,7 @@ class TrainConfig:
     register_as: str | None = None
     run_name: str | None = None
     profile: bool = False  # torch.profiler + utilisation sampling over the first epoch, report in the run
+    stream: bool = False  # read WebDataset shards (local or s3://) instead of image files; no feature cache
     checkpoint_dir: str | None = "checkpoints"  # a checkpoint per run, written at every epoch end
     resume: str | None = None  # "latest" or a run id: continue that run from its last finished epoch
 
@@ -58,6 +60,7 @@ class TrainConfig:
             "epochs must be >= 1": self.epochs >= 1,
             "feature_views must be >= 1": self.feature_views >= 1,
             "unfreeze_last must be >= 0": self.unfreeze_last >= 0,
+            "an S3 DATA_DIR is read as shards: add --stream": self.stream or not self.data.startswith("s3://"),
         }
         for message, ok in checks.items():
             if not ok:

@@ -193,6 +193,10 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
     description = {"classes": classes, "source": cfg.source, "split": list(ratios), "seed": cfg.seed,
                    "top_bucket": cfg.top_bucket, "limit_per_class": cfg.limit_per_class}
     atomic_write_text(out / DATASET_JSON, json.dumps(description, indent=2) + "\n")
+    if cfg.shard_size > 0:
+        from bin_counter.shards import write_shards
+
+        write_shards(out, manifest, cfg.shard_size)
     return PrepareResult(manifest, rejected, classes, out, downloaded, present)
 
 
@@ -203,10 +207,15 @@ def upload_prepared(result: PrepareResult, uri: str, workers: int, anonymous: bo
     s3.check_bucket(client, bucket)
     jobs = [(result.out / path, prefix + path) for path in result.manifest["path"]]
     jobs += [(result.out / name, prefix + name) for name in (MANIFEST, REJECTED, DATASET_JSON)]
+    shards = result.out / "shards"
+    if shards.is_dir():
+        jobs += [(path, f"{prefix}shards/{path.name}") for path in sorted(shards.iterdir()) if path.is_file()
+                 and not path.name.startswith(".")]
     return s3.upload(client, bucket, jobs, workers)
 
 
-def read_classes(data_dir: Path) -> list[int]:
+def read_classes(data_dir: str | Path) -> list[int]:
+    data_dir = local_copy(str(data_dir))
     path = Path(data_dir) / DATASET_JSON
     if not path.exists():
         raise BinCounterError(f"no {DATASET_JSON} in {data_dir}: run `bin-counter prepare --out {data_dir}` first")
@@ -250,3 +259,18 @@ def run(cfg: PrepareConfig) -> PrepareResult:
         if len(result.rejected):
             mlflow.log_artifact(str(result.out / REJECTED))
     return result
+
+
+def local_copy(data: str) -> Path:
+    """A prepared DATA_DIR in S3 (from `prepare --upload`) gets its manifest and dataset.json fetched to a local
+    folder beside the working directory; images stay in S3 (read as shards with --stream)."""
+    if not data.startswith("s3://"):
+        return Path(data)
+    bucket, prefix = s3.parse_s3_uri(data)
+    local = Path(".cache") / "s3" / bucket / prefix
+    client = s3.make_client(s3.is_anonymous(bucket, None))
+    stats = s3.download(client, bucket, [(prefix + name, local / name) for name in (MANIFEST, DATASET_JSON)],
+                        workers=2, desc=f"fetch {data}")
+    if stats.failed:
+        raise BinCounterError(f"{data} is not a prepared DATA_DIR: {', '.join(sorted(stats.failed))} missing")
+    return local

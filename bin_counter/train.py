@@ -25,7 +25,7 @@ from bin_counter.data import ManifestImages, eval_transform, make_loader, train_
 from bin_counter.features import FeatureViews, cached_features
 from bin_counter.manifest import read_manifest
 from bin_counter.models import CountingModel, backbone_is_frozen, create_model, freeze
-from bin_counter.prepare import read_classes
+from bin_counter.prepare import local_copy, read_classes
 from bin_counter.profiling import NO_PROFILE, Profile, profiler_findings, write_report
 from bin_counter.pyfunc import log_model
 
@@ -131,10 +131,27 @@ class Loaders:
     test: DataLoader | None
 
 
+def stream_loaders(cfg: TrainConfig, model: CountingModel, frames: dict[str, pd.DataFrame], classes: list[int],
+                   eval_tf, train_tf) -> Loaders:
+    """Shards read front to back (local or S3): for data larger than the disk; the full forward pass every epoch."""
+    from bin_counter.shards import ShardStream, shard_urls, stream_collate
+
+    loaders = {}
+    for split in frames:
+        training = split == "train"
+        dataset = ShardStream(shard_urls(cfg.data, split), classes, train_tf if training else eval_tf,
+                              shuffle=training, seed=cfg.seed)
+        loaders[split] = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                                    collate_fn=stream_collate, pin_memory=torch.cuda.is_available())
+    return Loaders(model, loaders["train"], loaders["val"], loaders.get("test"))
+
+
 def build_loaders(cfg: TrainConfig, model: CountingModel, frames: dict[str, pd.DataFrame], classes: list[int],
                   device: torch.device) -> Loaders:
     eval_tf = eval_transform(cfg.backbone, cfg.image_size)
     train_tf = train_transform(cfg.backbone, cfg.image_size, cfg.rotation_degrees, cfg.hflip)
+    if cfg.stream:
+        return stream_loaders(cfg, model, frames, classes, eval_tf, train_tf)
     if cfg.feature_cache and backbone_is_frozen(model):
         description = {"backbone": cfg.backbone, "weights": weights_id(cfg.weights), "size": cfg.image_size,
                        "rotation": cfg.rotation_degrees, "hflip": cfg.hflip}
@@ -211,8 +228,9 @@ def fit(cfg: TrainConfig, model: CountingModel, loaders: Loaders, classes: list[
         first_epoch = checkpointing.resume_from["epoch"] + 1
         log.info("resuming after epoch %d (best so far: epoch %d)", first_epoch - 1, best_epoch)
     for epoch in range(first_epoch, cfg.epochs + 1):
-        if isinstance(loaders.train.sampler, DistributedSampler):
-            loaders.train.sampler.set_epoch(epoch)  # a new shuffle every epoch, the same on every rank
+        for shuffler in (loaders.train.sampler, loaders.train.dataset):  # a new order every epoch, alike on all ranks
+            if isinstance(shuffler, DistributedSampler) or hasattr(shuffler, "set_epoch"):
+                shuffler.set_epoch(epoch)
         train_stats = train_one_epoch(train_net, criterion, optimizer, loaders.train, device, scaler,
                                       f"epoch {epoch}", profiler if epoch == 1 else NO_PROFILE)
         val = evaluate_epoch(net, criterion, loaders.val, device)
@@ -265,7 +283,7 @@ class TrainResult:
 
 
 def split_frames(data: str) -> dict[str, pd.DataFrame]:
-    manifest = read_manifest(Path(data))
+    manifest = read_manifest(local_copy(data))
     frames = {split: manifest[manifest["split"] == split].reset_index(drop=True) for split in ("train", "val", "test")}
     for split in ("train", "val"):
         if frames[split].empty:
@@ -306,7 +324,7 @@ def profiled_fit(cfg: TrainConfig, model, loaders: Loaders, classes, device, on_
 
 def ensure_data(data: str) -> None:
     """`mlflow run . -e train` on a fresh checkout: with no data directory at all, start from the bundled sample."""
-    if not Path(data).exists():
+    if not data.startswith("s3://") and not Path(data).exists():
         from bin_counter.config import PrepareConfig
         from bin_counter.prepare import prepare
 
@@ -342,6 +360,21 @@ def start_rules(frames: dict[str, pd.DataFrame], classes: list[int]) -> Rules:
     return rules
 
 
+def example_images(cfg: TrainConfig, frames: dict[str, pd.DataFrame], tmp: Path) -> list[str]:
+    """Two real images for the model's input example: files of the split, or the first of a shard."""
+    if not cfg.stream:
+        return list(frames.get("test", frames["val"])["abs_path"][:2])
+    from bin_counter.shards import samples, shard_urls
+
+    paths = []
+    for sample in samples(shard_urls(cfg.data, "val")[0]):
+        paths.append(tmp / f"{sample['image_id']}.jpg")
+        paths[-1].write_bytes(sample["jpg"])
+        if len(paths) == 2:
+            break
+    return [str(p) for p in paths]
+
+
 def log_outcome(cfg: TrainConfig, model, loaders: Loaders, result: FitResult, frames, classes, device,
                 save_model: bool) -> tuple[dict | None, str | None]:
     """History, test metrics and (optionally) the best epoch's model, into the active run."""
@@ -360,8 +393,9 @@ def log_outcome(cfg: TrainConfig, model, loaders: Loaders, result: FitResult, fr
     if save_model:
         config = {"backbone": cfg.backbone, "classes": classes, "image_size": cfg.image_size,
                   "best_epoch": result.best_epoch}
-        examples = list(frames.get("test", frames["val"])["abs_path"][:2])
-        model_uri = log_model(model.cpu(), config, examples, cfg.register_as).model_uri
+        with tempfile.TemporaryDirectory() as tmp:
+            model_uri = log_model(model.cpu(), config, example_images(cfg, frames, Path(tmp)),
+                                  cfg.register_as).model_uri
     return test_metrics, model_uri
 
 
@@ -378,7 +412,7 @@ def train(cfg: TrainConfig, on_epoch=None, save_model: bool = True, parent_run_i
     if ctx.main:
         ensure_data(cfg.data)
     distributed.barrier()
-    classes = read_classes(Path(cfg.data))
+    classes = read_classes(cfg.data)
     frames = split_frames(cfg.data)
     resumed = resume_state(cfg)
     mlflow_run = tracking.run(cfg.run_name or f"train-{cfg.backbone}", parent_run_id,

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import time
+import warnings
 from dataclasses import dataclass
 
 import mlflow
@@ -76,19 +78,24 @@ def open_study(cfg: TuneConfig, pruner: optuna.pruners.BasePruner | None = None)
     # Workers sharing a storage must not draw the same "random" trials, so each mixes its process id into the
     # seed; a study in one process stays exactly reproducible.
     seed = cfg.seed if not cfg.storage else cfg.seed * 1_000_003 + os.getpid()
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeat API
     sampler = optuna.samplers.TPESampler(seed=seed)
     pruner = pruner or optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=2)
-    try:
-        storage = None
-        if cfg.storage:
-            # A worker that dies mid-trial stops sending heartbeats; its trial is then failed and retried.
-            storage = optuna.storages.RDBStorage(
-                cfg.storage, heartbeat_interval=60, grace_period=180,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
-        return optuna.create_study(study_name=cfg.study_name, storage=storage, direction="minimize",
-                                   sampler=sampler, pruner=pruner, load_if_exists=True)
-    except Exception as exc:  # sqlalchemy / driver errors: an unreachable or malformed URL
-        raise BinCounterError(f"cannot open Optuna storage {cfg.storage!r}: {str(exc).splitlines()[0]}") from None
+    last_error = None
+    for attempt in range(3):  # workers starting together race to create the tables of a new storage
+        try:
+            storage = None
+            if cfg.storage:
+                # A worker that dies mid-trial stops sending heartbeats; its trial is then failed and retried.
+                storage = optuna.storages.RDBStorage(
+                    cfg.storage, heartbeat_interval=60, grace_period=180,
+                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
+            return optuna.create_study(study_name=cfg.study_name, storage=storage, direction="minimize",
+                                       sampler=sampler, pruner=pruner, load_if_exists=True)
+        except Exception as exc:  # sqlalchemy / driver errors: an unreachable or malformed URL, or that race
+            last_error = exc
+            time.sleep(0.5 + attempt)
+    raise BinCounterError(f"cannot open Optuna storage {cfg.storage!r}: {str(last_error).splitlines()[0]}")
 
 
 def objective_for(cfg: TuneConfig, parent_run_id: str):

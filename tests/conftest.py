@@ -71,14 +71,24 @@ def tiny_data(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="session")
-def moto_endpoint():
+def start_moto_server(set_env: bool = False):
+    """A real moto server on a free loopback port; with set_env, boto3 in this process talks to it."""
     from moto.server import ThreadedMotoServer
 
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
-    yield f"http://127.0.0.1:{port}"
+    endpoint = f"http://127.0.0.1:{port}"
+    if set_env:
+        os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                          AWS_DEFAULT_REGION="us-east-1")
+    return server, endpoint
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint():
+    server, endpoint = start_moto_server()
+    yield endpoint
     server.stop()
 
 

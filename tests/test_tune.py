@@ -73,7 +73,8 @@ def test_two_workers_share_one_study(tiny_data, tmp_path):
     workers = [subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                 text=True) for _ in range(2)]
     errors = [w.communicate(timeout=600)[1] for w in workers]
-    assert [w.returncode for w in workers] == [0, 0], errors
+    assert [w.returncode for w in workers] == [0, 0], [[line for line in e.splitlines() if "rror" in line][-3:]
+                                                       for e in errors]
     study = optuna.load_study(study_name="shared", storage=storage)
     finished = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
     assert len(finished) == 4 and sorted(t.number for t in study.trials) == list(range(len(study.trials)))

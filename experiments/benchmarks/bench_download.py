@@ -12,7 +12,6 @@ import argparse
 import logging
 import os
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -23,11 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 
 import boto3  # noqa: E402
-from moto.server import ThreadedMotoServer  # noqa: E402
 
 from bin_counter.config import PrepareConfig  # noqa: E402
 from bin_counter.prepare import SAMPLE_DIR, prepare  # noqa: E402
-from conftest import SlowProxy  # noqa: E402
+from conftest import SlowProxy, start_moto_server  # noqa: E402
 
 
 def main() -> None:
@@ -36,13 +34,7 @@ def main() -> None:
     parser.add_argument("--latency-ms", type=float, default=30.0)
     args = parser.parse_args()
     logging.disable(logging.WARNING)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="x", AWS_SECRET_ACCESS_KEY="x",
-                      AWS_DEFAULT_REGION="us-east-1")
+    server, _ = start_moto_server(set_env=True)
     s3 = boto3.client("s3")
     s3.create_bucket(Bucket="bench")
     ids = [p.stem for p in sorted((SAMPLE_DIR / "metadata").glob("*.json"))]

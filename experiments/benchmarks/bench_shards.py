@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -16,9 +15,9 @@ from pathlib import Path
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 
 import boto3  # noqa: E402
-from moto.server import ThreadedMotoServer  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from bin_counter.config import PrepareConfig  # noqa: E402
@@ -26,6 +25,7 @@ from bin_counter.data import ManifestImages, eval_transform, make_loader  # noqa
 from bin_counter.manifest import read_manifest  # noqa: E402
 from bin_counter.prepare import prepare, upload_prepared  # noqa: E402
 from bin_counter.shards import ShardStream, shard_urls, stream_collate  # noqa: E402
+from conftest import start_moto_server  # noqa: E402
 
 
 def rate(loader) -> float:
@@ -48,13 +48,7 @@ def main() -> None:
                         num_workers=args.workers)
     local = DataLoader(ShardStream(shard_urls(str(data), "train"), [1, 2, 3, 4, 5], transform), batch_size=32,
                        num_workers=args.workers, collate_fn=stream_collate)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="x", AWS_SECRET_ACCESS_KEY="x",
-                      AWS_DEFAULT_REGION="us-east-1")
+    server, _ = start_moto_server(set_env=True)
     boto3.client("s3").create_bucket(Bucket="bench")
     upload_prepared(result, "s3://bench/abid", workers=4)
     remote = DataLoader(ShardStream(shard_urls("s3://bench/abid", "train"), [1, 2, 3, 4, 5], transform),

@@ -76,6 +76,14 @@ def add_train_options(p, defaults=None) -> None:
     p.add_argument("--cache-dir", default=d.cache_dir)
     p.add_argument("--num-workers", type=_int, default=d.num_workers, help="DataLoader workers")
     p.add_argument("--checkpoint-dir", default=d.checkpoint_dir, help="where every finished epoch is checkpointed")
+    p.add_argument("--loss", default=d.loss, choices=["ce", "ce+expected"],
+                   help="ce+expected adds |expected count - true count| (counts are ordered)")
+    p.add_argument("--expected-weight", type=float, default=d.expected_weight)
+    p.add_argument("--decode", default=d.decode, choices=["argmax", "expected"],
+                   help="expected: predict the count nearest the expected value (lower MAE)")
+    p.add_argument("--balance", action="store_true", default=d.balance, help="inverse-frequency class weights")
+    p.add_argument("--tta", action="store_true", default=d.tta, help="average over flips/transposes at evaluation")
+    p.add_argument("--recipe", help="a named set of switches (study, counting, finetune); explicit flags win")
     p.add_argument("--stream", action="store_true",
                    help="stream the WebDataset shards of --data (a DATA_DIR or s3://...) instead of image files")
 
@@ -276,6 +284,30 @@ def cmd_launch(args) -> None:
     training_job(args, train_args)
 
 
+def add_crossval(sub) -> None:
+    p = sub.add_parser("crossval", help="compare recipes by repeated stratified k-fold on real ABID images")
+    p.add_argument("--source", default="sample", help="`sample`, a directory in ABID's layout, or s3://...")
+    p.add_argument("--recipes", default="study,counting", help="comma-separated recipe names")
+    p.add_argument("--folds", type=_int, default=5)
+    p.add_argument("--repeats", type=_int, default=1)
+    p.add_argument("--seed", type=_int, default=0)
+    p.add_argument("--classes", default="1-5")
+    p.add_argument("--feature-views", type=_int, default=2, help="augmented views cached per training image")
+    p.add_argument("--cache-dir", default=".cache/features")
+    p.add_argument("--num-workers", type=_int, default=2)
+    p.add_argument("--output", help="also write the table as markdown (e.g. experiments/crossval.md)")
+    p.set_defaults(func=cmd_crossval)
+
+
+def cmd_crossval(args) -> None:
+    from bin_counter.config import TrainConfig
+    from bin_counter.crossval import crossval
+
+    base = TrainConfig(feature_views=args.feature_views, cache_dir=args.cache_dir, num_workers=args.num_workers)
+    crossval(args.source, [r.strip() for r in args.recipes.split(",") if r.strip()], args.folds, args.repeats,
+             args.seed, base, args.output, args.classes)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bin-counter", description="Count objects in Amazon bin photos (ABID), tracked with MLflow.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -286,13 +318,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = [add_prepare, add_train, add_evaluate, add_compare, add_main, add_tune, add_promote, add_predict,
-            add_deploy, add_launch]
+            add_deploy, add_launch, add_crossval]
 
 
 def parse(argv: list[str] | None):
     """Parse; a study definition (--experiment YAML) supplies defaults that explicit flags override."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "recipe", None):
+        from bin_counter.config import RECIPES
+
+        if args.recipe not in RECIPES:
+            raise BinCounterError(f"unknown recipe {args.recipe!r}; choose from {', '.join(RECIPES)}")
+        subparser = next(a for a in parser._subparsers._group_actions).choices[args.command]
+        subparser.set_defaults(**RECIPES[args.recipe])
+        args = parser.parse_args(argv)
     if getattr(args, "experiment", None):
         from bin_counter.config import load_yaml
 

@@ -49,6 +49,11 @@ class TrainConfig:
     register_as: str | None = None
     run_name: str | None = None
     profile: bool = False  # torch.profiler + utilisation sampling over the first epoch, report in the run
+    loss: str = "ce"  # or "ce+expected": cross-entropy plus |expected count - true count| (counts are ordered)
+    expected_weight: float = 0.5
+    decode: str = "argmax"  # or "expected": the count nearest the expected value (lower MAE)
+    balance: bool = False  # weight the loss by inverse class frequency of the training split
+    tta: bool = False  # average predictions over flips/transposes: a bin has no up or down
     stream: bool = False  # read WebDataset shards (local or s3://) instead of image files; no feature cache
     checkpoint_dir: str | None = "checkpoints"  # a checkpoint per run, written at every epoch end
     resume: str | None = None  # "latest" or a run id: continue that run from its last finished epoch
@@ -61,6 +66,8 @@ class TrainConfig:
             "feature_views must be >= 1": self.feature_views >= 1,
             "unfreeze_last must be >= 0": self.unfreeze_last >= 0,
             "an S3 DATA_DIR is read as shards: add --stream": self.stream or not self.data.startswith("s3://"),
+            "loss must be ce or ce+expected": self.loss in ("ce", "ce+expected"),
+            "decode must be argmax or expected": self.decode in ("argmax", "expected"),
         }
         for message, ok in checks.items():
             if not ok:
@@ -90,3 +97,20 @@ def merge(config_cls: type, overrides: dict[str, Any]) -> Any:
     return config_cls(**overrides)
 
 
+
+
+# Named recipes: each is a set of TrainConfig switches, applied as defaults that explicit flags override.
+RECIPES: dict[str, dict[str, Any]] = {
+    # the reference study: frozen backbone, new classifier, cross-entropy, random rotation, argmax
+    "study": dict(loss="ce", decode="argmax", balance=False, tta=False, hflip=False, rotation_degrees=30.0,
+                  image_size=224, unfreeze_last=0, lr=1e-3, epochs=5),
+    # counting-aware, still frozen (fits a CPU): ordinal term, balancing, test-time augmentation, flips, any rotation
+    "counting": dict(loss="ce+expected", decode="argmax", balance=True, tta=True, hflip=True, rotation_degrees=180.0,
+                     image_size=224, unfreeze_last=0, lr=1e-3, epochs=10),
+    # the same model, decoded by expected count: fewer large errors (MAE) for some exact hits
+    "counting-mae": dict(loss="ce+expected", decode="expected", balance=True, tta=True, hflip=True,
+                         rotation_degrees=180.0, image_size=224, unfreeze_last=0, lr=1e-3, epochs=10),
+    # for a GPU: fine-tune the last stages at a higher resolution with the counting switches
+    "finetune": dict(loss="ce+expected", decode="expected", balance=True, tta=True, hflip=True, rotation_degrees=180.0,
+                     image_size=320, unfreeze_last=3, lr=1e-3, backbone_lr=2e-4, epochs=12),
+}

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import io
 import logging
 from pathlib import Path
@@ -66,12 +67,13 @@ def train_transform(backbone: str, image_size: int = 224, rotation: float = 30.0
 class ManifestImages(Dataset):
     """(image, label index) per manifest row; an unreadable image yields None and is reported, not crashed on."""
 
-    def __init__(self, frame: pd.DataFrame, classes: list[int], transform):
+    def __init__(self, frame: pd.DataFrame, classes: list[int], transform, view_seed: int | None = None):
         self.paths = list(frame["abs_path"])
         self.ids = list(frame["image_id"])
         index = {count: i for i, count in enumerate(classes)}
         self.labels = [index[int(c)] for c in frame["count"]]
         self.transform = transform
+        self.view_seed = view_seed  # set: each image's random augmentation is fixed by its id and this seed
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -82,7 +84,15 @@ class ManifestImages(Dataset):
         except ValueError as exc:
             log.warning("skipping image %s: %s", self.ids[i], exc)
             return None
+        if self.view_seed is not None:
+            digest = hashlib.sha256(f"{self.ids[i]}:{self.view_seed}".encode()).digest()
+            torch.manual_seed(int.from_bytes(digest[:8], "little"))
         return self.transform(image), self.labels[i], i
+
+
+def dihedral_views(batch: torch.Tensor) -> list[torch.Tensor]:
+    """The image and its flips/transpose: a bin photographed from above has no up or down (test-time augmentation)."""
+    return [batch, batch.flip(-1), batch.flip(-2), batch.transpose(-1, -2)]
 
 
 def collate_skipping_bad(batch):

@@ -1,9 +1,13 @@
 """The frozen-backbone feature cache.
 
 While the backbone is frozen its output for a given image and augmentation never changes, so we compute it
-once per image and view (a few randomly rotated views per training image, one plain view for evaluation) and
-train the classifier on the stored features. The cache key covers everything that changes the features:
-backbone, weights, preprocessing, views, seed and the images' checksums.
+once per image and view (a few randomly rotated views per training image; one plain view, or the four flips and
+transposes of test-time augmentation, for evaluation) and train the classifier on the stored features.
+
+The cache is per image: one file per preprocessing description (backbone, weights, transform, views), holding
+the features of every image ever extracted with it, keyed by the image's checksum. A new split, fold or dataset
+that shares images only computes the ones it has not seen. Each image's random views are seeded by its id, so
+its features do not depend on which batch or run computed them.
 """
 from __future__ import annotations
 
@@ -18,87 +22,106 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from bin_counter import distributed
-from bin_counter.data import ManifestImages, make_loader
+from bin_counter.data import ManifestImages, dihedral_views, make_loader
 from bin_counter.files import atomic_path
 from bin_counter.models import CountingModel
 
 log = logging.getLogger(__name__)
 
 
-def cache_key(frame: pd.DataFrame, description: dict) -> str:
-    digest = hashlib.sha256(json.dumps(description, sort_keys=True).encode())
-    for image_id, sha in zip(frame["image_id"], frame["sha256"]):
-        digest.update(f"{image_id}:{sha};".encode())
-    return digest.hexdigest()[:24]
+def description_key(description: dict) -> str:
+    return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:24]
 
 
 @torch.no_grad()
 def extract(model: CountingModel, frame: pd.DataFrame, classes: list[int], transform, views: int, batch_size: int,
-            num_workers: int, seed: int, device: torch.device, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features (N, views, D) and a mask (N,) of the images that could be read."""
+            num_workers: int, seed: int, device: torch.device, desc: str, tta: bool = False):
+    """Features (N, views, D) and a mask (N,) of the images that could be read.
+
+    Random views are seeded per image and view; with `tta` the views are the 4 flips/transposes of one image."""
     model.backbone.eval()
-    dataset = ManifestImages(frame, classes, transform)
     features: torch.Tensor | None = None
-    ok = torch.zeros(len(dataset), dtype=torch.bool)
+    ok = torch.zeros(len(frame), dtype=torch.bool)
+    n_views = 4 if tta else views
     use_amp = device.type == "cuda"
-    for view in range(views):
-        loader = make_loader(dataset, batch_size, shuffle=False, num_workers=num_workers, seed=seed * 1000 + view)
-        torch.manual_seed(seed * 1000 + view)  # the rotations of view k are the same on every run
+    for view in range(1 if tta else views):
+        dataset = ManifestImages(frame, classes, transform, view_seed=None if tta else seed * 1000 + view)
+        loader = make_loader(dataset, batch_size, shuffle=False, num_workers=num_workers, seed=seed)
         for batch in tqdm(loader, desc=f"{desc} features (view {view + 1}/{views})", unit="batch", leave=False):
             if batch is None:
                 continue
             images, _, indices = batch
             images = images.to(device, non_blocking=True)
+            variants = dihedral_views(images) if tta else [images]
             with torch.autocast(device.type, enabled=use_amp):
-                out = model.features(images).float().cpu()
+                outs = [model.features(v).float().cpu() for v in variants]
             if features is None:
-                features = torch.zeros(len(dataset), views, out.shape[1])
-            features[indices, view] = out
+                features = torch.zeros(len(frame), n_views, outs[0].shape[1])
+            for k, out in enumerate(outs):
+                features[indices, view if not tta else k] = out
             ok[indices] = True
     if features is None:
         raise ValueError(f"no readable image in the {desc} split")
     return features, ok
 
 
+def _extract_shared(model, frame, classes, transform, views, batch_size, num_workers, seed, device, desc, tta):
+    """Under torchrun each rank extracts every world-th image, then all ranks share the whole set."""
+    ctx = distributed.current()
+    if not ctx.enabled:
+        return extract(model, frame, classes, transform, views, batch_size, num_workers, seed, device, desc, tta)
+    mine = torch.arange(ctx.rank, len(frame), ctx.world)
+    part, part_ok = extract(model, frame.iloc[mine.numpy()].reset_index(drop=True), classes, transform, views,
+                            batch_size, num_workers, seed, device, f"{desc} (rank {ctx.rank})", tta)
+    return distributed.gather_rows(part, mine, len(frame)), distributed.gather_rows(part_ok, mine, len(frame))
+
+
 def cached_features(model: CountingModel, frame: pd.DataFrame, classes: list[int], transform, views: int,
                     description: dict, cache_dir: Path | None, batch_size: int, num_workers: int, seed: int,
-                    device: torch.device, desc: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Load features from the cache or compute and store them (float16 on disk: half the size, same accuracy)."""
-    key = cache_key(frame, {**description, "views": views, "seed": seed})
+                    device: torch.device, desc: str, tta: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features of `frame`'s images from the cache, computing (and adding) only the images it lacks.
+
+    Stored as float16 (half the size, same accuracy); training always sees the stored values, so a fresh run and
+    a cached rerun give the same model."""
+    key = description_key({**description, "views": views, "seed": seed, "tta": tta})
     path = Path(cache_dir) / f"{key}.pt" if cache_dir else None
-    if path is not None and path.exists():
-        stored = torch.load(path, weights_only=True)
-        log.info("%s features loaded from cache %s", desc, path)
-        return stored["features"].float(), stored["ok"]
-    ctx = distributed.current()
-    if ctx.enabled:  # each rank extracts every world-th image, then all ranks share the whole set
-        mine = torch.arange(ctx.rank, len(frame), ctx.world)
-        part, part_ok = extract(model, frame.iloc[mine.numpy()].reset_index(drop=True), classes, transform, views,
-                                batch_size, num_workers, seed, device, f"{desc} (rank {ctx.rank})")
-        features = distributed.gather_rows(part, mine, len(frame))
-        ok = distributed.gather_rows(part_ok, mine, len(frame))
+    store = torch.load(path, weights_only=True) if path is not None and path.exists() else None
+    known = {sha: i for i, sha in enumerate(store["sha"])} if store else {}
+    missing = frame[~frame["sha256"].isin(known)].drop_duplicates("sha256").reset_index(drop=True)
+    if len(missing):
+        new, new_ok = _extract_shared(model, missing, classes, transform, views, batch_size, num_workers, seed,
+                                      device, desc, tta)
+        new = new.half()
+        if store is None:
+            store = {"sha": [], "features": new[:0], "ok": new_ok[:0]}
+        store = {"sha": store["sha"] + list(missing["sha256"]), "features": torch.cat([store["features"], new]),
+                 "ok": torch.cat([store["ok"], new_ok])}
+        known = {sha: i for i, sha in enumerate(store["sha"])}
+        if path is not None and distributed.current().main:
+            with atomic_path(path) as tmp:
+                torch.save(store, tmp)
     else:
-        features, ok = extract(model, frame, classes, transform, views, batch_size, num_workers, seed, device, desc)
-    # Train on what the cache holds, so a fresh run and a cached rerun give the same model.
-    features = features.half().float()
-    if path is not None and ctx.main:
-        with atomic_path(path) as tmp:
-            torch.save({"features": features.half(), "ok": ok}, tmp)
-    return features, ok
+        log.info("%s features loaded from cache %s", desc, path)
+    rows = torch.tensor([known[sha] for sha in frame["sha256"]])
+    return store["features"][rows].float(), store["ok"][rows]
 
 
 class FeatureViews(Dataset):
-    """(feature, label) pairs; in training each epoch draws one of the cached augmented views at random."""
+    """(feature, label) pairs. Training draws one of the cached augmented views at random each epoch;
+    evaluation returns view 0, or all views (B, V, D) for test-time augmentation."""
 
-    def __init__(self, features: torch.Tensor, labels: torch.Tensor, ok: torch.Tensor, random_view: bool):
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor, ok: torch.Tensor, random_view: bool,
+                 all_views: bool = False):
         keep = ok.nonzero().flatten()
         self.features, self.labels, self.indices = features[keep], labels[keep], keep
-        self.random_view = random_view
+        self.random_view, self.all_views = random_view, all_views
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i: int):
+        if self.all_views:
+            return self.features[i], self.labels[i], self.indices[i]
         views = self.features.shape[1]
         view = int(torch.randint(views, ())) if self.random_view and views > 1 else 0
         return self.features[i, view], self.labels[i], self.indices[i]

@@ -15,6 +15,16 @@ STUDY_REGEXES = {
 }
 
 
+def decode(probs: np.ndarray, classes: list[int], how: str = "argmax") -> np.ndarray:
+    """Counts from class probabilities: the most likely class, or (`expected`) the class nearest the expected
+    count, which lowers MAE when the model hesitates between neighbouring counts."""
+    values = np.asarray(classes)
+    if how == "expected":
+        expected = np.asarray(probs) @ values
+        return values[np.abs(expected[:, None] - values[None, :]).argmin(1)]
+    return values[np.asarray(probs).argmax(1)]
+
+
 def classification_metrics(y_true, y_pred, classes: list[int]) -> dict:
     """Accuracy, macro/weighted P/R/F1, per-class table, confusion matrix, and the ordinal errors.
 

@@ -51,6 +51,7 @@ class BinCounterModel(mlflow.pyfunc.PythonModel):
         self.model = model.to(self.device).eval()
         self.transform = eval_transform(self.config["backbone"], self.config["image_size"])
         self.tta = self.config.get("tta", False)
+        self.decode = self.config.get("decode", "argmax")
 
     def _load(self, row: pd.Series):
         from bin_counter.data import decode_base64_image, open_image
@@ -67,10 +68,13 @@ class BinCounterModel(mlflow.pyfunc.PythonModel):
 
     @torch.no_grad()
     def _probabilities(self, batch: torch.Tensor) -> np.ndarray:
+        from bin_counter.data import dihedral_views
+
         batch = batch.to(self.device)
+        views = dihedral_views(batch) if self.tta else [batch]  # as in training's evaluation
         with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
-            logits = self.model(batch).float()
-        return torch.softmax(logits, dim=1).cpu().numpy()
+            probs = torch.stack([torch.softmax(self.model(v).float(), dim=1) for v in views]).mean(0)
+        return probs.cpu().numpy()
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         on_error = (params or {}).get("on_error", "raise")
@@ -91,11 +95,14 @@ class BinCounterModel(mlflow.pyfunc.PythonModel):
         for start in range(0, len(good), BATCH):
             rows = good[start:start + BATCH]
             probs[rows] = self._probabilities(torch.stack([tensors[i] for i in rows]))
+        from bin_counter.metrics import decode
+
         ok = ~np.isnan(probs[:, 0])
-        best = np.where(ok, np.nan_to_num(probs).argmax(axis=1), 0)
+        counts = decode(np.nan_to_num(probs), self.classes, self.decode)
+        chosen = np.nan_to_num(probs)[np.arange(len(probs)), np.searchsorted(self.classes, counts)]
         frame = pd.DataFrame({
-            "predicted_count": np.where(ok, np.asarray(self.classes)[best], -1).astype("int64"),
-            "confidence": np.where(ok, np.nan_to_num(probs).max(axis=1), np.nan),
+            "predicted_count": np.where(ok, counts, -1).astype("int64"),
+            "confidence": np.where(ok, chosen, np.nan),  # the probability of the count returned
         })
         for j, count in enumerate(self.classes):
             frame[f"prob_{count}"] = probs[:, j]

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from bin_counter import BinCounterError, checkpoint, distributed, metrics, plots, tracking
 from bin_counter.config import TrainConfig, as_params
 from bin_counter.debugger import Rules
-from bin_counter.data import ManifestImages, eval_transform, make_loader, train_transform
+from bin_counter.data import ManifestImages, dihedral_views, eval_transform, make_loader, train_transform
 from bin_counter.features import FeatureViews, cached_features
 from bin_counter.manifest import read_manifest
 from bin_counter.models import CountingModel, backbone_is_frozen, create_model, freeze
@@ -88,28 +88,70 @@ def train_one_epoch(net, criterion, optimizer, loader, device, scaler, desc="tra
             "seconds": seconds, "images_per_s": seen / seconds if seconds else 0.0}
 
 
+class CountingLoss(nn.Module):
+    """Cross-entropy (class-weighted with `balance`), plus, with `expected_weight`, the distance between the
+    expected count under the predicted distribution and the true count: counts are ordered, and being off by
+    one should cost less than being off by four."""
+
+    def __init__(self, classes: list[int], class_weights: torch.Tensor | None = None, expected_weight: float = 0.0):
+        super().__init__()
+        self.register_buffer("values", torch.tensor(classes, dtype=torch.float32))
+        self.register_buffer("class_weights", class_weights if class_weights is not None else None)
+        self.expected_weight = expected_weight
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        loss = nn.functional.cross_entropy(logits, labels, weight=self.class_weights)
+        if self.expected_weight:
+            expected = logits.float().softmax(1) @ self.values
+            loss = loss + self.expected_weight * (expected - self.values[labels]).abs().mean()
+        return loss
+
+
+def make_criterion(cfg: TrainConfig, classes: list[int], train_counts) -> CountingLoss:
+    weights = None
+    if cfg.balance:  # inverse class frequency, mean 1
+        counts = torch.tensor([float((np.asarray(train_counts) == c).sum()) for c in classes]).clamp(min=1)
+        weights = (1 / counts) / (1 / counts).mean()
+    return CountingLoss(classes, weights, cfg.expected_weight if cfg.loss == "ce+expected" else 0.0)
+
+
 @torch.no_grad()
-def evaluate_epoch(net, criterion, loader, device) -> dict:
-    """Loss plus the true and predicted class indices (and the dataset rows they belong to)."""
+def evaluate_epoch(net, criterion, loader, device, tta: bool = False) -> dict:
+    """Loss, class probabilities and the true class indices (and the dataset rows they belong to).
+
+    Test-time augmentation averages the probabilities over the flips/transposes of each image (or over the
+    cached features of those views, which arrive as (B, V, D))."""
     net.eval()
-    total_loss, seen, y_true, y_pred, rows, probs = 0.0, 0, [], [], [], []
+    total_loss, seen, y_true, rows, probs = 0.0, 0, [], [], []
     for batch in loader:
         if batch is None:
             continue
         inputs, labels, indices = batch
         inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        if tta and inputs.dim() == 4:  # images: make the views here
+            inputs = torch.stack(dihedral_views(inputs), 1)
         with torch.autocast(device.type, enabled=device.type == "cuda"):
-            logits = net(inputs).float()
-        total_loss += criterion(logits, labels).item() * len(labels)
+            if inputs.dim() in (3, 5):  # (B, V, ...) views of each sample
+                b, v = inputs.shape[:2]
+                p = torch.softmax(net(inputs.flatten(0, 1)).float(), 1).view(b, v, -1).mean(1)
+            else:
+                p = torch.softmax(net(inputs).float(), 1)
+        # log-probabilities as logits: softmax(log p) = p, so the training criterion applies unchanged
+        total_loss += criterion(torch.log(p.clamp_min(1e-12)), labels).item() * len(labels)
         seen += len(labels)
         y_true.append(labels.cpu())
-        y_pred.append(logits.argmax(1).cpu())
-        probs.append(torch.softmax(logits, 1).cpu())
+        probs.append(p.cpu())
         rows.append(indices)
     if not seen:
         raise BinCounterError("no readable image to evaluate on")
-    return {"loss": total_loss / seen, "y_true": torch.cat(y_true).numpy(), "y_pred": torch.cat(y_pred).numpy(),
-            "rows": torch.cat(rows).numpy(), "probs": torch.cat(probs).numpy()}
+    return {"loss": total_loss / seen, "y_true": torch.cat(y_true).numpy(), "rows": torch.cat(rows).numpy(),
+            "probs": torch.cat(probs).numpy()}
+
+
+def split_metrics(result: dict, classes: list[int], decode: str) -> dict:
+    """Metrics in counts: predictions decoded from the probabilities as the served model will decode them."""
+    return metrics.classification_metrics(np.asarray(classes)[result["y_true"]],
+                                          metrics.decode(result["probs"], classes, decode), classes)
 
 
 def make_optimizer(cfg: TrainConfig, model: CountingModel, net: nn.Module) -> torch.optim.Optimizer:
@@ -129,6 +171,7 @@ class Loaders:
     train: DataLoader
     val: DataLoader
     test: DataLoader | None
+    train_counts: list[int] = field(default_factory=list)  # the training labels (class balancing)
 
 
 def stream_loaders(cfg: TrainConfig, model: CountingModel, frames: dict[str, pd.DataFrame], classes: list[int],
@@ -143,7 +186,7 @@ def stream_loaders(cfg: TrainConfig, model: CountingModel, frames: dict[str, pd.
                               shuffle=training, seed=cfg.seed)
         loaders[split] = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                                     collate_fn=stream_collate, pin_memory=torch.cuda.is_available())
-    return Loaders(model, loaders["train"], loaders["val"], loaders.get("test"))
+    return Loaders(model, loaders["train"], loaders["val"], loaders.get("test"), list(frames["train"]["count"]))
 
 
 def build_loaders(cfg: TrainConfig, model: CountingModel, frames: dict[str, pd.DataFrame], classes: list[int],
@@ -161,19 +204,19 @@ def build_loaders(cfg: TrainConfig, model: CountingModel, frames: dict[str, pd.D
             features, ok = cached_features(
                 model, frame, classes, train_tf if training else eval_tf, cfg.feature_views if training else 1,
                 {**description, "train": training}, Path(cfg.cache_dir) if cfg.cache_dir else None,
-                cfg.batch_size, cfg.num_workers, cfg.seed, device, split)
+                cfg.batch_size, cfg.num_workers, cfg.seed, device, split, tta=cfg.tta and not training)
             labels = torch.tensor([classes.index(int(c)) for c in frame["count"]])
-            dataset = FeatureViews(features, labels, ok, random_view=training)
+            dataset = FeatureViews(features, labels, ok, random_view=training, all_views=cfg.tta and not training)
             loaders[split] = make_loader(dataset, cfg.batch_size, shuffle=training, num_workers=0, seed=cfg.seed,
                                          drop_last=training, collate_fn=None)
-        return Loaders(model.head, loaders["train"], loaders["val"], loaders.get("test"))
+        return Loaders(model.head, loaders["train"], loaders["val"], loaders.get("test"), list(frames["train"]["count"]))
     loaders = {
         split: make_loader(ManifestImages(frame, classes, train_tf if split == "train" else eval_tf), cfg.batch_size,
                            shuffle=split == "train", num_workers=cfg.num_workers, seed=cfg.seed,
                            drop_last=split == "train")
         for split, frame in frames.items()
     }
-    return Loaders(model, loaders["train"], loaders["val"], loaders.get("test"))
+    return Loaders(model, loaders["train"], loaders["val"], loaders.get("test"), list(frames["train"]["count"]))
 
 
 def weights_id(weights: str | None) -> str:
@@ -214,7 +257,7 @@ def fit(cfg: TrainConfig, model: CountingModel, loaders: Loaders, classes: list[
     ctx = distributed.current()
     # DDP only wraps the training forward; evaluation and state dicts use the plain module
     train_net = nn.parallel.DistributedDataParallel(net) if ctx.enabled else net
-    criterion = nn.CrossEntropyLoss()
+    criterion = make_criterion(cfg, classes, loaders.train_counts).to(device)
     optimizer = make_optimizer(cfg, model, net)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
@@ -233,9 +276,8 @@ def fit(cfg: TrainConfig, model: CountingModel, loaders: Loaders, classes: list[
                 shuffler.set_epoch(epoch)
         train_stats = train_one_epoch(train_net, criterion, optimizer, loaders.train, device, scaler,
                                       f"epoch {epoch}", profiler if epoch == 1 else NO_PROFILE)
-        val = evaluate_epoch(net, criterion, loaders.val, device)
-        val_metrics = metrics.classification_metrics(np.asarray(classes)[val["y_true"]],
-                                                     np.asarray(classes)[val["y_pred"]], classes)
+        val = evaluate_epoch(net, criterion, loaders.val, device, cfg.tta)
+        val_metrics = split_metrics(val, classes, cfg.decode)
         scheduler.step()
         if ctx.main:
             print(f"Epoch {epoch}/{cfg.epochs}  Train loss: {train_stats['loss']:.4f}  "
@@ -293,13 +335,13 @@ def split_frames(data: str) -> dict[str, pd.DataFrame]:
     return frames
 
 
-def test_split_metrics(loaders: Loaders, classes: list[int], device: torch.device) -> dict | None:
+def test_split_metrics(cfg: TrainConfig, loaders: Loaders, classes: list[int], device: torch.device) -> dict | None:
     """The best epoch's model on the test split, through the same (cached) inputs as training."""
     if loaders.test is None:
         return None
-    test = evaluate_epoch(loaders.net, nn.CrossEntropyLoss(), loaders.test, device)
-    result = metrics.classification_metrics(np.asarray(classes)[test["y_true"]], np.asarray(classes)[test["y_pred"]],
-                                            classes)
+    test = evaluate_epoch(loaders.net, make_criterion(cfg, classes, loaders.train_counts).to(device), loaders.test,
+                          device, cfg.tta)
+    result = split_metrics(test, classes, cfg.decode)
     result["loss"] = test["loss"]
     return result
 
@@ -384,7 +426,7 @@ def log_outcome(cfg: TrainConfig, model, loaders: Loaders, result: FitResult, fr
     mlflow.log_metrics({"best_epoch": result.best_epoch, "best_val_loss": result.best_val["val_loss"]})
     tracking.log_figure(plots.history(result.history), "training_history.png")
     tracking.log_frame(result.history, "history")
-    test_metrics = test_split_metrics(loaders, classes, device)
+    test_metrics = test_split_metrics(cfg, loaders, classes, device)
     if test_metrics is not None:
         mlflow.log_metrics(metrics.scalar_metrics(test_metrics, prefix="test_"))
         log.info("test accuracy %.3f, macro F1 %.3f, MAE %.3f (best epoch %d)", test_metrics["accuracy"],
@@ -392,7 +434,7 @@ def log_outcome(cfg: TrainConfig, model, loaders: Loaders, result: FitResult, fr
     model_uri = None
     if save_model:
         config = {"backbone": cfg.backbone, "classes": classes, "image_size": cfg.image_size,
-                  "best_epoch": result.best_epoch}
+                  "best_epoch": result.best_epoch, "tta": cfg.tta, "decode": cfg.decode}
         with tempfile.TemporaryDirectory() as tmp:
             model_uri = log_model(model.cpu(), config, example_images(cfg, frames, Path(tmp)),
                                   cfg.register_as).model_uri

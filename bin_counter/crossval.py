@@ -1,0 +1,106 @@
+"""crossval: decide between recipes by evidence. Repeated stratified k-fold over a real ABID set, the same folds
+for every recipe, reporting the mean and 95% interval of accuracy, macro F1, MAE and RMSE next to the
+majority-class baseline. Each fold is a child MLflow run; the table lands in the parent run and, with --output,
+in a markdown file (experiments/crossval.md is made this way)."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+from scipy import stats
+from sklearn.model_selection import RepeatedStratifiedKFold, train_test_split
+
+from bin_counter import BinCounterError, metrics, plots, tracking
+from bin_counter.config import RECIPES, PrepareConfig, TrainConfig
+from bin_counter.files import atomic_write_text
+from bin_counter.manifest import MANIFEST, write_csv
+from bin_counter.prepare import DATASET_JSON, prepare
+from bin_counter.train import train
+
+log = logging.getLogger(__name__)
+REPORTED = ["accuracy", "f1_macro", "mae", "rmse"]
+
+
+def fold_dir(work: Path, manifest: pd.DataFrame, train_idx, test_idx, seed: int, name: str) -> Path:
+    """A DATA_DIR for one fold: the test fold, a stratified 10% of the rest for validation, the rest to train."""
+    out = work / name
+    out.mkdir(parents=True, exist_ok=True)
+    labels = manifest["count"].iloc[train_idx]
+    n_val = max(round(0.1 * len(train_idx)), labels.nunique())  # stratifying needs one image per count at least
+    train_part, val_part = train_test_split(train_idx, test_size=n_val, random_state=seed, stratify=labels)
+    frame = manifest.copy()
+    frame.loc[frame.index[train_part], "split"] = "train"
+    frame.loc[frame.index[val_part], "split"] = "val"
+    frame.loc[frame.index[test_idx], "split"] = "test"
+    write_csv(frame, out / MANIFEST)
+    atomic_write_text(out / DATASET_JSON, (work / "all" / DATASET_JSON).read_text())
+    if not (out / "images").exists():
+        os.symlink((work / "all" / "images").resolve(), out / "images")
+    return out
+
+
+def summarise(rows: pd.DataFrame) -> pd.DataFrame:
+    """Mean and 95% t-interval half-width per recipe."""
+    out = []
+    for recipe, group in rows.groupby("recipe", sort=False):
+        entry = {"recipe": recipe, "folds": len(group)}
+        for name in REPORTED:
+            values = group[name].to_numpy(dtype=float)
+            half = stats.t.ppf(0.975, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values)) \
+                if len(values) > 1 else float("nan")
+            entry[name] = f"{values.mean():.3f} ± {half:.3f}"
+            entry[f"{name}_mean"] = values.mean()
+        out.append(entry)
+    return pd.DataFrame(out)
+
+
+def crossval(source: str, recipes: list[str], folds: int = 5, repeats: int = 1, seed: int = 0,
+             base: TrainConfig | None = None, output: str | None = None, classes: str = "1-5") -> pd.DataFrame:
+    unknown = [r for r in recipes if r not in RECIPES]
+    if unknown:
+        raise BinCounterError(f"unknown recipe(s) {unknown}; choose from {', '.join(RECIPES)}")
+    base = base or TrainConfig()
+    work = Path(".cache") / "crossval" / hashlib.sha256(f"{source}:{classes}".encode()).hexdigest()[:12]
+    manifest = prepare(PrepareConfig(source=source, out=str(work / "all"), split=(1.0, 0.0, 0.0), classes=classes,
+                                     seed=seed)).manifest
+    if manifest["count"].value_counts().min() < folds:
+        raise BinCounterError(f"a count has fewer than {folds} images: use fewer --folds")
+    splits = list(RepeatedStratifiedKFold(n_splits=folds, n_repeats=repeats, random_state=seed)
+                  .split(manifest, manifest["count"]))
+    rows = []
+    with tracking.run("crossval", source=source):
+        mlflow.log_params({"source": source, "recipes": ",".join(recipes), "folds": folds, "repeats": repeats,
+                           "seed": seed, "images": len(manifest)})
+        for i, (train_idx, test_idx) in enumerate(splits):
+            truth = manifest["count"].iloc[test_idx]
+            majority = np.full(len(truth), manifest["count"].iloc[train_idx].mode().iloc[0])
+            m = metrics.classification_metrics(truth, majority, sorted(manifest["count"].unique()))
+            rows.append({"recipe": "majority class", "fold": i, **{k: m[k] for k in REPORTED}})
+            data = fold_dir(work, manifest, train_idx, test_idx, seed + i, f"fold-{i}")
+            for recipe in recipes:
+                cfg = dataclasses.replace(base, **RECIPES[recipe], data=str(data), run_name=f"{recipe}-fold{i}",
+                                          checkpoint_dir=None, register_as=None)
+                result = train(cfg, save_model=False)
+                rows.append({"recipe": recipe, "fold": i, **{k: result.test_metrics[k] for k in REPORTED}})
+                log.info("fold %d %s: accuracy %.3f, MAE %.3f", i, recipe, rows[-1]["accuracy"], rows[-1]["mae"])
+        per_fold = pd.DataFrame(rows)
+        table = summarise(per_fold)
+        tracking.log_frame(per_fold, "crossval_folds")
+        tracking.log_frame(table[["recipe", "folds", *REPORTED]], "crossval")
+        means = pd.DataFrame({"recipe": table["recipe"], **{k: table[f"{k}_mean"] for k in ("accuracy", "f1_macro")}})
+        tracking.log_figure(plots.comparison_bars(means, ["accuracy", "f1_macro"], label="recipe"), "crossval.png")
+        for row in table.itertuples():
+            mlflow.log_metrics({f"{row.recipe.replace(' ', '_')}_{k}": getattr(row, f"{k}_mean") for k in REPORTED})
+    markdown = table[["recipe", "folds", *REPORTED]].to_markdown(index=False)
+    print(markdown)
+    if output:
+        header = (f"Repeated stratified {folds}-fold cross-validation ({repeats} repeat(s), seed {seed}) over "
+                  f"{len(manifest)} images of `{source}`; mean ± 95% t-interval over folds.\n\n")
+        atomic_write_text(Path(output), header + markdown + "\n")
+    return table

@@ -67,7 +67,7 @@ def add_train_options(p, defaults=None) -> None:
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--image-size", type=_int, default=d.image_size)
     p.add_argument("--rotation-degrees", type=float, default=d.rotation_degrees)
-    p.add_argument("--hflip", action="store_true", help="add random horizontal flips")
+    p.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=d.hflip, help="random horizontal flips")
     p.add_argument("--unfreeze-last", type=_int, default=d.unfreeze_last, help="fine-tune the last N backbone stages")
     p.add_argument("--backbone-lr", type=float, default=d.backbone_lr, help="learning rate of unfrozen stages")
     p.add_argument("--no-feature-cache", dest="feature_cache", action="store_false",
@@ -81,8 +81,10 @@ def add_train_options(p, defaults=None) -> None:
     p.add_argument("--expected-weight", type=float, default=d.expected_weight)
     p.add_argument("--decode", default=d.decode, choices=["argmax", "expected"],
                    help="expected: predict the count nearest the expected value (lower MAE)")
-    p.add_argument("--balance", action="store_true", default=d.balance, help="inverse-frequency class weights")
-    p.add_argument("--tta", action="store_true", default=d.tta, help="average over flips/transposes at evaluation")
+    p.add_argument("--balance", action=argparse.BooleanOptionalAction, default=d.balance,
+                   help="inverse-frequency class weights")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=d.tta,
+                   help="average over flips/transposes at evaluation")
     p.add_argument("--recipe", help="a named set of switches (study, counting, finetune); explicit flags win")
     p.add_argument("--stream", action="store_true",
                    help="stream the WebDataset shards of --data (a DATA_DIR or s3://...) instead of image files")

@@ -89,8 +89,10 @@ def cached_features(model: CountingModel, frame: pd.DataFrame, classes: list[int
     known = {sha: i for i, sha in enumerate(store["sha"])} if store else {}
     missing = frame[~frame["sha256"].isin(known)].drop_duplicates("sha256").reset_index(drop=True)
     if len(missing):
-        new, new_ok = _extract_shared(model, missing, classes, transform, views, batch_size, num_workers, seed,
-                                      device, desc, tta)
+        # extraction seeds each image's views; fork_rng keeps training's random stream as if the cache were warm
+        with torch.random.fork_rng(devices=[]):
+            new, new_ok = _extract_shared(model, missing, classes, transform, views, batch_size, num_workers, seed,
+                                          device, desc, tta)
         new = new.half()
         if store is None:
             store = {"sha": [], "features": new[:0], "ok": new_ok[:0]}

@@ -8,16 +8,20 @@ import pandas as pd
 import pytest
 
 from bin_counter import BinCounterError
-from bin_counter.config import TrainConfig
+from bin_counter.config import RECIPES, TrainConfig
 from bin_counter.debugger import Rules
 from bin_counter.train import train
 
 pytestmark = pytest.mark.slow
 
 
+# The crafted trainings use the study's plain switches, so that each fires its rule for the reason it was built.
+STUDY = {k: v for k, v in RECIPES["study"].items() if k not in ("lr", "epochs")}
+
+
 def run_tags(tiny_data, tmp_path, **overrides) -> dict:
     cfg = TrainConfig(data=str(tiny_data), batch_size=8, feature_views=2, num_workers=0,
-                      cache_dir=str(tmp_path.parent / "rules-cache"), **overrides)
+                      cache_dir=str(tmp_path.parent / "rules-cache"), **{**STUDY, **overrides})
     result = train(cfg, save_model=False)
     return {k: v for k, v in mlflow.get_run(result.run_id).data.tags.items() if k.startswith("debugger.")}
 
@@ -48,7 +52,7 @@ def test_nan_in_the_first_epoch_keeps_nothing(tiny_data, tmp_path):
 
 
 def test_learning_rate_far_too_low_does_not_decrease(tiny_data, tmp_path):
-    tags = run_tags(tiny_data, tmp_path, epochs=5, lr=1e-8)
+    tags = run_tags(tiny_data, tmp_path, epochs=8, lr=1e-9)
     assert "training loss" in tags["debugger.loss_not_decreasing"]
 
 

@@ -41,7 +41,7 @@ def test_balance_weights_inverse_frequency():
     criterion = make_criterion(cfg, [1, 2, 3], [1, 1, 1, 2, 3, 3])
     weights = criterion.class_weights
     assert weights[1] > weights[2] > weights[0] and weights.mean().item() == pytest.approx(1.0)
-    assert make_criterion(TrainConfig(), [1, 2, 3], [1, 2]).class_weights is None
+    assert make_criterion(TrainConfig(balance=False), [1, 2, 3], [1, 2]).class_weights is None
 
 
 def test_tta_averages_the_flips_and_transpose():

@@ -90,15 +90,6 @@ def load_yaml(path: Path) -> dict[str, Any]:
     return doc
 
 
-def merge(config_cls: type, overrides: dict[str, Any]) -> Any:
-    """Build a config from a dict, refusing unknown keys so a typo in a YAML file is not silently ignored."""
-    names = {f.name for f in dataclasses.fields(config_cls)}
-    unknown = set(overrides) - names
-    if unknown:
-        raise BinCounterError(f"unknown {config_cls.__name__} keys: {sorted(unknown)}")
-    return config_cls(**overrides)
-
-
 
 
 # Named recipes: each is a set of TrainConfig switches, applied as defaults that explicit flags override.

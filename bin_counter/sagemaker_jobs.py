@@ -33,7 +33,8 @@ def our_arguments(argv):
 
 data = os.environ.get("SM_CHANNEL_TRAINING", "/opt/ml/input/data/training")
 args = ["train", "--data", data, "--cache-dir", "/tmp/feature-cache", *our_arguments(sys.argv[1:])]
-checkpoints = "/opt/ml/checkpoints"  # synced with S3 by SageMaker: a reclaimed spot job resumes from here
+# synced with S3 by SageMaker (CheckpointConfig.local_path): a reclaimed spot job restarts and resumes from here
+checkpoints = os.environ.get("BIN_COUNTER_CHECKPOINTS", "/opt/ml/checkpoints")
 if os.path.isdir(checkpoints):
     args += ["--checkpoint-dir", checkpoints]
     if any(name.endswith(".pt") for name in os.listdir(checkpoints)):

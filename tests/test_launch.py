@@ -56,3 +56,39 @@ def test_bad_train_options_are_one_line(sagemaker_env, capsys, train_args, messa
     with pytest.raises(SystemExit):
         launch("--dry-run", train_args=train_args)
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_entry_script_resumes_a_reclaimed_spot_job(tiny_data, tmp_path):
+    """SageMaker restarts a reclaimed spot job with its checkpoint folder restored: the entry script resumes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import mlflow
+
+    from bin_counter.sagemaker_jobs import ENTRY_SCRIPT, stage_source
+
+    code = stage_source(tmp_path / "code")
+    checkpoints = tmp_path / "opt-ml-checkpoints"
+    checkpoints.mkdir()
+    env = {**os.environ, "SM_CHANNEL_TRAINING": str(tiny_data), "PYTHONPATH": str(code), "TQDM_DISABLE": "1",
+           "BIN_COUNTER_CHECKPOINTS": str(checkpoints)}
+    # hyperparameters arrive as `--name value` pairs; fine-tuning a stage makes epochs slow enough to interrupt
+    args = [sys.executable, ENTRY_SCRIPT, "--epochs", "4", "--batch-size", "8", "--unfreeze-last", "1",
+            "--num-workers", "0", "--sagemaker_program", ENTRY_SCRIPT]
+    first = subprocess.Popen(args, cwd=code, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and first.poll() is None and not list(checkpoints.glob("*.pt")):
+        time.sleep(0.05)
+    first.send_signal(signal.SIGTERM)  # the spot instance is reclaimed
+    _, err = first.communicate(timeout=120)
+    saved = list(checkpoints.glob("*.pt"))
+    assert len(saved) == 1, err[-2000:]
+    saved = saved[0]
+    second = subprocess.run(args, cwd=code, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "resuming after epoch" in second.stderr and f"run_id: {saved.stem}" in second.stdout
+    assert len(mlflow.MlflowClient().get_metric_history(saved.stem, "val_loss")) == 4

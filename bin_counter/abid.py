@@ -18,6 +18,7 @@ IMAGE_PREFIX = "bin-images/"
 METADATA_PREFIX = "metadata/"
 # A real bin photo is ~0.1 MP; anything past this is a decompression bomb or not a bin photo.
 MAX_IMAGE_PIXELS = 40_000_000
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS  # PIL then refuses decompression bombs instead of only warning
 
 
 def image_key(image_id: str) -> str:
@@ -56,18 +57,27 @@ class ImageInfo:
     height: int
 
 
-def check_image(data: bytes) -> ImageInfo:
-    """Decode the whole image (a truncated JPEG only fails on full decode) or raise ValueError."""
+def read_image(source: str | Path | bytes) -> Image.Image:
+    """The whole image decoded to RGB, from a path or encoded bytes, or ValueError with a one-line reason.
+
+    The size is checked before decoding (a decompression bomb never gets decoded), and the decode is complete:
+    a truncated JPEG only fails there, not on its header."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
             if image.width * image.height > MAX_IMAGE_PIXELS:
-                raise ValueError(f"image is {image.width}x{image.height}, over {MAX_IMAGE_PIXELS:,} pixels")
-            image.load()
-            return ImageInfo(image.width, image.height)
+                raise ValueError(f"image is {image.width}x{image.height}, over the {MAX_IMAGE_PIXELS:,}-pixel limit")
+            return image.convert("RGB")
     except ValueError:
         raise
+    except FileNotFoundError:
+        raise ValueError(f"no such file: {source}") from None
     except Exception as exc:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError...)
-        raise ValueError(f"image does not decode: {exc}") from None
+        raise ValueError(f"image does not decode ({type(exc).__name__}: {exc})") from None
+
+
+def check_image(data: bytes) -> ImageInfo:
+    image = read_image(data)
+    return ImageInfo(image.width, image.height)
 
 
 def read_file_list(path: Path) -> list[str]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import io
 import logging
 from pathlib import Path
 
@@ -14,26 +13,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import transforms
 
-from bin_counter.abid import MAX_IMAGE_PIXELS
+from bin_counter.abid import read_image as open_image  # noqa: F401  (the loaders' and the pyfunc's entry point)
 from bin_counter.models import backbone_spec
 
 log = logging.getLogger(__name__)
-Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS  # PIL then refuses decompression bombs instead of only warning
-
-
-def open_image(source: str | Path | bytes) -> Image.Image:
-    """An RGB image from a path or encoded bytes, or ValueError with a one-line reason."""
-    try:
-        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
-            if image.width * image.height > MAX_IMAGE_PIXELS:
-                raise ValueError(f"image is {image.width}x{image.height}, over the {MAX_IMAGE_PIXELS:,}-pixel limit")
-            return image.convert("RGB")
-    except ValueError:
-        raise
-    except FileNotFoundError:
-        raise ValueError(f"no such file: {source}") from None
-    except Exception as exc:  # UnidentifiedImageError, truncated data, DecompressionBombError...
-        raise ValueError(f"not a readable image ({type(exc).__name__}: {exc})") from None
 
 
 def decode_base64_image(text: str) -> Image.Image:

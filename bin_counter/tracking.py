@@ -72,22 +72,30 @@ def log_frame(frame: pd.DataFrame, name: str) -> None:
         mlflow.log_artifact(str(Path(tmp) / f"{name}.md"))
 
 
-def dataset_digest(manifest: pd.DataFrame) -> str:
-    """MLflow's digest of a manifest, the same one `log_dataset` records on runs."""
+@contextmanager
+def quiet_dataset_hints() -> Iterator[None]:
+    """MLflow's hints about source guessing and integer columns are noise for our manifests."""
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        return mlflow.data.from_pandas(manifest.drop(columns=["abs_path"], errors="ignore")).digest
+        yield
+
+
+def dataset_of(manifest: pd.DataFrame, **kwargs):
+    return mlflow.data.from_pandas(manifest.drop(columns=["abs_path"], errors="ignore"), **kwargs)
+
+
+def dataset_digest(manifest: pd.DataFrame) -> str:
+    """MLflow's digest of a manifest, the same one `log_dataset` records on runs."""
+    with quiet_dataset_hints():
+        return dataset_of(manifest).digest
 
 
 def log_dataset(manifest: pd.DataFrame, source: str, name: str, context: str) -> str:
     """Log the manifest as an MLflow dataset input; returns its digest (also tagged on the run)."""
-    import warnings
-
-    with warnings.catch_warnings():  # MLflow's hints about source guessing and int columns are noise here
-        warnings.simplefilter("ignore", UserWarning)
-        dataset = mlflow.data.from_pandas(manifest.drop(columns=["abs_path"], errors="ignore"), source=source, name=name)
+    with quiet_dataset_hints():
+        dataset = dataset_of(manifest, source=source, name=name)
         try:
             mlflow.log_input(dataset, context=context)
         except mlflow.exceptions.MlflowException as exc:

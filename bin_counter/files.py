@@ -3,10 +3,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 import shutil
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+# Filesystems refuse parts over 255 bytes (ENAMETOOLONG); atomic_path's temporary adds ~45 to the name.
+MAX_PART_BYTES = 200
 
 
 def sha256_of(path: Path) -> str:
@@ -22,12 +27,51 @@ def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it into place only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.part-{os.getpid()}")
+    # Unique per writer, not per process: two threads writing the same file must not share (and steal) one
+    # temporary. The `.NAME.part-` prefix is what remove_partial_files looks for.
+    tmp = path.with_name(f".{path.name}.part-{os.getpid()}-{threading.get_ident()}-{secrets.token_hex(4)}")
     try:
         yield tmp
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def unsafe_reason(name: str) -> str | None:
+    """Why a relative name that came from elsewhere (an S3 key, a tar member, a file-list entry, an image id)
+    must not become a path, or None when it is safe to join under a folder."""
+    if not isinstance(name, str) or not name:
+        return "empty name"
+    if "\x00" in name:
+        return "name holds a NUL byte"
+    if "\\" in name:
+        return "name holds a backslash"  # a path separator on Windows: `..\\x` would climb there
+    if name.startswith("/"):
+        return "absolute name"
+    for part in name.split("/"):
+        if part == "":
+            return "name has an empty part"
+        if part in (".", ".."):
+            return f"name has a {part!r} part"
+        if len(part.encode("utf-8", "surrogateescape")) > MAX_PART_BYTES:
+            return f"name has a part longer than {MAX_PART_BYTES} bytes"
+    return None
+
+
+def safe_join(root: Path, name: str) -> Path:
+    """`root/name` for a name that came from elsewhere, or ValueError saying why it is refused.
+
+    Refuses absolute names, `..`, `.` and empty parts outright (even where they would stay inside), then checks
+    that the resolved path is still below the resolved root, which also catches a symlink inside root that points
+    out of it."""
+    reason = unsafe_reason(name)
+    if reason is not None:
+        raise ValueError(f"{reason}: {name!r}")
+    root = Path(root)
+    path = root / name
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise ValueError(f"name leads outside {root} (through a symlink): {name!r}")
+    return path
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -9,7 +9,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from PIL import Image
+from PIL import Image, ImageOps
 
 from bin_counter import BinCounterError
 
@@ -19,6 +19,17 @@ METADATA_PREFIX = "metadata/"
 # A real bin photo is ~0.1 MP; anything past this is a decompression bomb or not a bin photo.
 MAX_IMAGE_PIXELS = 40_000_000
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS  # PIL then refuses decompression bombs instead of only warning
+# Bin photos are JPEG (PNG for crops and tests). Every other PIL plugin is attack surface we do not need (EPS even
+# runs Ghostscript), so no other plugin is allowed to parse a file. PIL's JPEG plugin names a JPEG with a second
+# frame MPO: still a JPEG.
+OPENERS = ("JPEG", "PNG")
+ACCEPTED_FORMATS = ("JPEG", "MPO", "PNG")
+# Magic numbers of the formats people send instead, so the refusal can name what was sent.
+OTHER_FORMATS = {b"II*\x00": "TIFF", b"MM\x00*": "TIFF", b"GIF8": "GIF", b"BM": "BMP", b"\x00\x00\x01\x00": "ICO",
+                 b"%!PS": "EPS", b"\xc5\xd0\xd3\xc6": "EPS", b"\x00\x00\x00\x0cjP": "JPEG 2000",
+                 b"\xffO\xffQ": "JPEG 2000", b"8BPS": "PSD"}
+# The largest bin in ABID holds a few hundred items; a count past this is a corrupt or hostile document.
+MAX_COUNT = 10_000
 
 
 def image_key(image_id: str) -> str:
@@ -34,11 +45,35 @@ def id_from_key(key: str) -> str:
     return PurePosixPath(key).stem
 
 
+class DuplicateKeyError(ValueError):
+    pass
+
+
+def _refuse_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    """json's default keeps the last of two equal keys; which count a document meant is then a guess."""
+    seen: dict = {}
+    for key, value in pairs:
+        if key in seen:
+            raise DuplicateKeyError(f"duplicate key {key!r}")
+        seen[key] = value
+    return seen
+
+
+def strict_json(raw: bytes | str):
+    """json.loads that refuses duplicate keys; raises ValueError (JSONDecodeError, UnicodeDecodeError,
+    DuplicateKeyError, too-long integers) or RecursionError (nesting too deep)."""
+    return json.loads(raw, object_pairs_hook=_refuse_duplicate_keys)
+
+
 def parse_count(raw: bytes | str) -> int:
     """Return EXPECTED_QUANTITY from a metadata document, or raise ValueError saying what is wrong."""
     try:
-        meta = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        meta = strict_json(raw)
+    except DuplicateKeyError as exc:
+        raise ValueError(f"metadata has a {exc}") from None
+    except RecursionError:
+        raise ValueError("metadata is nested too deeply to be ABID metadata") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer of thousands of digits
         raise ValueError(f"metadata is not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc})") from None
     if not isinstance(meta, dict) or "EXPECTED_QUANTITY" not in meta:
         raise ValueError("metadata has no EXPECTED_QUANTITY")
@@ -48,6 +83,9 @@ def parse_count(raw: bytes | str) -> int:
         raise ValueError(f"EXPECTED_QUANTITY is not an integer: {count!r}")
     if count < 0:
         raise ValueError(f"EXPECTED_QUANTITY is negative: {count}")
+    if count > MAX_COUNT:
+        shown = count if count < 10**12 else f"a {len(str(count))}-digit number"
+        raise ValueError(f"EXPECTED_QUANTITY {shown} is implausible (over {MAX_COUNT:,})")
     return count
 
 
@@ -60,19 +98,44 @@ class ImageInfo:
 def read_image(source: str | Path | bytes) -> Image.Image:
     """The whole image decoded to RGB, from a path or encoded bytes, or ValueError with a one-line reason.
 
-    The size is checked before decoding (a decompression bomb never gets decoded), and the decode is complete:
-    a truncated JPEG only fails there, not on its header."""
+    Only JPEG and PNG are parsed at all (see OPENERS). The size is checked before decoding (a
+    decompression bomb never gets decoded), and the decode is complete: a truncated JPEG only fails there, not on
+    its header. EXIF orientation is applied here, once, so a photo taken sideways is counted upright everywhere."""
     try:
-        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source, formats=OPENERS) as image:
+            if image.format not in ACCEPTED_FORMATS:
+                raise ValueError(f"image format {image.format} is not accepted (only JPEG and PNG)")
             if image.width * image.height > MAX_IMAGE_PIXELS:
                 raise ValueError(f"image is {image.width}x{image.height}, over the {MAX_IMAGE_PIXELS:,}-pixel limit")
-            return image.convert("RGB")
+            return ImageOps.exif_transpose(image).convert("RGB")
     except ValueError:
         raise
+    except Image.UnidentifiedImageError as exc:
+        other = sniff_other_format(source)
+        if other:
+            raise ValueError(f"image format {other} is not accepted (only JPEG and PNG)") from None
+        raise ValueError(f"image does not decode ({type(exc).__name__}: {exc})") from None
     except FileNotFoundError:
         raise ValueError(f"no such file: {source}") from None
     except Exception as exc:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError...)
         raise ValueError(f"image does not decode ({type(exc).__name__}: {exc})") from None
+
+
+def sniff_other_format(source: str | Path | bytes) -> str | None:
+    """The name of a known non-accepted format from the file's first bytes, for the refusal message."""
+    try:
+        if isinstance(source, bytes):
+            head = source[:16]
+        else:
+            with open(source, "rb") as handle:
+                head = handle.read(16)
+    except OSError:
+        return None
+    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        return "WebP"
+    if head[4:8] == b"ftyp":
+        return "HEIF/AVIF"
+    return next((name for magic, name in OTHER_FORMATS.items() if head.startswith(magic)), None)
 
 
 def check_image(data: bytes) -> ImageInfo:
@@ -80,14 +143,23 @@ def check_image(data: bytes) -> ImageInfo:
     return ImageInfo(image.width, image.height)
 
 
-def read_file_list(path: Path) -> list[str]:
-    """Ids from the study's file_list.json ({"1": ["metadata/100313.json", ...]}) or a plain list of ids."""
+def read_file_list_entries(path: Path) -> list[str]:
+    """Every entry of the study's file_list.json ({"1": ["metadata/100313.json", ...]}) or of a plain JSON list,
+    stripped, in order, duplicates included; BinCounterError in one line for a file that is not such a list."""
     try:
-        doc = json.loads(Path(path).read_text())
+        doc = strict_json(Path(path).read_bytes())
     except FileNotFoundError:
         raise BinCounterError(f"file list not found: {path}") from None
+    except IsADirectoryError:
+        raise BinCounterError(f"file list {path} is a directory") from None
+    except UnicodeDecodeError as exc:
+        raise BinCounterError(f"file list {path} is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
     except json.JSONDecodeError as exc:
         raise BinCounterError(f"file list {path} is not valid JSON: {exc}") from None
+    except DuplicateKeyError as exc:
+        raise BinCounterError(f"file list {path} has a {exc}: one of its lists would be lost") from None
+    except (ValueError, RecursionError) as exc:
+        raise BinCounterError(f"file list {path} is not a usable JSON list ({type(exc).__name__})") from None
     if isinstance(doc, dict):
         entries = [entry for group in doc.values() if isinstance(group, list) for entry in group]
         if len(entries) == 0 or not all(isinstance(group, list) for group in doc.values()):
@@ -101,8 +173,12 @@ def read_file_list(path: Path) -> list[str]:
         raise BinCounterError(f"file list {path} must be a JSON object or a list of ids")
     if not all(isinstance(entry, str) and entry.strip() for entry in entries):
         raise BinCounterError(f"file list {path} holds entries that are not strings (ids must be strings)")
-    ids = [id_from_key(entry.strip()) for entry in entries]
-    return list(dict.fromkeys(ids))  # drop duplicates, keep order
+    return [entry.strip() for entry in entries]
+
+
+def read_file_list(path: Path) -> list[str]:
+    """Ids from a file list (see read_file_list_entries), duplicates dropped, order kept."""
+    return list(dict.fromkeys(id_from_key(entry) for entry in read_file_list_entries(path)))
 
 
 def parse_classes(spec: str) -> list[int]:

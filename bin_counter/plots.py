@@ -8,7 +8,8 @@ matplotlib.use("Agg")  # headless: servers, CI, SageMaker
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-from PIL import Image
+
+from bin_counter.abid import read_image
 
 
 def class_histogram(manifest: pd.DataFrame, classes: list[int]):
@@ -74,8 +75,7 @@ def image_grid(paths: list[str], titles: list[str], columns: int = 6, title: str
     for ax in axes.flat:
         ax.axis("off")
     for ax, path, caption in zip(axes.flat, paths, titles):
-        with Image.open(path) as image:
-            ax.imshow(image.convert("RGB"))
+        ax.imshow(read_image(path))  # the one decoder: JPEG/PNG only, upright by EXIF
         ax.set_title(caption, fontsize=9)
     if title:
         fig.suptitle(title)

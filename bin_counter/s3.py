@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import boto3
 import botocore
+from boto3.exceptions import S3UploadFailedError
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
@@ -53,12 +54,17 @@ def explain(exc: Exception, uri: str) -> BinCounterError:
             return BinCounterError(f"S3 bucket of {uri} does not exist")
         if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
             return BinCounterError(f"access denied to {uri} ({code}); check your AWS credentials or --anonymous")
-        return BinCounterError(f"S3 error on {uri}: {code} {exc.response.get('Error', {}).get('Message', '')}".strip())
+        return BinCounterError(f"S3 error on {uri}: {code} {one_line(exc.response.get('Error', {}).get('Message', ''))}".strip())
     if isinstance(exc, botocore.exceptions.NoCredentialsError):
         return BinCounterError(f"no AWS credentials for {uri}; configure them, or pass --anonymous for a public bucket")
     if isinstance(exc, (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectTimeoutError)):
-        return BinCounterError(f"cannot reach S3 for {uri}: {exc}")
-    return BinCounterError(f"S3 failure on {uri}: {exc}")
+        return BinCounterError(f"cannot reach S3 for {uri}: {one_line(exc)}")
+    return BinCounterError(f"S3 failure on {uri}: {one_line(exc)}")
+
+
+def one_line(message) -> str:
+    """Server messages may span lines; the CLI prints one."""
+    return " ".join(str(message).split())
 
 
 def list_keys(client, bucket: str, prefix: str) -> Iterator[str]:
@@ -71,11 +77,32 @@ def list_keys(client, bucket: str, prefix: str) -> Iterator[str]:
         raise explain(exc, uri) from None
 
 
-def check_bucket(client, bucket: str) -> None:
+DENIED = ("AccessDenied", "403", "Forbidden")
+MISSING = ("NoSuchKey", "404", "NotFound")
+
+
+def error_code(exc: ClientError) -> str:
+    return exc.response.get("Error", {}).get("Code", "")
+
+
+def check_bucket(client, bucket: str, for_write: bool = False) -> None:
+    """Fail early, in one line, on a bucket that is missing or that these credentials cannot use.
+
+    A write-only bucket (PutObject allowed, ListBucket not) answers HEAD with 403 although uploads succeed, so
+    for_write lets a 403 through: the first PUT then says whether writing is really denied."""
     try:
         client.head_bucket(Bucket=bucket)
-    except (BotoCoreError, ClientError) as exc:
+    except ClientError as exc:
+        if for_write and error_code(exc) in DENIED:
+            return
         raise explain(exc, f"s3://{bucket}") from None
+    except BotoCoreError as exc:
+        raise explain(exc, f"s3://{bucket}") from None
+
+
+def check_workers(workers: int) -> None:
+    if not isinstance(workers, int) or workers < 1:
+        raise BinCounterError(f"--workers must be at least 1 (got {workers!r})")
 
 
 @dataclass
@@ -96,8 +123,50 @@ def _download_one(client, bucket: str, key: str, dest: Path) -> None:
             raise OSError(f"got {tmp.stat().st_size} of {expected} bytes")
 
 
+def _record_download(future, key: str, bucket: str, stats: TransferStats) -> None:
+    """Count a finished download; a missing object or a local write failure is that key's problem, anything else
+    (access denied, throttled past retries, no network) is fatal and raised as one line."""
+    try:
+        future.result()
+        stats.transferred += 1
+    except ClientError as exc:
+        if error_code(exc) in MISSING:
+            stats.failed[key] = "missing in S3"
+        else:
+            raise explain(exc, f"s3://{bucket}/{key}") from None
+    except BotoCoreError as exc:
+        raise explain(exc, f"s3://{bucket}/{key}") from None
+    except OSError as exc:
+        stats.failed[key] = f"download failed: {exc}"
+
+
+def run_bounded(pool: ThreadPoolExecutor, work: Iterable, start, finish, limit: int) -> None:
+    """Submit `start(item)` for each item with at most `limit` futures in flight, calling `finish(future, item)`
+    as each completes. The first exception from `finish` (or a KeyboardInterrupt) cancels everything not yet
+    running and is raised at once: an error does not wait behind a queue of a million jobs."""
+    todo, end = iter(work), object()
+    pending: dict = {}
+    try:
+        while True:
+            while len(pending) < limit and (item := next(todo, end)) is not end:
+                pending[pool.submit(start, item)] = item
+            if not pending:
+                return
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                finish(future, pending.pop(future))
+    except BaseException:
+        for future in pending:
+            future.cancel()
+        pool.shutdown(wait=False, cancel_futures=True)  # the few running ones finish atomically in the background
+        raise
+
+
 def download(client, bucket: str, jobs: Iterable[tuple[str, Path]], workers: int, desc: str) -> TransferStats:
-    """Fetch (key, dest) pairs in parallel; a dest already present is complete (written atomically) and skipped."""
+    """Fetch (key, dest) pairs in parallel; a dest already present is complete (written atomically) and skipped.
+
+    What finished before a fatal error or an interrupt stays on disk, so a rerun resumes from there."""
+    check_workers(workers)
     stats = TransferStats()
     todo = []
     for key, dest in jobs:
@@ -105,24 +174,14 @@ def download(client, bucket: str, jobs: Iterable[tuple[str, Path]], workers: int
             stats.skipped += 1
         else:
             todo.append((key, dest))
-    with ThreadPoolExecutor(max_workers=workers) as pool, tqdm(total=len(todo), desc=desc, unit="file") as bar:
-        futures = {pool.submit(_download_one, client, bucket, key, dest): key for key, dest in todo}
-        for future in as_completed(futures):
-            key = futures[future]
-            try:
-                future.result()
-                stats.transferred += 1
-            except ClientError as exc:
-                code = exc.response.get("Error", {}).get("Code", "")
-                if code in ("NoSuchKey", "404"):
-                    stats.failed[key] = "missing in S3"
-                else:
-                    raise explain(exc, f"s3://{bucket}/{key}") from None
-            except BotoCoreError as exc:
-                raise explain(exc, f"s3://{bucket}/{key}") from None
-            except OSError as exc:
-                stats.failed[key] = f"download failed: {exc}"
+    pool = ThreadPoolExecutor(max_workers=workers)
+    with tqdm(total=len(todo), desc=desc, unit="file") as bar:
+        def finish(future, job):
+            _record_download(future, job[0], bucket, stats)
             bar.update()
+
+        run_bounded(pool, todo, lambda job: _download_one(client, bucket, *job), finish, limit=2 * workers)
+    pool.shutdown()
     return stats
 
 
@@ -133,7 +192,8 @@ def _upload_one(client, bucket: str, src: Path, key: str, transfer: TransferConf
         if head["ContentLength"] == src.stat().st_size and head.get("Metadata", {}).get("sha256") == digest:
             return False
     except ClientError as exc:
-        if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchKey", "NotFound"):
+        # 404: not there yet; 403: a write-only bucket that will not say, so upload it anyway
+        if error_code(exc) not in MISSING + DENIED:
             raise
     client.upload_file(str(src), bucket, key, ExtraArgs={"Metadata": {"sha256": digest}}, Config=transfer)
     return True
@@ -141,19 +201,28 @@ def _upload_one(client, bucket: str, src: Path, key: str, transfer: TransferConf
 
 def upload(client, bucket: str, jobs: list[tuple[Path, str]], workers: int) -> TransferStats:
     """Upload (src, key) pairs with boto3's managed transfer, skipping objects already there unchanged."""
+    check_workers(workers)
     stats = TransferStats()
     transfer = TransferConfig(max_concurrency=2, use_threads=True)
-    with ThreadPoolExecutor(max_workers=workers) as pool, tqdm(total=len(jobs), desc="upload", unit="file") as bar:
-        futures = {pool.submit(_upload_one, client, bucket, src, key, transfer): key for src, key in jobs}
-        for future in as_completed(futures):
+    pool = ThreadPoolExecutor(max_workers=workers)
+    with tqdm(total=len(jobs), desc="upload", unit="file") as bar:
+        def finish(future, job):
+            uri = f"s3://{bucket}/{job[1]}"
             try:
                 if future.result():
                     stats.transferred += 1
                 else:
                     stats.skipped += 1
+            except S3UploadFailedError as exc:  # boto3 wraps the PUT's ClientError in this
+                raise BinCounterError(f"upload to {uri} refused: {one_line(exc)}") from None
             except (BotoCoreError, ClientError) as exc:
-                raise explain(exc, f"s3://{bucket}/{futures[future]}") from None
+                raise explain(exc, uri) from None
+            except OSError as exc:
+                raise BinCounterError(f"cannot read {job[0]} for {uri}: {exc}") from None
             bar.update()
+
+        run_bounded(pool, jobs, lambda job: _upload_one(client, bucket, *job, transfer), finish, limit=2 * workers)
+    pool.shutdown()
     return stats
 
 

@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from bin_counter import BinCounterError, s3
-from bin_counter.files import atomic_path, atomic_write_text
+from bin_counter.files import atomic_path, atomic_write_text, unsafe_reason
 
 log = logging.getLogger(__name__)
 SHARD_DIR = "shards"
@@ -80,23 +80,81 @@ def _open(url: str):
     return open(url, "rb")
 
 
+# What a sample's members may be called after its id; anything else in a shard is skipped.
+MEMBER_EXTENSIONS = ("jpg", "cls", "json")
+# A bin photo is ~50 kB; a member past this is not one of ours, and reading it would fill memory.
+MAX_MEMBER_BYTES = 64 << 20
+
+
+def split_member_name(name: str) -> tuple[str, str]:
+    """`a.b.jpg` -> (`a.b`, `jpg`): the extension is after the LAST dot, so dotted ids keep their samples whole."""
+    key, dot, ext = name.rpartition(".")
+    return (key, ext) if dot else (name, "")
+
+
+def member_problem(member: tarfile.TarInfo, key: str, ext: str) -> str | None:
+    """Why a tar member is not a sample part we read, or None. Ids become file names (train's example images),
+    so a name with a folder, `..` or an absolute path is refused here, before anyone joins it to a folder."""
+    if not member.isfile():
+        return "not a regular file"
+    if ext not in MEMBER_EXTENSIONS:
+        return f"unknown extension {ext!r}"
+    reason = unsafe_reason(key) or ("name has a folder" if "/" in key else None)
+    if reason:
+        return reason
+    if member.size > MAX_MEMBER_BYTES:
+        return f"{member.size:,} bytes, over the {MAX_MEMBER_BYTES:,}-byte limit"
+    return None
+
+
+def parse_cls(data: bytes) -> int:
+    """The count in a `.cls` member, or ValueError saying why it is not one."""
+    text = data.decode("ascii", "replace").strip()
+    if not text.isdigit() or len(text) > 6:
+        raise ValueError(f"count {text[:20]!r} is not a small non-negative integer")
+    return int(text)
+
+
 def samples(url: str) -> Iterator[dict]:
-    """{'image_id', 'jpg': bytes, 'count': int} for each sample of one shard, read sequentially."""
+    """{'image_id', 'jpg': bytes, 'count': int} for each sample of one shard, read sequentially.
+
+    Members that are not ours are skipped with a logged reason; a sample whose count does not parse is skipped
+    whole; a shard that breaks off (truncated, corrupt) ends there with a warning instead of a traceback."""
     current: dict = {}
-    with _open(url) as stream, tarfile.open(fileobj=stream, mode="r|") as archive:
-        for member in archive:
-            key, _, ext = member.name.partition(".")
-            if current and key != current["image_id"]:
-                yield current
-                current = {}
-            current["image_id"] = key
-            data = archive.extractfile(member).read()
-            if ext == "jpg":
-                current["jpg"] = data
-            elif ext == "cls":
-                current["count"] = int(data)
+    try:
+        with _open(url) as stream, tarfile.open(fileobj=stream, mode="r|") as archive:
+            for member in archive:
+                key, ext = split_member_name(member.name)
+                problem = member_problem(member, key, ext)
+                if problem:
+                    log.warning("skipping %r in %s: %s", member.name, url, problem)
+                    continue
+                if current and key != current["image_id"]:
+                    yield from _complete(current, url)
+                    current = {}
+                current["image_id"] = key
+                data = archive.extractfile(member).read()
+                if ext == "jpg":
+                    current["jpg"] = data
+                elif ext == "cls":
+                    try:
+                        current["count"] = parse_cls(data)
+                    except ValueError as exc:
+                        current["bad"] = str(exc)
+    except tarfile.TarError as exc:
+        log.warning("shard %s is unreadable after %r: %s; skipping the rest of it", url, current.get("image_id"), exc)
+        return
     if current:
-        yield current
+        yield from _complete(current, url)
+
+
+def _complete(sample: dict, url: str) -> Iterator[dict]:
+    """The sample if it has an image and a count, else a logged skip."""
+    missing = [part for part in ("jpg", "count") if part not in sample]
+    if "bad" in sample or missing:
+        log.warning("skipping %s in %s: %s", sample["image_id"], url, sample.get("bad") or f"no .{missing[0]}")
+        return
+    yield sample
 
 
 class ShardStream(IterableDataset):
@@ -129,10 +187,14 @@ class ShardStream(IterableDataset):
         position = 0
         for url in self._my_urls():
             for sample in samples(url):
+                if sample["count"] not in self.index:
+                    log.warning("skipping %s in %s: count %s is not one of the classes %s", sample["image_id"], url,
+                                sample["count"], list(self.index))
+                    continue
                 try:
                     image = open_image(sample["jpg"])
-                except (KeyError, ValueError) as exc:
-                    log.warning("skipping %s in %s: %s", sample.get("image_id"), url, exc)
+                except ValueError as exc:
+                    log.warning("skipping %s in %s: %s", sample["image_id"], url, exc)
                     continue
                 yield self.transform(image), self.index[sample["count"]], position
                 position += 1

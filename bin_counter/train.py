@@ -406,11 +406,12 @@ def example_images(cfg: TrainConfig, frames: dict[str, pd.DataFrame], tmp: Path)
     """Two real images for the model's input example: files of the split, or the first of a shard."""
     if not cfg.stream:
         return list(frames.get("test", frames["val"])["abs_path"][:2])
+    from bin_counter.files import safe_join
     from bin_counter.shards import samples, shard_urls
 
     paths = []
     for sample in samples(shard_urls(cfg.data, "val")[0]):
-        paths.append(tmp / f"{sample['image_id']}.jpg")
+        paths.append(safe_join(tmp, f"{sample['image_id']}.jpg"))
         paths[-1].write_bytes(sample["jpg"])
         if len(paths) == 2:
             break

@@ -39,6 +39,8 @@ def add_prepare(sub) -> None:
                    help="also write WebDataset-style tar shards of N images (for `train --stream`)")
     p.add_argument("--anonymous", type=_optional_bool, default=None,
                    help="read S3 without credentials (default: only for ABID's public bucket)")
+    p.add_argument("--replace", action="store_true",
+                   help="--out holds a dataset of another source: replace it (without this, prepare refuses)")
     p.set_defaults(func=cmd_prepare)
 
 
@@ -49,7 +51,7 @@ def cmd_prepare(args) -> None:
     cfg = PrepareConfig(source=args.source, out=args.out, file_list=args.file_list, classes=args.classes,
                         top_bucket=args.top_bucket, split=parse_split(args.split), seed=args.seed,
                         limit_per_class=args.limit_per_class, workers=args.workers, upload=args.upload,
-                        anonymous=args.anonymous, shard_size=args.shard_size)
+                        anonymous=args.anonymous, shard_size=args.shard_size, replace=args.replace)
     run(cfg)
 
 

@@ -25,6 +25,7 @@ class PrepareConfig:
     upload: str | None = None
     anonymous: bool | None = None  # None: anonymous only for ABID's public bucket
     shard_size: int = 0  # > 0: also write WebDataset-style tar shards of this many images
+    replace: bool = False  # an `out` holding another source's dataset is replaced instead of refused
 
 
 @dataclass

@@ -9,6 +9,7 @@ import json
 import logging
 
 from bin_counter import BinCounterError
+from bin_counter.tracking import redact_uri
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def deploy(endpoint: str, region: str, model_uri: str | None = None, execution_r
     if dry_run:
         plan = {"action": action, "target": f"sagemaker:/{region}", "endpoint": endpoint, "model_uri": model_uri,
                 "config": config}
-        print(json.dumps(plan, indent=2))
+        print(redact_uri(json.dumps(plan, indent=2)))
         return plan
     client = client_for(region)
     try:
@@ -61,6 +62,7 @@ def deploy(endpoint: str, region: str, model_uri: str | None = None, execution_r
         else:
             result = client.create_deployment(endpoint, model_uri=model_uri, config=config)
     except Exception as exc:  # MlflowException, botocore errors: one line for the user
-        raise BinCounterError(f"{action} of endpoint {endpoint} failed: {str(exc).splitlines()[0]}") from None
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise BinCounterError(redact_uri(f"{action} of endpoint {endpoint} failed: {reason}")) from None
     print(f"{action}d endpoint {endpoint} in {region}")
     return result

@@ -28,10 +28,11 @@ def load_model(model_uri: str):
 
 def predict_paths(model, paths: list[str], batch_size: int = 64, desc: str = "predict") -> pd.DataFrame:
     """Predictions for image files in batches; unreadable files come back with `error` set, never a crash."""
+    from bin_counter.pyfunc import predict_files
+
     parts = []
     for start in tqdm(range(0, len(paths), batch_size), desc=desc, unit="batch"):
-        batch = pd.DataFrame({"path": paths[start:start + batch_size]})
-        parts.append(model.predict(batch, params={"on_error": "skip"}))
+        parts.append(predict_files(model, paths[start:start + batch_size]))  # the model reads no paths itself
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import pandas as pd
 
 from bin_counter import BinCounterError
-from bin_counter.files import atomic_path
+from bin_counter.files import atomic_path, unsafe_reason
 
 MANIFEST = "manifest.csv"
 REJECTED = "rejected.csv"
@@ -19,15 +19,25 @@ def write_csv(frame: pd.DataFrame, path: Path) -> None:
         frame.to_csv(tmp, index=False)
 
 
-def read_manifest(data_dir: Path, split: str | None = None) -> pd.DataFrame:
-    """The manifest with ids as strings (ABID's `01002` is not `1002`) and image paths made absolute."""
-    path = Path(data_dir) / MANIFEST
+def read_manifest(data_dir: Path, split: str | None = None, name: str = MANIFEST) -> pd.DataFrame:
+    """The manifest (DATA_DIR/manifest.csv, or another csv `name` there) with ids as strings (ABID's `01002` is not
+    `1002`) and image paths made absolute. A path that leads out of DATA_DIR by its name (`../x`, `/etc/x`) is
+    refused: a manifest may come from S3, and its images are read and sent to models and endpoints. (A symlink
+    inside DATA_DIR is followed: crossval's fold folders link their images/ to the full set.)"""
+    path = Path(data_dir) / name
     if not path.exists():
-        raise BinCounterError(f"no {MANIFEST} in {data_dir}: run `bin-counter prepare --out {data_dir}` first")
-    frame = pd.read_csv(path, dtype={"image_id": str, "split": str, "sha256": str, "path": str})
+        raise BinCounterError(f"no {name} in {data_dir}: run `bin-counter prepare --out {data_dir}` first")
+    try:
+        frame = pd.read_csv(path, dtype={"image_id": str, "split": str, "sha256": str, "path": str})
+    except (ValueError, pd.errors.ParserError) as exc:  # UnicodeDecodeError, EmptyDataError, ragged rows
+        raise BinCounterError(f"{path} is not a readable CSV: {' '.join(str(exc).split())}") from None
     missing = set(COLUMNS) - set(frame.columns)
     if missing:
         raise BinCounterError(f"{path} lacks columns {sorted(missing)}; was it written by `bin-counter prepare`?")
+    refused = next((p for p in frame["path"] if unsafe_reason(p)), None)  # unsafe_reason: NaN is an empty name
+    if refused is not None:
+        raise BinCounterError(f"{path}: image path {refused!r} refused ({unsafe_reason(refused)}); "
+                              f"paths must stay in {data_dir}")
     frame["abs_path"] = [str(Path(data_dir) / p) for p in frame["path"]]
     if split is not None:
         frame = frame[frame["split"] == split].reset_index(drop=True)

@@ -22,8 +22,12 @@ def main_pipeline(source: str, cfg: TrainConfig) -> None:
         mlflow.log_metrics({"test_accuracy": report.metrics["accuracy"], "test_f1_macro": report.metrics["f1_macro"],
                             "test_mae": report.metrics["mae"], "wall_seconds": time.perf_counter() - start})
         mlflow.set_tag("model_uri", result.model_uri)
-    uri = os.environ.get("MLFLOW_TRACKING_URI", tracking.DEFAULT_TRACKING_URI)
     print(f"model: {result.model_uri}")
-    print(f"done in {time.perf_counter() - start:.0f} s. See the runs with:  mlflow ui --backend-store-uri {uri}"
-          f"  (then open http://127.0.0.1:5000)")
+    print(f"done in {time.perf_counter() - start:.0f} s. {where_to_look()}")
     print(f"run_id: {parent.info.run_id}")
+
+
+def where_to_look() -> str:
+    """How to see the runs; the store's password is not printed (logs and CI output are widely readable)."""
+    uri = tracking.redact_uri(os.environ.get("MLFLOW_TRACKING_URI", tracking.DEFAULT_TRACKING_URI))
+    return f"See the runs with:  mlflow ui --backend-store-uri {uri}  (then open http://127.0.0.1:5000)"

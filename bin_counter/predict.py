@@ -11,14 +11,14 @@ import json
 import logging
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Protocol
 
 import pandas as pd
 from tqdm.auto import tqdm
 
 from bin_counter import BinCounterError, abid, s3
-from bin_counter.files import atomic_path
+from bin_counter.files import atomic_path, safe_join
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
@@ -46,45 +46,71 @@ def images_in_folder(folder: Path) -> pd.DataFrame:
 
 
 def images_in_manifest(path: Path) -> pd.DataFrame:
-    from bin_counter.manifest import read_manifest
+    """The images a manifest lists: this very csv (not a sibling manifest.csv), or DATA_DIR/manifest.csv."""
+    from bin_counter.manifest import MANIFEST, read_manifest
 
-    data_dir = path.parent if path.is_file() else path
-    frame = read_manifest(data_dir)
+    data_dir, name = (path.parent, path.name) if path.is_file() else (path, MANIFEST)
+    frame = read_manifest(data_dir, name=name)
     return pd.DataFrame({"image_id": frame["image_id"], "path": frame["abs_path"],
                          "expected_quantity": frame["expected_quantity"]})
+
+
+def cache_path(cache: Path, bucket: str, key: str) -> Path | None:
+    """Where an S3 object goes in `cache`, or None (a logged skip) for a key that would land outside it."""
+    try:
+        return safe_join(cache, key)
+    except ValueError as exc:
+        log.warning("skipping s3://%s/%s: %s", bucket, key, exc)
+        return None
+
+
+def pair_s3_keys(keys: list[str], bucket: str, cache: Path) -> tuple[list[dict], list[tuple[str, Path]]]:
+    """Rows (image_id, path, meta) for the image keys of a listing, each with the metadata document of its id if
+    there is one, and the (key, destination) downloads they need. Linear in the number of keys: an ABID prefix
+    lists hundreds of thousands."""
+    metadata: dict[str, str] = {}
+    # the shallowest document of an id wins: metadata/<id>.json over metadata/archive/<id>.json
+    for key in sorted((k for k in keys if k.endswith(".json")), key=lambda k: k.count("/"), reverse=True):
+        metadata[abid.id_from_key(key)] = key
+    rows, jobs = [], {}
+    for key in keys:
+        if PurePosixPath(key).suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        dest = cache_path(cache, bucket, key)
+        if dest is None:
+            continue
+        image_id = abid.id_from_key(key)
+        meta_key = metadata.get(image_id)
+        meta = cache_path(cache, bucket, meta_key) if meta_key else None
+        jobs[key] = dest
+        if meta is not None:
+            jobs[meta_key] = meta
+        rows.append({"image_id": image_id, "path": dest, "meta": meta})
+    return rows, list(jobs.items())
 
 
 def images_in_s3(uri: str, cache: Path, workers: int = 8) -> pd.DataFrame:
     """Download the images (and ABID metadata beside them, if any) under an S3 prefix into `cache`."""
     bucket, prefix = s3.parse_s3_uri(uri)
     client = s3.make_client(s3.is_anonymous(bucket, None), workers)
-    keys = list(s3.list_keys(client, bucket, prefix))
-    images = [k for k in keys if Path(k).suffix.lower() in IMAGE_SUFFIXES]
-    metadata = {abid.id_from_key(k): k for k in keys if k.endswith(".json")}
-    if not images and not keys:
-        keys = list(s3.list_keys(client, bucket, prefix + abid.IMAGE_PREFIX))
-        images = [k for k in keys if Path(k).suffix.lower() in IMAGE_SUFFIXES]
-    if not images:
+    rows, jobs = pair_s3_keys(list(s3.list_keys(client, bucket, prefix)), bucket, cache)
+    if not rows:
         raise BinCounterError(f"no images under {uri}")
-    if any(k.startswith(prefix + abid.IMAGE_PREFIX) for k in images):  # ABID layout: fetch the metadata too
-        metadata.update({abid.id_from_key(k): k for k in s3.list_keys(client, bucket, prefix + abid.METADATA_PREFIX)})
-    jobs = [(k, cache / k) for k in images] + [(k, cache / k) for k in metadata.values()
-                                               if abid.id_from_key(k) in {abid.id_from_key(i) for i in images}]
     s3.download(client, bucket, jobs, workers, desc=f"download {uri}")
-    rows = []
-    for key in images:
-        image_id = abid.id_from_key(key)
-        meta = cache / metadata[image_id] if image_id in metadata else None
-        rows.append({"image_id": image_id, "path": str(cache / key),
-                     "expected_quantity": expected_from_metadata(meta) if meta and meta.exists() else None})
-    return pd.DataFrame(rows)
+    return pd.DataFrame([{"image_id": row["image_id"], "path": str(row["path"]),
+                          "expected_quantity": expected_from_metadata(row["meta"]) if row["meta"] else None}
+                         for row in rows], columns=["image_id", "path", "expected_quantity"])
 
 
 def collect(source: str, cache: Path) -> pd.DataFrame:
     if source.startswith("s3://"):
         return images_in_s3(source, cache)
     path = Path(source)
-    if path.name.endswith(".csv") or (path / "manifest.csv").exists():
+    if path.suffix.lower() == ".csv":
+        if not path.is_file():
+            raise BinCounterError(f"input not found: {source}")
+        return images_in_manifest(path)
+    if path.is_dir() and (path / "manifest.csv").exists():
         return images_in_manifest(path)
     if path.is_dir():
         return images_in_folder(path)

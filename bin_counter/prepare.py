@@ -4,14 +4,21 @@ DATA_DIR/
   images/<id>.jpg     the kept images
   manifest.csv        image_id,count,split,sha256,width,height,path,expected_quantity
   rejected.csv        image_id,reason for every pair that was skipped
-  dataset.json        the classes and how the set was made
-  raw/                S3 downloads in ABID's layout (resumable)
+  dataset.json        the classes, the source and how the set was made
+  raw/<key>/          S3 downloads in ABID's layout (resumable), one folder per source (key: sha256 of its URI)
+
+A DATA_DIR holds one source's dataset: preparing another source into it is refused unless `replace` is set.
+Every name that comes from the source (S3 keys, file-list entries, ids) is screened before it becomes a path;
+what is refused, and why, is listed in rejected.csv.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import random
+import shutil
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,12 +29,15 @@ from tqdm.auto import tqdm
 
 from bin_counter import BinCounterError, abid, s3
 from bin_counter.config import PrepareConfig
-from bin_counter.files import atomic_write_text, link_or_copy, remove_partial_files, sha256_of
+from bin_counter.files import atomic_write_text, link_or_copy, remove_partial_files, safe_join, sha256_of, unsafe_reason
 from bin_counter.manifest import MANIFEST, REJECTED, SPLITS, write_csv
 
 log = logging.getLogger(__name__)
 SAMPLE_DIR = Path(__file__).parent / "sample"
 DATASET_JSON = "dataset.json"
+SHARD_DIR = "shards"  # = shards.SHARD_DIR, not imported from there: that module pulls in torch
+# ABID metadata is a few kB; a document past this is not ABID metadata and is not read into memory.
+MAX_METADATA_BYTES = 1 << 20
 
 
 @dataclass
@@ -67,26 +77,71 @@ def ids_in_local(root: Path) -> list[str]:
     return sorted(stems)
 
 
-def fetch_from_s3(cfg: PrepareConfig, ids: list[str] | None, raw: Path) -> tuple[list[str], s3.TransferStats]:
-    """Download the listed pairs (or every pair under the prefix) into raw/ in ABID's layout."""
+def ids_in_s3(client, bucket: str, prefix: str) -> tuple[list[str], list[dict]]:
+    """Ids of the metadata documents directly under PREFIX/metadata/ (ABID's layout), and a rejected row for every
+    other .json key there: a nested copy (metadata/archive/<id>.json) would otherwise give the same id twice."""
+    base = prefix + abid.METADATA_PREFIX
+    names = [key[len(base):] for key in s3.list_keys(client, bucket, base) if key.endswith(".json")]
+    ids = sorted(name[: -len(".json")] for name in names if "/" not in name)
+    direct, rejected = set(ids), []
+    for name in names:
+        if "/" in name:
+            image_id = abid.id_from_key(name)
+            why = f"same id as {abid.metadata_key(image_id)}" if image_id in direct else "not directly under metadata/"
+            rejected.append({"image_id": image_id, "reason": f"duplicate or nested key {base + name!r} ignored: {why}"})
+    return ids, rejected
+
+
+def ids_from_file_list(path: Path) -> tuple[list[str], list[dict]]:
+    """Ids of a file list; an entry that is not a safe relative name (`../x.json`, `/x.json`) is rejected."""
+    ids, rejected = [], []
+    for entry in abid.read_file_list_entries(path):
+        problem = unsafe_reason(entry)
+        if problem:
+            rejected.append({"image_id": entry, "reason": f"unsafe file-list entry: {problem}"})
+        else:
+            ids.append(abid.id_from_key(entry))
+    return ids, rejected
+
+
+def id_problem(image_id: str) -> str | None:
+    """An id becomes a file name (images/<id>.jpg, raw/bin-images/<id>.jpg): one safe path part, nothing else."""
+    return unsafe_reason(image_id) or ("id has a folder" if "/" in image_id else None)
+
+
+def screen_ids(ids: list[str]) -> tuple[list[str], list[dict]]:
+    """The ids that are safe file names, each once, in order; a rejected row for every other."""
+    kept, rejected, seen = [], [], set()
+    for image_id in ids:
+        problem = id_problem(image_id)
+        if problem:
+            rejected.append({"image_id": image_id, "reason": f"unsafe id: {problem}"})
+        elif image_id in seen:
+            rejected.append({"image_id": image_id, "reason": "duplicate id (kept once)"})
+        else:
+            seen.add(image_id)
+            kept.append(image_id)
+    return kept, rejected
+
+
+def fetch_from_s3(cfg: PrepareConfig, ids: list[str] | None, raw: Path) -> tuple[list[str], list[dict], s3.TransferStats]:
+    """Download the listed pairs (or every pair under the prefix) into raw/ in ABID's layout.
+
+    Returns the ids screened for download, the rows rejected on the way, and the transfer counts."""
     bucket, prefix = s3.parse_s3_uri(cfg.source)
     client = s3.make_client(s3.is_anonymous(bucket, cfg.anonymous), cfg.workers)
     s3.check_bucket(client, bucket)
+    rejected: list[dict] = []
     if ids is None:
-        ids = sorted(
-            abid.id_from_key(key)
-            for key in s3.list_keys(client, bucket, prefix + abid.METADATA_PREFIX)
-            if key.endswith(".json")
-        )
+        ids, rejected = ids_in_s3(client, bucket, prefix)
+    ids, refused = screen_ids(ids)
     removed = remove_partial_files(raw)
     if removed:
         log.info("removed %d partial files left by an interrupted run", removed)
-    jobs = []
-    for image_id in ids:
-        jobs.append((prefix + abid.metadata_key(image_id), raw / abid.metadata_key(image_id)))
-        jobs.append((prefix + abid.image_key(image_id), raw / abid.image_key(image_id)))
+    jobs = [(prefix + key, safe_join(raw, key)) for image_id in ids
+            for key in (abid.metadata_key(image_id), abid.image_key(image_id))]
     stats = s3.download(client, bucket, jobs, cfg.workers, desc=f"download s3://{bucket}/{prefix}")
-    return ids, stats
+    return ids, rejected + refused, stats
 
 
 # ---- validation ------------------------------------------------------------------------------------------
@@ -94,17 +149,24 @@ def fetch_from_s3(cfg: PrepareConfig, ids: list[str] | None, raw: Path) -> tuple
 
 def validate_pair(root: Path, image_id: str) -> dict:
     """One manifest row, or {'image_id', 'reason'} saying why the pair is skipped."""
-    meta_path, image_path = root / abid.metadata_key(image_id), root / abid.image_key(image_id)
+    try:
+        meta_path, image_path = safe_join(root, abid.metadata_key(image_id)), safe_join(root, abid.image_key(image_id))
+    except ValueError as exc:
+        return {"image_id": image_id, "reason": f"unsafe id: {exc}"}
     if not meta_path.exists():
         return {"image_id": image_id, "reason": "missing metadata"}
     if not image_path.exists():
         return {"image_id": image_id, "reason": "missing image"}
     try:
+        if meta_path.stat().st_size > MAX_METADATA_BYTES:
+            raise ValueError(f"metadata is {meta_path.stat().st_size:,} bytes, over the {MAX_METADATA_BYTES:,}-byte limit")
         count = abid.parse_count(meta_path.read_bytes())
         data = image_path.read_bytes()
         info = abid.check_image(data)
     except ValueError as exc:
         return {"image_id": image_id, "reason": str(exc)}
+    except OSError as exc:  # a folder where a file should be, no permission...
+        return {"image_id": image_id, "reason": f"unreadable: {exc.strerror or exc}"}
     return {"image_id": image_id, "expected_quantity": count, "width": info.width, "height": info.height}
 
 
@@ -119,16 +181,25 @@ def validate_all(root: Path, ids: list[str], workers: int) -> tuple[list[dict], 
 # ---- selection and split ---------------------------------------------------------------------------------
 
 
-def assign_counts(rows: list[dict], classes: list[int], top_bucket: bool) -> list[dict]:
+def describe_classes(classes: list[int]) -> str:
+    contiguous = classes == list(range(classes[0], classes[-1] + 1))
+    return f"{classes[0]}-{classes[-1]}" if contiguous else ",".join(map(str, classes))
+
+
+def assign_counts(rows: list[dict], classes: list[int], top_bucket: bool) -> tuple[list[dict], list[dict]]:
+    """The rows whose count is a class (folded into the top one with top_bucket), and a rejected row for the rest."""
     top = max(classes)
-    kept = []
+    kept, dropped = [], []
     for row in rows:
         count = row["expected_quantity"]
         if top_bucket and count > top:
             count = top
         if count in classes:
             kept.append({**row, "count": count})
-    return kept
+        else:
+            dropped.append({"image_id": row["image_id"],
+                            "reason": f"count {count} outside classes {describe_classes(classes)}"})
+    return kept, dropped
 
 
 def stratified_split(rows: list[dict], ratios: tuple[float, float, float], seed: int, limit: int | None) -> list[dict]:
@@ -154,57 +225,132 @@ def stratified_split(rows: list[dict], ratios: tuple[float, float, float], seed:
 # ---- the command -----------------------------------------------------------------------------------------
 
 
-def prepare(cfg: PrepareConfig) -> PrepareResult:
-    classes = abid.parse_classes(cfg.classes)
-    ratios = parse_split(cfg.split)
-    out = Path(cfg.out)
-    ids = abid.read_file_list(Path(cfg.file_list)) if cfg.file_list else None
-    downloaded = present = 0
+def source_uri(source: str) -> str:
+    """One spelling per source: `sample`, an absolute folder, or s3://bucket/prefix without a trailing slash."""
+    if source == "sample":
+        return source
+    if source.startswith("s3://"):
+        bucket, prefix = s3.parse_s3_uri(source)
+        return f"s3://{bucket}/{prefix}".rstrip("/")
+    return str(Path(source).resolve())
+
+
+def raw_cache(out: Path, source: str) -> Path:
+    """raw/<key>/: ABID ids repeat across buckets and prefixes, so one shared cache would serve one source's image
+    (and count) under another's id."""
+    return out / "raw" / hashlib.sha256(source_uri(source).encode()).hexdigest()[:16]
+
+
+def previous_source(out: Path) -> str | None:
+    """The source named by an existing DATA_DIR/dataset.json, or None when there is none."""
+    path = out / DATASET_JSON
+    if not path.exists():
+        return None
+    try:
+        source = json.loads(path.read_bytes())["source"]
+        return source_uri(str(source))
+    except (ValueError, KeyError, TypeError, BinCounterError, OSError):
+        return f"an unreadable {path}"
+
+
+def remove_path(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
+
+
+def claim_output(out: Path, source: str, replace: bool) -> None:
+    """Refuse to mix two sources' datasets in one DATA_DIR; with `replace`, remove the other one first."""
+    previous = previous_source(out)
+    if previous is None or previous == source_uri(source):
+        return
+    if not replace:
+        raise BinCounterError(f"{out} holds a dataset prepared from {previous}, not {source_uri(source)}: "
+                              "choose another --out, or pass --replace to replace it")
+    log.info("replacing the dataset of %s in %s", previous, out)
+    for name in ("images", SHARD_DIR, MANIFEST, REJECTED, DATASET_JSON, "raw"):
+        remove_path(out / name)
+
+
+def place_image(src: Path, dest: Path) -> None:
+    """images/<id>.jpg is the source's file: one already there is kept only if it is that very file (a hard link)
+    or has the same bytes, never because an earlier, interrupted run left a file of that name."""
+    if dest.exists() and (os.path.samefile(src, dest) or sha256_of(src) == sha256_of(dest)):
+        return
+    link_or_copy(src, dest)
+
+
+def prune_images(images: Path, kept: set[str]) -> None:
+    """Remove images an earlier prepare of this source kept and this one did not (other filters or limits)."""
+    if images.is_dir() and not images.is_symlink():
+        for path in images.glob("*.jpg"):
+            if path.name not in kept:
+                path.unlink(missing_ok=True)
+
+
+def gather_ids(cfg: PrepareConfig, out: Path) -> tuple[Path, list[str], list[dict], s3.TransferStats]:
+    """Where the pairs are (a local root, or raw/ after downloading), their ids, and the names rejected on the way."""
+    listed, rejected = ids_from_file_list(Path(cfg.file_list)) if cfg.file_list else (None, [])
     if cfg.source.startswith("s3://"):
-        root = out / "raw"
-        ids, stats = fetch_from_s3(cfg, ids, root)
-        downloaded, present = stats.transferred, stats.skipped
+        root = raw_cache(out, cfg.source)
+        ids, refused, stats = fetch_from_s3(cfg, listed, root)
         if stats.failed:
             log.warning("%d objects could not be downloaded; their pairs are rejected", len(stats.failed))
     else:
         root = local_root(cfg.source)
-        ids = ids if ids is not None else ids_in_local(root)
+        ids, refused = screen_ids(listed if listed is not None else ids_in_local(root))
+        stats = s3.TransferStats()
+    return root, ids, rejected + refused, stats
+
+
+def prepare(cfg: PrepareConfig) -> PrepareResult:
+    classes = abid.parse_classes(cfg.classes)
+    ratios = parse_split(cfg.split)
+    s3.check_workers(cfg.workers)
+    out = Path(cfg.out)
+    claim_output(out, cfg.source, cfg.replace)
+    root, ids, refused, stats = gather_ids(cfg, out)
     if not ids:
-        raise BinCounterError(f"no ABID pairs found in {cfg.source}")
+        example = f" ({len(refused)} names refused, e.g. {refused[0]['reason']})" if refused else ""
+        raise BinCounterError(f"no ABID pairs found in {cfg.source}{example}")
 
     good, bad = validate_all(root, ids, cfg.workers)
-    rows = stratified_split(assign_counts(good, classes, cfg.top_bucket), ratios, cfg.seed, cfg.limit_per_class)
+    kept, dropped = assign_counts(good, classes, cfg.top_bucket)
+    rows = stratified_split(kept, ratios, cfg.seed, cfg.limit_per_class)
     if not rows:
         raise BinCounterError(
-            f"no images left after filtering to counts {classes} ({len(good)} valid, {len(bad)} rejected)"
+            f"no images left after filtering to counts {classes} ({len(good)} valid, {len(dropped)} outside them, "
+            f"{len(bad)} rejected)"
         )
 
     images = out / "images"
     for row in tqdm(rows, desc="copy images", unit="image"):
-        dest = images / f"{row['image_id']}.jpg"
-        if not dest.exists():
-            link_or_copy(root / abid.image_key(row["image_id"]), dest)
+        dest = safe_join(images, f"{row['image_id']}.jpg")
+        place_image(safe_join(root, abid.image_key(row["image_id"])), dest)
         row["sha256"] = sha256_of(dest)
         row["path"] = f"images/{row['image_id']}.jpg"
+    prune_images(images, {f"{row['image_id']}.jpg" for row in rows})
     manifest = pd.DataFrame(rows)[["image_id", "count", "split", "sha256", "width", "height", "path", "expected_quantity"]]
-    rejected = pd.DataFrame(bad, columns=["image_id", "reason"])
+    rejected = pd.DataFrame(refused + bad + dropped, columns=["image_id", "reason"])
     write_csv(manifest, out / MANIFEST)
     write_csv(rejected, out / REJECTED)
-    description = {"classes": classes, "source": cfg.source, "split": list(ratios), "seed": cfg.seed,
+    description = {"classes": classes, "source": source_uri(cfg.source), "split": list(ratios), "seed": cfg.seed,
                    "top_bucket": cfg.top_bucket, "limit_per_class": cfg.limit_per_class}
     atomic_write_text(out / DATASET_JSON, json.dumps(description, indent=2) + "\n")
+    remove_path(out / SHARD_DIR)  # shards of an earlier prepare describe another manifest
     if cfg.shard_size > 0:
         from bin_counter.shards import write_shards
 
         write_shards(out, manifest, cfg.shard_size)
-    return PrepareResult(manifest, rejected, classes, out, downloaded, present)
+    return PrepareResult(manifest, rejected, classes, out, stats.transferred, stats.skipped)
 
 
 def upload_prepared(result: PrepareResult, uri: str, workers: int, anonymous: bool | None = None) -> s3.TransferStats:
     """Copy DATA_DIR's images, manifest, rejected list and dataset.json to s3://bucket/prefix/."""
     bucket, prefix = s3.parse_s3_uri(uri)
     client = s3.make_client(s3.is_anonymous(bucket, anonymous) if anonymous else False, workers)
-    s3.check_bucket(client, bucket)
+    s3.check_bucket(client, bucket, for_write=True)
     jobs = [(result.out / path, prefix + path) for path in result.manifest["path"]]
     jobs += [(result.out / name, prefix + name) for name in (MANIFEST, REJECTED, DATASET_JSON)]
     shards = result.out / "shards"
@@ -267,7 +413,10 @@ def local_copy(data: str) -> Path:
     if not data.startswith("s3://"):
         return Path(data)
     bucket, prefix = s3.parse_s3_uri(data)
-    local = Path(".cache") / "s3" / bucket / prefix
+    try:
+        local = safe_join(Path(".cache") / "s3", f"{bucket}/{prefix}".rstrip("/"))
+    except ValueError as exc:
+        raise BinCounterError(f"refusing {data} as a DATA_DIR: {exc}") from None
     client = s3.make_client(s3.is_anonymous(bucket, None))
     stats = s3.download(client, bucket, [(prefix + name, local / name) for name in (MANIFEST, DATASET_JSON)],
                         workers=2, desc=f"fetch {data}")

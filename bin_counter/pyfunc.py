@@ -1,15 +1,25 @@
 """The servable model: an MLflow pyfunc that takes raw images and returns counts.
 
-Input: a DataFrame with an `image` column of base64-encoded JPEG/PNG bytes (what a REST client sends) and/or a
-`path` column of local files (batch use). Output per image: predicted_count, confidence, prob_<count> for every
+Input: a DataFrame with an `image` column of base64-encoded JPEG/PNG bytes. The model never opens files: a
+`path` column (read by earlier versions) is answered with a 400, so no client of `mlflow models serve` or a
+SageMaker endpoint can make the server probe its files or block a worker on a FIFO. In-process callers read
+their files themselves (`predict_files`). Output per image: predicted_count, confidence, prob_<count> for every
 class, and `error` (empty unless params={"on_error": "skip"} turned a bad image into a row instead of a 400).
+
+Limits, read from the serving process's environment at every request:
+  BIN_COUNTER_MAX_ROWS         rows per request (default 64)
+  BIN_COUNTER_MAX_IMAGE_BYTES  bytes of one image after base64 decoding (default 6 MB, a SageMaker endpoint's payload)
+More rows than that is a 400 before anything is decoded; a larger image is a bad row. Rows are decoded and
+transformed BATCH at a time, just before their forward pass, so memory does not grow with the number of rows.
 """
 from __future__ import annotations
 
 import base64
 import io
 import json
+import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 
@@ -24,6 +34,25 @@ from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
 PACKAGE_DIR = Path(__file__).parent
 BATCH = 32
+DEFAULT_MAX_ROWS = 64
+DEFAULT_MAX_IMAGE_BYTES = 6 * 1024 * 1024
+PATHS_REFUSED = "paths are not accepted; send base64 in `image`"
+
+
+def limit(name: str, default: int) -> int:
+    try:
+        value = int(os.environ.get(name, default))
+    except ValueError:
+        return default
+    return value if value > 0 else default
+
+
+def max_rows() -> int:
+    return limit("BIN_COUNTER_MAX_ROWS", DEFAULT_MAX_ROWS)
+
+
+def max_image_bytes() -> int:
+    return limit("BIN_COUNTER_MAX_IMAGE_BYTES", DEFAULT_MAX_IMAGE_BYTES)
 
 
 def output_columns(classes: list[int]) -> list[str]:
@@ -31,6 +60,7 @@ def output_columns(classes: list[int]) -> list[str]:
 
 
 def signature(classes: list[int]) -> ModelSignature:
+    # `path` stays in the schema only so that a client still sending it hears why it is refused
     inputs = Schema([ColSpec("string", "image", required=False), ColSpec("string", "path", required=False)])
     outputs = Schema([ColSpec("long", "predicted_count"), ColSpec("double", "confidence"),
                       *[ColSpec("double", f"prob_{c}") for c in classes], ColSpec("string", "error")])
@@ -53,19 +83,6 @@ class BinCounterModel(mlflow.pyfunc.PythonModel):
         self.tta = self.config.get("tta", False)
         self.decode = self.config.get("decode", "argmax")
 
-    def _load(self, row: pd.Series):
-        from bin_counter.data import decode_base64_image, open_image
-
-        image = row.get("image")
-        if isinstance(image, str) and image:
-            return decode_base64_image(image)
-        path = row.get("path")
-        if isinstance(path, str) and path:
-            return open_image(path)
-        if isinstance(image, str):
-            raise ValueError("empty image field")
-        raise ValueError("row has neither an `image` (base64) nor a `path`")
-
     @torch.no_grad()
     def _probabilities(self, batch: torch.Tensor) -> np.ndarray:
         from bin_counter.data import dihedral_views
@@ -78,23 +95,24 @@ class BinCounterModel(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         on_error = (params or {}).get("on_error", "raise")
-        if isinstance(model_input, dict):
-            model_input = pd.DataFrame(model_input)
-        if not {"image", "path"} & set(model_input.columns):
-            raise MlflowException("input needs an `image` (base64) or `path` column", INVALID_PARAMETER_VALUE)
-        tensors, errors = {}, {}
-        for i, (_, row) in enumerate(model_input.iterrows()):
-            try:
-                tensors[i] = self.transform(self._load(row))
-            except ValueError as exc:
-                if on_error != "skip":
-                    raise MlflowException(f"row {i}: {exc}", INVALID_PARAMETER_VALUE) from None
-                errors[i] = str(exc)
-        probs = np.full((len(model_input), len(self.classes)), np.nan)
-        good = sorted(tensors)
-        for start in range(0, len(good), BATCH):
-            rows = good[start:start + BATCH]
-            probs[rows] = self._probabilities(torch.stack([tensors[i] for i in rows]))
+        images = image_column(model_input)
+        probs = np.full((len(images), len(self.classes)), np.nan)
+        errors = {}
+        for start in range(0, len(images), BATCH):  # decoded batch by batch: memory bounded by BATCH, not rows
+            tensors = {}
+            for i in range(start, min(start + BATCH, len(images))):
+                try:
+                    tensors[i] = self.transform(decode_image(images[i]))
+                except ValueError as exc:
+                    if on_error != "skip":
+                        raise MlflowException(f"row {i}: {exc}", INVALID_PARAMETER_VALUE) from None
+                    errors[i] = str(exc)
+            if tensors:
+                rows = sorted(tensors)
+                probs[rows] = self._probabilities(torch.stack([tensors.pop(i) for i in rows]))
+        return self._frame(probs, errors)
+
+    def _frame(self, probs: np.ndarray, errors: dict[int, str]) -> pd.DataFrame:
         from bin_counter.metrics import decode
 
         ok = ~np.isnan(probs[:, 0])
@@ -106,8 +124,81 @@ class BinCounterModel(mlflow.pyfunc.PythonModel):
         })
         for j, count in enumerate(self.classes):
             frame[f"prob_{count}"] = probs[:, j]
-        frame["error"] = [errors.get(i, "") for i in range(len(model_input))]
+        frame["error"] = [errors.get(i, "") for i in range(len(probs))]
         return frame
+
+
+def refuse(reason: str) -> MlflowException:
+    return MlflowException(reason, INVALID_PARAMETER_VALUE)  # the scoring server answers 400 with the reason
+
+
+def image_column(model_input) -> list:
+    """The request's base64 images, after the checks that need no decoding (columns, row count)."""
+    if isinstance(model_input, dict):
+        model_input = pd.DataFrame(model_input)
+    if not isinstance(model_input, pd.DataFrame):
+        raise refuse("input must be a table with an `image` column of base64 images")
+    if "path" in model_input.columns and model_input["path"].map(lambda p: isinstance(p, str) and p != "").any():
+        raise refuse(PATHS_REFUSED)
+    if "image" not in model_input.columns:
+        raise refuse("input needs an `image` column of base64-encoded JPEG/PNG bytes")
+    if len(model_input) > max_rows():
+        raise refuse(f"{len(model_input)} rows in one request, over the limit of {max_rows()} "
+                     "(BIN_COUNTER_MAX_ROWS); send smaller requests")
+    return list(model_input["image"])
+
+
+def decode_image(text):
+    """One row's image; its size is checked on the base64 text, before anything is decoded."""
+    from bin_counter.data import decode_base64_image
+
+    if isinstance(text, str) and len(text) // 4 * 3 > max_image_bytes():
+        raise ValueError(f"image is about {len(text) // 4 * 3:,} bytes, over the limit of {max_image_bytes():,} "
+                         "(BIN_COUNTER_MAX_IMAGE_BYTES)")
+    return decode_base64_image(text)
+
+
+def read_image_file(path: str | Path) -> bytes:
+    """The bytes of a regular image file, or ValueError: a FIFO or device would block, a huge file is no photo."""
+    try:
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError(f"not a regular file: {path}")
+        if info.st_size > max_image_bytes():
+            raise ValueError(f"{path} is {info.st_size:,} bytes, over the limit of {max_image_bytes():,} "
+                             "(BIN_COUNTER_MAX_IMAGE_BYTES)")
+        with open(path, "rb") as handle:
+            return handle.read(max_image_bytes() + 1)
+    except FileNotFoundError:
+        raise ValueError(f"no such file: {path}") from None
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def encode_files(paths: list[str]) -> tuple[list[str], dict[int, str]]:
+    """base64 of each file, as a client sends them, and the reason for each file that could not be read."""
+    images, errors = [], {}
+    for i, path in enumerate(paths):
+        try:
+            images.append(base64.b64encode(read_image_file(path)).decode())
+        except ValueError as exc:
+            images.append("")
+            errors[i] = str(exc)
+    return images, errors
+
+
+def predict_files(model, paths: list[str]) -> pd.DataFrame:
+    """In-process batch use: the files are read here and sent as base64, as any client would, in requests within
+    the row limit; unreadable files come back with `error` set, never a crash."""
+    images, read_errors = encode_files(paths)
+    parts = [model.predict(pd.DataFrame({"image": images[start:start + max_rows()]}), params={"on_error": "skip"})
+             for start in range(0, len(images), max_rows())]
+    if not parts:
+        return pd.DataFrame(columns=["predicted_count", "confidence", "error"])
+    result = pd.concat(parts, ignore_index=True)
+    for i, reason in read_errors.items():  # the file's own reason, not "empty image field"
+        result.loc[i, "error"] = reason
+    return result
 
 
 def encode_image(path: str | Path, max_side: int | None = None) -> str:

@@ -2,18 +2,32 @@
 
 The job runs our own `train` in a PyTorch training container on data that `prepare --upload` wrote to S3;
 SageMaker reads the metrics from the lines `train` prints (the study's regexes).
+
+The job logs to the tracking server of MLFLOW_TRACKING_URI, passed without credentials (a request's environment
+shows in DescribeTrainingJob); a store only this machine can reach is refused. A spot job's checkpoints live under
+a prefix of their own (the data's digest, then the launch), so a relaunch never resumes another job's run.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
+import secrets
 import shutil
+import sys
 import tempfile
+import time
 from pathlib import Path
+from urllib.parse import urlparse
 
 from bin_counter import BinCounterError
 from bin_counter.metrics import STUDY_REGEXES
 from bin_counter.pyfunc import PACKAGE_DIR, requirements
+from bin_counter.tracking import has_credentials, redact_uri
+
+log = logging.getLogger(__name__)
+LOOPBACK = {"localhost", "127.0.0.1", "::1", "0.0.0.0"}
 
 METRIC_DEFINITIONS = [{"Name": name, "Regex": regex} for name, regex in STUDY_REGEXES.items()]
 OBJECTIVE = "Average loss"
@@ -69,15 +83,46 @@ def default_image(region: str, instance_type: str) -> str:
                                instance_type=instance_type, image_scope="training")
 
 
-def tracking_environment() -> dict:
-    """A tracking server the jobs can reach (not a local sqlite file) is passed on to them."""
+def is_local_store(uri: str) -> bool:
+    """A store that only this machine reaches: a file, an sqlite database, a server on loopback."""
+    parsed = urlparse(uri)
+    return (not uri or parsed.scheme in ("", "file", "sqlite") or len(parsed.scheme) == 1  # a Windows drive
+            or (parsed.hostname or "") in LOOPBACK)
+
+
+def tracking_environment(dry_run: bool = False) -> dict:
+    """MLFLOW_TRACKING_URI for the job, without credentials. A local store is refused: the job would log nowhere,
+    and a restarted spot job would resume a run its new container does not have (a dry run only warns)."""
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
-    return {"MLFLOW_TRACKING_URI": uri} if uri and not uri.startswith(("sqlite", "file")) else {}
+    if is_local_store(uri):
+        message = (f"MLFLOW_TRACKING_URI={redact_uri(uri) or '(unset)'} is a store on this machine, which a SageMaker "
+                   "job cannot reach; set it to a tracking server (https://..., or a SageMaker managed MLflow ARN)")
+        if not dry_run:
+            raise BinCounterError(message)
+        print(f"warning: {message}; a real launch is refused", file=sys.stderr)
+        return {}
+    if has_credentials(uri):
+        log.warning("the job gets MLFLOW_TRACKING_URI without its credentials (a job's environment is visible in "
+                    "DescribeTrainingJob): it must reach the server with its role, not a password")
+    return {"MLFLOW_TRACKING_URI": redact_uri(uri, drop=True)}
+
+
+def checkpoint_prefix(output_path: str, s3_data: str, hyperparameters: dict) -> str:
+    """Where a job's checkpoints sync: per data set and options, then per launch. A spot restart is the same job
+    and finds its own; a new launch (other data, or the same again) never resumes another job's run."""
+    digest = hashlib.sha256(json.dumps([s3_data, hyperparameters], sort_keys=True).encode()).hexdigest()[:12]
+    launch = f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
+    return f"{output_path.rstrip('/')}/checkpoints/{digest}/{launch}"
+
+
+def one_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return redact_uri(lines[0] if lines else type(exc).__name__)
 
 
 def make_trainer(s3_data: str, role: str, instance_type: str, image_uri: str | None, region: str,
                  output_path: str | None, source_dir: Path, hyperparameters: dict, instance_count: int = 1,
-                 spot: bool = False, checkpoint_s3: str | None = None):
+                 spot: bool = False, checkpoint_s3: str | None = None, environment: dict | None = None):
     """A ModelTrainer running our entry script in the PyTorch training image; code staged in the output bucket."""
     import boto3
     from sagemaker.core.helper.session_helper import Session
@@ -111,19 +156,20 @@ def make_trainer(s3_data: str, role: str, instance_type: str, image_uri: str | N
         checkpoint_config=CheckpointConfig(s3_uri=checkpoint_s3, local_path="/opt/ml/checkpoints")
         if checkpoint_s3 else None,
         hyperparameters=hyperparameters,
-        environment=tracking_environment(),
+        environment=environment or {},
     )
 
 
 def build_tuner(cfg, s3_data: str, role: str, instance_type: str, image_uri: str | None, region: str,
-                output_path: str | None, source_dir: Path):
+                output_path: str | None, source_dir: Path, environment: dict | None = None):
     from sagemaker.core.parameter import ContinuousParameter, IntegerParameter
     from sagemaker.train.tuner import HyperparameterTuner
 
     base = cfg.base
     static = {"backbone": base.backbone, "seed": base.seed, "feature-views": base.feature_views,
               "unfreeze-last": base.unfreeze_last, "image-size": base.image_size}
-    trainer = make_trainer(s3_data, role, instance_type, image_uri, region, output_path, source_dir, static)
+    trainer = make_trainer(s3_data, role, instance_type, image_uri, region, output_path, source_dir, static,
+                           environment=environment)
     space = cfg.space
     ranges = {
         "batch-size": IntegerParameter(*space.batch_size),
@@ -160,19 +206,20 @@ def tuning_job(cfg, args) -> dict:
         raise BinCounterError("--backend sagemaker needs --s3-data s3://... (from `prepare --upload`) and --role ARN")
     parse_s3_uri(args.s3_data)
     region = region_of(args.region)
+    environment = tracking_environment(args.dry_run)
     with tempfile.TemporaryDirectory() as tmp:
         try:
             tuner = build_tuner(cfg, args.s3_data, args.role, args.instance_type, args.image_uri, region,
-                                args.output_path, stage_source(Path(tmp)))
+                                args.output_path, stage_source(Path(tmp)), environment)
             if args.dry_run:
                 request = request_of(tuner, args.s3_data)
-                print(json.dumps(request, indent=2, default=str))
+                print(redact_uri(json.dumps(request, indent=2, default=str)))
                 return request
             tuner.tune(inputs=args.s3_data, wait=False)
         except BinCounterError:
             raise
         except Exception as exc:  # botocore/pydantic errors from the SDK: one line for the user
-            raise BinCounterError(f"SageMaker tuning job not created: {str(exc).splitlines()[0]}") from None
+            raise BinCounterError(f"SageMaker tuning job not created: {one_line(exc)}") from None
         name = tuner.latest_tuning_job.hyper_parameter_tuning_job_name
     print(f"tuning job: {name} ({cfg.n_trials} training jobs, objective {OBJECTIVE} minimised)")
     return {"name": name}
@@ -209,24 +256,28 @@ def training_job(args, train_args: list[str]) -> dict:
     except SystemExit:
         raise BinCounterError(f"launch: not valid train options: {' '.join(train_args)}") from None
     region = region_of(args.region)
-    checkpoint_s3 = f"{args.output_path.rstrip('/')}/checkpoints" if args.spot or args.checkpoints else None
+    environment = tracking_environment(args.dry_run)
+    checkpoint_s3 = checkpoint_prefix(args.output_path, args.s3_data, hyperparameters) \
+        if args.spot or args.checkpoints else None
     with tempfile.TemporaryDirectory() as tmp:
         try:
             trainer = make_trainer(args.s3_data, args.role, args.instance_type, args.image_uri, region,
                                    args.output_path, stage_source(Path(tmp)), hyperparameters, args.instance_count,
-                                   args.spot, checkpoint_s3)
+                                   args.spot, checkpoint_s3, environment)
             from sagemaker.core.training.configs import InputData
 
             channels = [InputData(channel_name="training", data_source=args.s3_data)]
             if args.dry_run:
                 request = trainer._create_training_job_args(input_data_config=channels, boto3=True)
-                print(json.dumps(request, indent=2, default=str))
+                print(redact_uri(json.dumps(request, indent=2, default=str)))
                 return request
             trainer.train(input_data_config=channels, wait=False, logs=False)
             name = trainer._latest_training_job.training_job_name
         except BinCounterError:
             raise
         except Exception as exc:  # botocore/pydantic errors from the SDK: one line for the user
-            raise BinCounterError(f"SageMaker training job not created: {str(exc).splitlines()[0]}") from None
+            raise BinCounterError(f"SageMaker training job not created: {one_line(exc)}") from None
     print(f"training job: {name} on {args.instance_count} x {args.instance_type}{' (spot)' if args.spot else ''}")
+    if checkpoint_s3:
+        print(f"checkpoints: {checkpoint_s3}")
     return {"name": name}

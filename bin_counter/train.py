@@ -390,6 +390,7 @@ def resume_state(cfg: TrainConfig) -> dict | None:
     if changed:
         raise BinCounterError(f"--resume: {path} was written with other settings ({', '.join(changed)}); "
                               "rerun with the original options")
+    checkpoint.ensure_run_exists(state["run_id"], path)
     return state
 
 

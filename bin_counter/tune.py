@@ -95,7 +95,8 @@ def open_study(cfg: TuneConfig, pruner: optuna.pruners.BasePruner | None = None)
         except Exception as exc:  # sqlalchemy / driver errors: an unreachable or malformed URL, or that race
             last_error = exc
             time.sleep(0.5 + attempt)
-    raise BinCounterError(f"cannot open Optuna storage {cfg.storage!r}: {str(last_error).splitlines()[0]}")
+    reason = (str(last_error).strip().splitlines() or [type(last_error).__name__])[0]
+    raise BinCounterError(tracking.redact_uri(f"cannot open Optuna storage {cfg.storage!r}: {reason}"))
 
 
 def objective_for(cfg: TuneConfig, parent_run_id: str):
@@ -147,6 +148,13 @@ def log_study_plots(study: optuna.Study) -> None:
     tracking.log_frame(study.trials_dataframe(attrs=("number", "value", "params", "state")), "trials")
 
 
+def study_params(cfg: TuneConfig) -> dict:
+    """The parent run's params; the storage URL without its password (a param is readable by anyone with the run)."""
+    return {"n_trials": cfg.n_trials, "backbone": cfg.base.backbone, "study_name": cfg.study_name,
+            "storage": tracking.redact_uri(cfg.storage) if cfg.storage else "in-memory",
+            **{f"space_{k}": f"{v[0]}-{v[1]}" for k, v in dataclasses.asdict(cfg.space).items()}}
+
+
 def tune(cfg: TuneConfig) -> dict:
     """`bin-counter tune --backend local`: search, then train the best configuration and evaluate it on test."""
     cfg.space.validate()
@@ -156,9 +164,7 @@ def tune(cfg: TuneConfig) -> dict:
     study = open_study(cfg)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with tracking.run("tune", study=cfg.study_name) as parent:
-        mlflow.log_params({"n_trials": cfg.n_trials, "backbone": cfg.base.backbone, "study_name": cfg.study_name,
-                           "storage": cfg.storage or "in-memory", **{f"space_{k}": f"{v[0]}-{v[1]}" for k, v in
-                                                                     dataclasses.asdict(cfg.space).items()}})
+        mlflow.log_params(study_params(cfg))
         done = len(study.get_trials(deepcopy=False, states=FINISHED))
         if done:
             log.info("resuming study %r: %d of %d trials already finished", cfg.study_name, done, cfg.n_trials)

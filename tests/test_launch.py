@@ -12,6 +12,9 @@ ROLE = "arn:aws:iam::123456789012:role/sagemaker-execution"
 @pytest.fixture
 def sagemaker_env(aws, monkeypatch):
     monkeypatch.setenv("SAGEMAKER_VALIDATE_ROLE", "false")  # moto has no iam:SimulatePrincipalPolicy
+    # a job needs a tracking server it can reach (never contacted here: the experiment is given)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://mlflow.example.com")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", "0")
     aws.create_bucket(Bucket="mine")
     return aws
 
@@ -28,7 +31,9 @@ def test_dry_run_request_is_complete(sagemaker_env, capsys):
     assert request["ResourceConfig"]["InstanceCount"] == 2 and request["ResourceConfig"]["InstanceType"] == "ml.g4dn.xlarge"
     assert request["EnableManagedSpotTraining"] is True
     assert request["StoppingCondition"]["MaxWaitTimeInSeconds"] >= request["StoppingCondition"]["MaxRuntimeInSeconds"]
-    assert request["CheckpointConfig"] == {"S3Uri": "s3://mine/jobs/checkpoints", "LocalPath": "/opt/ml/checkpoints"}
+    assert request["CheckpointConfig"]["S3Uri"].startswith("s3://mine/jobs/checkpoints/")  # one prefix per job
+    assert request["CheckpointConfig"]["LocalPath"] == "/opt/ml/checkpoints"
+    assert request["Environment"] == {"MLFLOW_TRACKING_URI": "https://mlflow.example.com"}
     channels = {c["ChannelName"]: c for c in request["InputDataConfig"]}
     assert channels["training"]["DataSource"]["S3DataSource"]["S3Uri"] == "s3://mine/abid/v1"
     assert "pytorch-training" in request["AlgorithmSpecification"]["TrainingImage"]
@@ -44,7 +49,7 @@ def test_training_job_is_created_on_moto(sagemaker_env, capsys):
     (summary,) = client.list_training_jobs()["TrainingJobSummaries"]
     job = client.describe_training_job(TrainingJobName=summary["TrainingJobName"])
     assert job["HyperParameters"]["epochs"] == "10" and job["EnableManagedSpotTraining"] is True
-    assert job["CheckpointConfig"]["S3Uri"] == "s3://mine/jobs/checkpoints"
+    assert job["CheckpointConfig"]["S3Uri"].startswith("s3://mine/jobs/checkpoints/")
 
 
 @pytest.mark.parametrize("train_args, message", [

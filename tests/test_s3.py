@@ -82,6 +82,7 @@ def test_interrupted_download_resumes_without_refetching(aws, moto_endpoint, tmp
             time.sleep(0.01)
         process.send_signal(signal.SIGKILL)
         process.wait()
+        (raw,) = raw.iterdir()  # raw/<key of the source>/bin-images/..., raw/<key>/metadata/...
         done_before = {p: p.stat().st_mtime_ns for p in raw.rglob("*") if p.is_file() and not p.name.startswith(".")}
         assert 12 <= len(done_before) < 60, "the kill must land part-way through the download"
         assert not (out / "manifest.csv").exists()

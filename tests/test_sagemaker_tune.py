@@ -20,6 +20,9 @@ ROLE = "arn:aws:iam::123456789012:role/sagemaker-execution"
 def sagemaker_env(aws, monkeypatch):
     # moto has no iam:SimulatePrincipalPolicy, which the SDK uses to vet the role: the SDK's own switch skips it
     monkeypatch.setenv("SAGEMAKER_VALIDATE_ROLE", "false")
+    # the jobs need a tracking server they can reach (never contacted here: the experiment is given)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://mlflow.example.com")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", "0")
     aws.create_bucket(Bucket="mine")
     return aws
 
@@ -51,7 +54,8 @@ def test_dry_run_prints_the_complete_request(sagemaker_env, capsys):
     assert not sagemaker_env.list_objects_v2(Bucket="mine").get("Contents"), "a dry run uploads nothing"
 
 
-def test_tuning_job_is_created_on_moto_and_its_code_runs_our_train(sagemaker_env, tiny_data, tmp_path, capsys):
+def test_tuning_job_is_created_on_moto_and_its_code_runs_our_train(sagemaker_env, tiny_data, tmp_path, capsys,
+                                                                  mlflow_store):
     import boto3
 
     run_tune("--n-trials", "4")
@@ -75,7 +79,8 @@ def test_tuning_job_is_created_on_moto_and_its_code_runs_our_train(sagemaker_env
     hyperparameters = {**{k: v for k, v in static.items()}, "batch-size": "8", "lr": "0.001", "epochs": "1",
                        "feature-views": "1"}
     args = [item for k, v in hyperparameters.items() for item in (f"--{k}", v)]
-    env = {**os.environ, "SM_CHANNEL_TRAINING": str(tiny_data), "PYTHONPATH": str(code), "TQDM_DISABLE": "1"}
+    env = {**os.environ, "SM_CHANNEL_TRAINING": str(tiny_data), "PYTHONPATH": str(code), "TQDM_DISABLE": "1",
+           "MLFLOW_TRACKING_URI": mlflow_store}  # in place of the job's tracking server
     result = subprocess.run([sys.executable, "sagemaker_train.py", *args], cwd=code, env=env, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -85,7 +85,7 @@ def parse_count(raw: bytes | str) -> int:
         raise ValueError(f"EXPECTED_QUANTITY is negative: {count}")
     if count > MAX_COUNT:
         shown = count if count < 10**12 else f"a {len(str(count))}-digit number"
-        raise ValueError(f"EXPECTED_QUANTITY {shown} is implausible (over {MAX_COUNT:,})")
+        raise ValueError(f"EXPECTED_QUANTITY is implausible (over {MAX_COUNT:,}): {shown}")
     return count
 
 

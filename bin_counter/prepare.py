@@ -88,7 +88,8 @@ def ids_in_s3(client, bucket: str, prefix: str) -> tuple[list[str], list[dict]]:
         if "/" in name:
             image_id = abid.id_from_key(name)
             why = f"same id as {abid.metadata_key(image_id)}" if image_id in direct else "not directly under metadata/"
-            rejected.append({"image_id": image_id, "reason": f"duplicate or nested key {base + name!r} ignored: {why}"})
+            # the reason's words before ':' are what summary() groups by, so the key comes after it
+            rejected.append({"image_id": image_id, "reason": f"nested metadata key ignored: {base + name!r}, {why}"})
     return ids, rejected
 
 
@@ -159,7 +160,7 @@ def validate_pair(root: Path, image_id: str) -> dict:
         return {"image_id": image_id, "reason": "missing image"}
     try:
         if meta_path.stat().st_size > MAX_METADATA_BYTES:
-            raise ValueError(f"metadata is {meta_path.stat().st_size:,} bytes, over the {MAX_METADATA_BYTES:,}-byte limit")
+            raise ValueError(f"metadata is over the {MAX_METADATA_BYTES:,}-byte limit: {meta_path.stat().st_size:,} bytes")
         count = abid.parse_count(meta_path.read_bytes())
         data = image_path.read_bytes()
         info = abid.check_image(data)

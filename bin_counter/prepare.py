@@ -125,7 +125,8 @@ def screen_ids(ids: list[str]) -> tuple[list[str], list[dict]]:
     return kept, rejected
 
 
-def fetch_from_s3(cfg: PrepareConfig, ids: list[str] | None, raw: Path) -> tuple[list[str], list[dict], s3.TransferStats]:
+def fetch_from_s3(cfg: PrepareConfig, ids: list[str] | None,
+                  raw: Path) -> tuple[list[str], list[dict], s3.TransferStats]:
     """Download the listed pairs (or every pair under the prefix) into raw/ in ABID's layout.
 
     Returns the ids screened for download, the rows rejected on the way, and the transfer counts."""
@@ -159,8 +160,9 @@ def validate_pair(root: Path, image_id: str) -> dict:
     if not image_path.exists():
         return {"image_id": image_id, "reason": "missing image"}
     try:
-        if meta_path.stat().st_size > MAX_METADATA_BYTES:
-            raise ValueError(f"metadata is over the {MAX_METADATA_BYTES:,}-byte limit: {meta_path.stat().st_size:,} bytes")
+        size = meta_path.stat().st_size
+        if size > MAX_METADATA_BYTES:
+            raise ValueError(f"metadata is over the {MAX_METADATA_BYTES:,}-byte limit: {size:,} bytes")
         count = abid.parse_count(meta_path.read_bytes())
         data = image_path.read_bytes()
         info = abid.check_image(data)

@@ -54,7 +54,8 @@ def explain(exc: Exception, uri: str) -> BinCounterError:
             return BinCounterError(f"S3 bucket of {uri} does not exist")
         if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
             return BinCounterError(f"access denied to {uri} ({code}); check your AWS credentials or --anonymous")
-        return BinCounterError(f"S3 error on {uri}: {code} {one_line(exc.response.get('Error', {}).get('Message', ''))}".strip())
+        message = one_line(exc.response.get("Error", {}).get("Message", ""))
+        return BinCounterError(f"S3 error on {uri}: {code} {message}".strip())
     if isinstance(exc, botocore.exceptions.NoCredentialsError):
         return BinCounterError(f"no AWS credentials for {uri}; configure them, or pass --anonymous for a public bucket")
     if isinstance(exc, (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectTimeoutError)):

@@ -490,8 +490,9 @@ def test_ctrl_c_during_download_stops_promptly_and_keeps_finished_files(aws, mot
     proxy = SlowProxy(moto_endpoint, delay=0.1)
     out = tmp_path / "d"
     try:
-        process = subprocess.Popen([sys.executable, "-m", "bin_counter", "prepare", "--source", f"s3://{BUCKET}",
-                                    "--out", str(out), "--workers", "2"], env={**os.environ, "AWS_ENDPOINT_URL": proxy.url},
+        command = [sys.executable, "-m", "bin_counter", "prepare", "--source", f"s3://{BUCKET}", "--out", str(out),
+                   "--workers", "2"]
+        process = subprocess.Popen(command, env={**os.environ, "AWS_ENDPOINT_URL": proxy.url},
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         deadline = time.time() + 120
         while time.time() < deadline and len(proxy.gets) < 6:

@@ -142,10 +142,11 @@ def ensure_run_exists(run_id: str, path: Path) -> None:
 
     try:
         mlflow.MlflowClient().get_run(run_id)
-    except mlflow.exceptions.MlflowException:
+    except mlflow.exceptions.MlflowException as exc:  # not found, or the server cannot be reached
         raise BinCounterError(f"--resume: {path} continues run {run_id}, but the tracking store "
-                              f"{redact_uri(mlflow.get_tracking_uri())} has no run {run_id}; set MLFLOW_TRACKING_URI "
-                              "to the store that started it") from None
+                              f"{redact_uri(mlflow.get_tracking_uri())} has no run {run_id} "
+                              f"({redact_uri(first_line(exc))}); set MLFLOW_TRACKING_URI to the store that started it"
+                              ) from None
 
 
 REQUIRED = ("epoch", "net", "optimizer", "scheduler", "scaler", "rng", "loaders", "progress")

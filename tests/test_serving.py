@@ -141,6 +141,10 @@ def test_served_model_over_http(use_registry, tiny_data, tmp_path):
             assert any(word in message for word in ("base64", "image", "pixel")), (label, message[:300])
             again = requests.post(url + "/invocations", json=good, timeout=60)  # still serving
             assert again.status_code == 200
+        # the server opens no files for its clients: a `path` row is refused, whatever the file
+        for path in (images[0], "/etc/passwd"):
+            probe = requests.post(url + "/invocations", json={"dataframe_records": [{"path": path}]}, timeout=30)
+            assert probe.status_code == 400 and "paths are not accepted" in probe.json()["message"]
         not_json = requests.post(url + "/invocations", data=b"\x00\x01", timeout=30,
                                  headers={"Content-Type": "application/json"})
         assert 400 <= not_json.status_code < 500

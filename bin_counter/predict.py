@@ -6,7 +6,6 @@ needs_check, error. Unreadable images get their reason in `error`; the run alway
 """
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import tempfile
@@ -126,24 +125,87 @@ class Counter(Protocol):
     def __call__(self, paths: list[str]) -> pd.DataFrame: ...
 
 
-def encoded(paths: list[str]) -> list[str]:
-    out = []
-    for path in paths:
-        try:
-            out.append(base64.b64encode(Path(path).read_bytes()).decode())
-        except OSError:
-            out.append("")  # the model answers with a per-row error
-    return out
+DEFAULT_MAX_REQUEST_BYTES = 6_000_000  # a SageMaker endpoint's payload limit (6 MB)
+REQUEST_FAILED = "request failed"
 
 
-def payload(paths: list[str]) -> bytes:
+class RequestFailed(Exception):
+    """A request to a served model got no usable answer; its images are reported, the others go on."""
+
+
+def max_request_bytes() -> int:
+    from bin_counter.pyfunc import limit
+
+    return limit("BIN_COUNTER_MAX_REQUEST_BYTES", DEFAULT_MAX_REQUEST_BYTES)
+
+
+def payload(images: list[str]) -> bytes:
     """What a REST client sends to /invocations: base64 images, bad rows reported instead of failing the batch."""
-    return json.dumps({"dataframe_split": {"columns": ["image"], "data": [[b] for b in encoded(paths)]},
+    return json.dumps({"dataframe_split": {"columns": ["image"], "data": [[b] for b in images]},
                        "params": {"on_error": "skip"}}).encode()
 
 
-def from_response(body: bytes) -> pd.DataFrame:
-    return pd.DataFrame(json.loads(body)["predictions"])
+def request_groups(images: list[str], skip: set[int], max_bytes: int,
+                   max_rows: int) -> tuple[list[list[int]], dict[int, str]]:
+    """The rows to send, grouped so that each request's body fits `max_bytes` and `max_rows`; an image that fits
+    no request is reported instead of sent."""
+    empty = len(payload([]))
+    # base64 needs no JSON escaping, so a row costs its length plus this much
+    per_row = len(payload(["", ""])) - len(payload([""]))
+    groups, current, size, too_big = [], [], empty, {}
+    for i, image in enumerate(images):
+        if i in skip:
+            continue
+        cost = len(image) + per_row
+        if empty + cost > max_bytes:
+            too_big[i] = (f"image is {len(image):,} bytes as base64, over the {max_bytes:,}-byte request limit "
+                          "(BIN_COUNTER_MAX_REQUEST_BYTES)")
+            continue
+        if current and (size + cost > max_bytes or len(current) == max_rows):
+            groups.append(current)
+            current, size = [], empty
+        current.append(i)
+        size += cost
+    return groups + ([current] if current else []), too_big
+
+
+def from_response(body: bytes, rows: int) -> pd.DataFrame:
+    try:
+        frame = pd.DataFrame(json.loads(body)["predictions"])
+    except (ValueError, KeyError, TypeError):
+        raise RequestFailed(f"{REQUEST_FAILED}: the answer is not the model's JSON ({body[:100]!r})") from None
+    if len(frame) != rows or not {"predicted_count", "confidence", "error"} <= set(frame.columns):
+        raise RequestFailed(f"{REQUEST_FAILED}: the answer has {len(frame)} predictions for {rows} images")
+    return frame
+
+
+class RemoteModel:
+    """A served model over the network. Files are read and base64-encoded here and sent in requests that fit the
+    endpoint's limits; a request that fails marks its own images with the reason, and counting goes on."""
+
+    def send(self, body: bytes) -> bytes:
+        raise NotImplementedError
+
+    def __call__(self, paths: list[str]) -> pd.DataFrame:
+        from bin_counter.pyfunc import encode_files, max_rows
+
+        images, errors = encode_files(paths)
+        groups, too_big = request_groups(images, set(errors), max_request_bytes(), max_rows())
+        errors.update(too_big)
+        counts, confidences = [-1] * len(paths), [float("nan")] * len(paths)
+        for group in groups:
+            try:
+                answer = from_response(self.send(payload([images[i] for i in group])), len(group))
+            except RequestFailed as exc:
+                log.warning("%s (%d images)", exc, len(group))
+                errors.update({i: str(exc) for i in group})
+                continue
+            for i, row in zip(group, answer.itertuples()):
+                counts[i], confidences[i] = int(row.predicted_count), float(row.confidence)
+                if isinstance(row.error, str) and row.error:
+                    errors[i] = row.error
+        return pd.DataFrame({"predicted_count": counts, "confidence": confidences,
+                             "error": [errors.get(i, "") for i in range(len(paths))]})
 
 
 @dataclass
@@ -156,71 +218,93 @@ class LocalModel:
         self.model = load_model(self.model_uri)
 
     def __call__(self, paths: list[str]) -> pd.DataFrame:
-        return self.model.predict(pd.DataFrame({"path": paths}), params={"on_error": "skip"})
+        from bin_counter.pyfunc import predict_files
+
+        return predict_files(self.model, paths)  # read and sent as base64 here: the model itself opens no files
 
 
 @dataclass
-class RestModel:
+class RestModel(RemoteModel):
     url: str
     timeout: float = 120.0
 
-    def __call__(self, paths: list[str]) -> pd.DataFrame:
+    def send(self, body: bytes) -> bytes:
         import requests
 
+        from bin_counter.tracking import redact_uri
+
+        where = redact_uri(self.url)
         try:
-            response = requests.post(self.url.rstrip("/") + "/invocations", data=payload(paths),
+            response = requests.post(self.url.rstrip("/") + "/invocations", data=body,
                                      headers={"Content-Type": "application/json"}, timeout=self.timeout)
         except requests.RequestException as exc:
-            raise BinCounterError(f"cannot reach the model at {self.url}: {exc}") from None
+            reason = redact_uri(" ".join(str(exc).split())[:200])
+            raise RequestFailed(f"{REQUEST_FAILED}: cannot reach the model at {where}: {reason}") from None
         if response.status_code != 200:
-            raise BinCounterError(f"model at {self.url} answered {response.status_code}: {response.text[:300]}")
-        return from_response(response.content)
+            reason = " ".join(response.text[:200].split())
+            raise RequestFailed(f"{REQUEST_FAILED}: model at {where} answered {response.status_code}: {reason}")
+        return response.content
 
 
 @dataclass
-class SageMakerEndpoint:
+class SageMakerEndpoint(RemoteModel):
     endpoint: str
     region: str | None = None
 
-    def __call__(self, paths: list[str]) -> pd.DataFrame:
+    def send(self, body: bytes) -> bytes:
         import boto3
         from botocore.exceptions import BotoCoreError, ClientError
 
-        client = boto3.client("sagemaker-runtime", region_name=self.region)
+        from bin_counter.tracking import redact_uri
+
+        if not hasattr(self, "_client"):
+            self._client = boto3.client("sagemaker-runtime", region_name=self.region)
         try:
-            response = client.invoke_endpoint(EndpointName=self.endpoint, ContentType="application/json",
-                                              Body=payload(paths))
+            response = self._client.invoke_endpoint(EndpointName=self.endpoint, ContentType="application/json",
+                                                    Body=body)
+            return response["Body"].read()
         except (BotoCoreError, ClientError) as exc:
-            raise BinCounterError(f"endpoint {self.endpoint}: {exc}") from None
-        return from_response(response["Body"].read())
+            reason = " ".join(str(exc).split())[:300]
+            raise RequestFailed(f"{REQUEST_FAILED}: endpoint {self.endpoint}: {redact_uri(reason)}") from None
 
 
 # ---- the command -----------------------------------------------------------------------------------------
 
 
 def count_images(counter: Counter, images: pd.DataFrame, batch_size: int) -> pd.DataFrame:
+    """Every image gets a row: a batch the counter fails on is recorded with the reason and counting goes on."""
     parts = []
     paths = list(images["path"])
     for start in tqdm(range(0, len(paths), batch_size), desc="count", unit="batch"):
-        parts.append(counter(paths[start:start + batch_size]))
+        batch = paths[start:start + batch_size]
+        try:
+            parts.append(counter(batch)[["predicted_count", "confidence", "error"]])
+        except (BinCounterError, RequestFailed) as exc:
+            log.warning("batch of %d images not counted: %s", len(batch), exc)
+            parts.append(pd.DataFrame({"predicted_count": [-1] * len(batch), "confidence": [float("nan")] * len(batch),
+                                       "error": [f"{REQUEST_FAILED}: {exc}"] * len(batch)}))
     predictions = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
-    return pd.concat([images.reset_index(drop=True), predictions[["predicted_count", "confidence", "error"]]], axis=1)
+    return pd.concat([images.reset_index(drop=True), predictions], axis=1)
 
 
 def flag_for_check(results: pd.DataFrame, min_confidence: float) -> pd.DataFrame:
     known = results["expected_quantity"].notna()
-    readable = results["error"].fillna("") == ""
+    errors = results["error"].fillna("")
+    readable = errors == ""
     results["mismatch"] = known & readable & (results["predicted_count"] != results["expected_quantity"])
     low = readable & (results["confidence"] < min_confidence)
     results["needs_check"] = results["mismatch"] | low | ~readable
     results["check_reason"] = [
-        "unreadable image" if not ok else "count differs from metadata" if mis else "low confidence" if lo else ""
-        for ok, mis, lo in zip(readable, results["mismatch"], low)
+        ("not counted: the request failed" if error.startswith(REQUEST_FAILED) else "unreadable image") if error
+        else "count differs from metadata" if mis else "low confidence" if lo else ""
+        for error, mis, lo in zip(errors, results["mismatch"], low)
     ]
     return results
 
 
 def predict(counter: Counter, source: str, output: str, min_confidence: float = 0.5, batch_size: int = 16) -> pd.DataFrame:
+    """Count every image of `source` into `output`; images that could not be read or counted are listed with
+    their reason, and the results are written even when some requests failed."""
     with tempfile.TemporaryDirectory() as tmp:
         images = collect(source, Path(tmp))
         if images.empty:
@@ -235,13 +319,19 @@ def predict(counter: Counter, source: str, output: str, min_confidence: float = 
         check_path = Path(output).with_name(Path(output).stem + "_manual_check.csv")
         with atomic_path(check_path) as path:
             check[columns].to_csv(path, index=False)
-    unreadable = int((results["error"].fillna("") != "").sum())
-    print(f"counted {len(results) - unreadable} of {len(results)} images -> {output}")
+    errors = results["error"].fillna("")
+    failed = errors.str.startswith(REQUEST_FAILED)
+    print(f"counted {int((errors == '').sum())} of {len(results)} images -> {output}")
     if results["expected_quantity"].notna().any():
         print(f"{int(results['mismatch'].sum())} disagree with the metadata's EXPECTED_QUANTITY")
-    print(f"{len(check)} bins for a manual check (confidence < {min_confidence}, mismatch, unreadable) -> {check_path}")
-    for row in results[results["error"].fillna("") != ""].itertuples():
+    print(f"{len(check)} bins for a manual check (confidence < {min_confidence}, mismatch, unreadable, not counted) "
+          f"-> {check_path}")
+    for row in results[(errors != "") & ~failed].itertuples():
         print(f"  unreadable {row.image_id}: {row.error}")
+    if failed.any():
+        print(f"  {int(failed.sum())} images not counted because a request failed, e.g. {errors[failed].iloc[0]}")
+    if (errors != "").all():
+        raise BinCounterError(f"no image was counted ({errors.iloc[0]}); every image is listed in {check_path}")
     return results
 
 

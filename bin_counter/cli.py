@@ -367,7 +367,7 @@ def main(argv: list[str] | None = None) -> None:
         tracking.configure()
         args.func(args)
     except BinCounterError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {tracking.redact_uri(str(exc))}", file=sys.stderr)  # the last guard against a leaked password
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -459,14 +459,17 @@ class RecordingProxy:
         host, port = upstream.replace("http://", "").split(":")
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # answers S3 uploads' `Expect: 100-continue` instead of stalling them
+
             def log_message(self, *args):
                 pass
 
             def _forward(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0) or 0))
                 proxy.calls.append((self.headers.get("X-Amz-Target", self.path), body))
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "expect"}
                 conn = http.client.HTTPConnection(host, int(port))
-                conn.request(self.command, self.path, body=body, headers=dict(self.headers))
+                conn.request(self.command, self.path, body=body, headers=headers)
                 response = conn.getresponse()
                 data = response.read()
                 self.send_response(response.status)

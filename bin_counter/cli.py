@@ -56,7 +56,7 @@ def cmd_prepare(args) -> None:
 
 
 def add_train_options(p, defaults=None) -> None:
-    from bin_counter.config import TrainConfig
+    from bin_counter.config import DECODES, TrainConfig
 
     d = defaults or TrainConfig()
     p.add_argument("--data", default=d.data, help="DATA_DIR written by `prepare` (default: data)")
@@ -81,13 +81,18 @@ def add_train_options(p, defaults=None) -> None:
     p.add_argument("--loss", default=d.loss, choices=["ce", "ce+expected"],
                    help="ce+expected adds |expected count - true count| (counts are ordered)")
     p.add_argument("--expected-weight", type=float, default=d.expected_weight)
-    p.add_argument("--decode", default=d.decode, choices=["argmax", "expected"],
-                   help="expected: predict the count nearest the expected value (lower MAE)")
+    p.add_argument("--head", default=d.head, choices=["logistic", "sgd"],
+                   help="logistic: solved on frozen features with CV-chosen strength; sgd: the study's trained head")
+    p.add_argument("--decode", default=d.decode, choices=list(DECODES),
+                   help="argmax; expected: the count nearest the expected value; ordinal: least expected cost")
+    p.add_argument("--decode-cost", type=float, default=d.decode_cost, help="ordinal: extra cost per count off")
+    p.add_argument("--decode-tail-boost", type=float, default=d.decode_tail_boost,
+                   help="ordinal: log-odds added to the lowest and highest count")
     p.add_argument("--balance", action=argparse.BooleanOptionalAction, default=d.balance,
                    help="inverse-frequency class weights")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=d.tta,
                    help="average over flips/transposes at evaluation")
-    p.add_argument("--recipe", help="a named set of switches (study, counting, finetune); explicit flags win")
+    p.add_argument("--recipe", help="a named set of switches (study, probe, counting, counting-mae, counting-sgd, finetune); explicit flags win")
     p.add_argument("--stream", action="store_true",
                    help="stream the WebDataset shards of --data (a DATA_DIR or s3://...) instead of image files")
 
@@ -166,6 +171,7 @@ def cmd_main(args) -> None:
 def add_tune(sub) -> None:
     p = sub.add_parser("tune", help="hyperparameter search (Optuna locally, or a SageMaker tuning job)")
     add_train_options(p)
+    p.set_defaults(head="sgd")  # the search is over the SGD head's batch size, lr and epochs
     p.add_argument("--n-trials", type=_int, default=5)
     p.add_argument("--n-jobs", type=_int, default=1, help="trials run in parallel in this process")
     p.add_argument("--storage", help="Optuna RDB URL (sqlite:///optuna.db, postgresql://...) shared by workers")
@@ -291,7 +297,7 @@ def cmd_launch(args) -> None:
 def add_crossval(sub) -> None:
     p = sub.add_parser("crossval", help="compare recipes by repeated stratified k-fold on real ABID images")
     p.add_argument("--source", default="sample", help="`sample`, a directory in ABID's layout, or s3://...")
-    p.add_argument("--recipes", default="study,counting", help="comma-separated recipe names")
+    p.add_argument("--recipes", default="probe,study,counting", help="comma-separated recipe names")
     p.add_argument("--folds", type=_int, default=5)
     p.add_argument("--repeats", type=_int, default=1)
     p.add_argument("--seed", type=_int, default=0)

@@ -83,7 +83,8 @@ def cached_features(model: CountingModel, frame: pd.DataFrame, classes: list[int
 
     Stored as float16 (half the size, same accuracy); training always sees the stored values, so a fresh run and
     a cached rerun give the same model."""
-    key = description_key({**description, "views": views, "seed": seed, "tta": tta})
+    # test-time views are fixed flips, so their features do not depend on the seed: every seed shares them
+    key = description_key({**description, "views": views, "seed": None if tta else seed, "tta": tta})
     path = Path(cache_dir) / f"{key}.pt" if cache_dir else None
     store = torch.load(path, weights_only=True) if path is not None and path.exists() else None
     known = {sha: i for i, sha in enumerate(store["sha"])} if store else {}

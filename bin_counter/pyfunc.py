@@ -81,7 +81,8 @@ class BinCounterModel(mlflow.pyfunc.PythonModel):
         self.model = model.to(self.device).eval()
         self.transform = eval_transform(self.config["backbone"], self.config["image_size"])
         self.tta = self.config.get("tta", False)
-        self.decode = self.config.get("decode", "argmax")
+        # models logged before `decoding` stored only the decode's name
+        self.decoding = self.config.get("decoding", {"how": self.config.get("decode", "argmax")})
 
     @torch.no_grad()
     def _probabilities(self, batch: torch.Tensor) -> np.ndarray:
@@ -116,7 +117,7 @@ class BinCounterModel(mlflow.pyfunc.PythonModel):
         from bin_counter.metrics import decode
 
         ok = ~np.isnan(probs[:, 0])
-        counts = decode(np.nan_to_num(probs), self.classes, self.decode)
+        counts = decode(np.nan_to_num(probs), self.classes, **self.decoding)
         chosen = np.nan_to_num(probs)[np.arange(len(probs)), np.searchsorted(self.classes, counts)]
         frame = pd.DataFrame({
             "predicted_count": np.where(ok, counts, -1).astype("int64"),

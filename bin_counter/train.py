@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
-from bin_counter import BinCounterError, checkpoint, distributed, metrics, plots, tracking
+from bin_counter import BinCounterError, checkpoint, distributed, heads, metrics, plots, tracking
 from bin_counter.config import TrainConfig, as_params
 from bin_counter.debugger import Rules
 from bin_counter.data import ManifestImages, dihedral_views, eval_transform, make_loader, train_transform
@@ -148,10 +148,10 @@ def evaluate_epoch(net, criterion, loader, device, tta: bool = False) -> dict:
             "probs": torch.cat(probs).numpy()}
 
 
-def split_metrics(result: dict, classes: list[int], decode: str) -> dict:
+def split_metrics(result: dict, classes: list[int], decoding: dict) -> dict:
     """Metrics in counts: predictions decoded from the probabilities as the served model will decode them."""
     return metrics.classification_metrics(np.asarray(classes)[result["y_true"]],
-                                          metrics.decode(result["probs"], classes, decode), classes)
+                                          metrics.decode(result["probs"], classes, **decoding), classes)
 
 
 def make_optimizer(cfg: TrainConfig, model: CountingModel, net: nn.Module) -> torch.optim.Optimizer:
@@ -195,20 +195,21 @@ def build_loaders(cfg: TrainConfig, model: CountingModel, frames: dict[str, pd.D
     train_tf = train_transform(cfg.backbone, cfg.image_size, cfg.rotation_degrees, cfg.hflip)
     if cfg.stream:
         return stream_loaders(cfg, model, frames, classes, eval_tf, train_tf)
-    if cfg.feature_cache and backbone_is_frozen(model):
-        description = {"backbone": cfg.backbone, "weights": weights_id(cfg.weights), "size": cfg.image_size,
-                       "rotation": cfg.rotation_degrees, "hflip": cfg.hflip}
+    if cfg.head == "logistic" or (cfg.feature_cache and backbone_is_frozen(model)):
         loaders = {}
         for split, frame in frames.items():
-            training = split == "train"
+            # the SGD head trains on random augmented views; the logistic head is fitted on the test-time views
+            augmented = split == "train" and cfg.head == "sgd"
+            description = {"backbone": cfg.backbone, "weights": weights_id(cfg.weights), "size": cfg.image_size,
+                           **({"rotation": cfg.rotation_degrees, "hflip": cfg.hflip, "train": True} if augmented else {})}
             features, ok = cached_features(
-                model, frame, classes, train_tf if training else eval_tf, cfg.feature_views if training else 1,
-                {**description, "train": training}, Path(cfg.cache_dir) if cfg.cache_dir else None,
-                cfg.batch_size, cfg.num_workers, cfg.seed, device, split, tta=cfg.tta and not training)
+                model, frame, classes, train_tf if augmented else eval_tf, cfg.feature_views if augmented else 1,
+                description, Path(cfg.cache_dir) if cfg.cache_dir and cfg.feature_cache else None,
+                cfg.batch_size, cfg.num_workers, cfg.seed, device, split, tta=cfg.tta and not augmented)
             labels = torch.tensor([classes.index(int(c)) for c in frame["count"]])
-            dataset = FeatureViews(features, labels, ok, random_view=training, all_views=cfg.tta and not training)
-            loaders[split] = make_loader(dataset, cfg.batch_size, shuffle=training, num_workers=0, seed=cfg.seed,
-                                         drop_last=training, collate_fn=None)
+            dataset = FeatureViews(features, labels, ok, random_view=augmented, all_views=not augmented)
+            loaders[split] = make_loader(dataset, cfg.batch_size, shuffle=augmented, num_workers=0, seed=cfg.seed,
+                                         drop_last=augmented, collate_fn=None)
         return Loaders(model.head, loaders["train"], loaders["val"], loaders.get("test"), list(frames["train"]["count"]))
     loaders = {
         split: make_loader(ManifestImages(frame, classes, train_tf if split == "train" else eval_tf), cfg.batch_size,
@@ -224,6 +225,11 @@ def weights_id(weights: str | None) -> str:
         return "default"
     path = Path(weights)
     return f"{path.resolve()}:{path.stat().st_size}:{path.stat().st_mtime_ns}" if path.exists() else weights
+
+
+def log_epoch(row: dict) -> None:
+    if mlflow.active_run():
+        mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch" and np.isfinite(v)}, step=row["epoch"])
 
 
 @dataclass
@@ -277,7 +283,7 @@ def fit(cfg: TrainConfig, model: CountingModel, loaders: Loaders, classes: list[
         train_stats = train_one_epoch(train_net, criterion, optimizer, loaders.train, device, scaler,
                                       f"epoch {epoch}", profiler if epoch == 1 else NO_PROFILE)
         val = evaluate_epoch(net, criterion, loaders.val, device, cfg.tta)
-        val_metrics = split_metrics(val, classes, cfg.decode)
+        val_metrics = split_metrics(val, classes, cfg.decoding)
         scheduler.step()
         if ctx.main:
             print(f"Epoch {epoch}/{cfg.epochs}  Train loss: {train_stats['loss']:.4f}  "
@@ -290,8 +296,7 @@ def fit(cfg: TrainConfig, model: CountingModel, loaders: Loaders, classes: list[
                "grad_norm_max": train_stats["grad_norm_max"], "epoch_seconds": train_stats["seconds"],
                "images_per_s": train_stats["images_per_s"]}
         rows.append(row)
-        if mlflow.active_run():
-            mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch" and np.isfinite(v)}, step=epoch)
+        log_epoch(row)
         for finding in rules.check_epoch(rows):
             log.warning("debugger: %s at epoch %d: %s", finding.rule, finding.epoch, finding.message)
             if mlflow.active_run():
@@ -313,6 +318,34 @@ def fit(cfg: TrainConfig, model: CountingModel, loaders: Loaders, classes: list[
     if best_state is not None:
         net.load_state_dict(best_state)
     return FitResult(pd.DataFrame(rows), best_epoch, best_val, list(rules.findings), stopped)
+
+
+def solve_head(cfg: TrainConfig, model: CountingModel, loaders: Loaders, classes: list[int], device: torch.device,
+               on_epoch=None, rules: Rules | None = None, checkpointing: Checkpointing | None = None) -> FitResult:
+    """The logistic head, solved on the frozen features of the train and val splits (heads.fit_logistic).
+
+    Its strength is chosen by cross-validation over those images, so the reported validation metrics are
+    out-of-fold predictions: no image is scored by a head that saw it. One "epoch" of history, seconds long."""
+    parts = [loaders.train.dataset, loaders.val.dataset]
+    features, labels = torch.cat([p.features for p in parts]), torch.cat([p.labels for p in parts])
+    start = time.perf_counter()
+    fitted = heads.fit_logistic(features, labels, len(classes), balance=cfg.balance, seed=cfg.seed)
+    seconds = time.perf_counter() - start
+    fitted.write_into(model.head)
+    in_sample = fitted.probabilities(features)
+    val_metrics = split_metrics({"y_true": labels.numpy(), "probs": fitted.oof_probs}, classes, cfg.decoding)
+    row = {"epoch": 1, "train_loss": heads.log_loss(in_sample, labels.numpy()),
+           "train_accuracy": float((in_sample.argmax(1) == labels.numpy()).mean()),
+           "val_loss": fitted.cv_log_loss[fitted.c], "val_accuracy": val_metrics["accuracy"],
+           "val_precision": val_metrics["precision_macro"], "val_recall": val_metrics["recall_macro"],
+           "val_f1": val_metrics["f1_macro"], "val_mae": val_metrics["mae"], "head_c": fitted.c,
+           "epoch_seconds": seconds, "images_per_s": len(labels) / seconds if seconds else 0.0}
+    print(f"Logistic head: C={fitted.c:g} chosen by 5-fold CV over {len(labels)} images in {seconds:.1f} s")
+    print(metrics.study_lines(row["val_loss"], val_metrics), flush=True)
+    log_epoch(row)
+    if on_epoch is not None:
+        on_epoch(1, row)
+    return FitResult(pd.DataFrame([row]), 1, row)
 
 
 @dataclass
@@ -341,9 +374,18 @@ def test_split_metrics(cfg: TrainConfig, loaders: Loaders, classes: list[int], d
         return None
     test = evaluate_epoch(loaders.net, make_criterion(cfg, classes, loaders.train_counts).to(device), loaders.test,
                           device, cfg.tta)
-    result = split_metrics(test, classes, cfg.decode)
+    result = split_metrics(test, classes, cfg.decoding)
     result["loss"] = test["loss"]
+    result["rows"], result["probs"] = test["rows"], test["probs"]
     return result
+
+
+def test_predictions(frame: pd.DataFrame, test: dict, classes: list[int]) -> pd.DataFrame:
+    """Each test image's probabilities as training measured them: what the served model must reproduce."""
+    table = frame.iloc[test["rows"]][["image_id", "count"]].reset_index(drop=True)
+    for j, count in enumerate(classes):
+        table[f"prob_{count}"] = test["probs"][:, j]
+    return table
 
 
 def profiled_fit(cfg: TrainConfig, model, loaders: Loaders, classes, device, on_epoch, rules: Rules,
@@ -431,12 +473,14 @@ def log_outcome(cfg: TrainConfig, model, loaders: Loaders, result: FitResult, fr
     test_metrics = test_split_metrics(cfg, loaders, classes, device)
     if test_metrics is not None:
         mlflow.log_metrics(metrics.scalar_metrics(test_metrics, prefix="test_"))
+        if not cfg.stream:  # shard positions are not manifest rows
+            tracking.log_frame(test_predictions(frames["test"], test_metrics, classes), "test_predictions")
         log.info("test accuracy %.3f, macro F1 %.3f, MAE %.3f (best epoch %d)", test_metrics["accuracy"],
                  test_metrics["f1_macro"], test_metrics["mae"], result.best_epoch)
     model_uri = None
     if save_model:
         config = {"backbone": cfg.backbone, "classes": classes, "image_size": cfg.image_size,
-                  "best_epoch": result.best_epoch, "tta": cfg.tta, "decode": cfg.decode}
+                  "best_epoch": result.best_epoch, "tta": cfg.tta, "decoding": cfg.decoding}
         with tempfile.TemporaryDirectory() as tmp:
             model_uri = log_model(model.cpu(), config, example_images(cfg, frames, Path(tmp)),
                                   cfg.register_as).model_uri
@@ -477,9 +521,9 @@ def train(cfg: TrainConfig, on_epoch=None, save_model: bool = True, parent_run_i
         checkpointing = Checkpointing(checkpoint.path_for(cfg.checkpoint_dir, run_id), run_id, resumed) \
             if cfg.checkpoint_dir else None
         try:
+            fitter = solve_head if cfg.head == "logistic" else profiled_fit if cfg.profile else fit
             with checkpoint.interruptible():
-                result = (profiled_fit if cfg.profile else fit)(cfg, model, loaders, classes, device, on_epoch, rules,
-                                                                checkpointing=checkpointing)
+                result = fitter(cfg, model, loaders, classes, device, on_epoch, rules, checkpointing=checkpointing)
         except checkpoint.TrainingInterrupted as signal_name:
             if ctx.main:
                 mlflow.end_run("KILLED")

@@ -159,6 +159,9 @@ def tune(cfg: TuneConfig) -> dict:
     """`bin-counter tune --backend local`: search, then train the best configuration and evaluate it on test."""
     cfg.space.validate()
     backbone_spec(cfg.base.backbone)  # unknown names fail before any work
+    if cfg.base.head != "sgd":
+        raise BinCounterError("tune searches the SGD head's batch size, lr and epochs; the logistic head chooses its "
+                              "own strength by cross-validation: use --head sgd")
     if cfg.n_trials < 1:
         raise BinCounterError("--n-trials must be >= 1")
     study = open_study(cfg)

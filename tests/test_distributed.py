@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 def test_torchrun_two_processes_match_one(tmp_path, mlflow_store):
     data = tmp_path / "data"
     prepare(PrepareConfig(out=str(data), limit_per_class=24, split=(0.5, 0.25, 0.25), workers=2))
-    options = ["--epochs", "4", "--batch-size", "8", "--feature-views", "2", "--num-workers", "0", "--seed", "1"]
+    options = ["--head", "sgd", "--image-size", "224", "--epochs", "4", "--batch-size", "8", "--feature-views", "2", "--num-workers", "0", "--seed", "1"]
     env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -32,7 +32,7 @@ def test_torchrun_two_processes_match_one(tmp_path, mlflow_store):
     # written once, by rank 0: one file per preprocessing (training views; evaluation views for val and test)
     assert len(list((tmp_path / "cache-ddp").glob("*.pt"))) == 2
 
-    single = train(TrainConfig(data=str(data), epochs=4, batch_size=8, feature_views=2, num_workers=0, seed=1,
+    single = train(TrainConfig(data=str(data), head="sgd", image_size=224, epochs=4, batch_size=8, feature_views=2, num_workers=0, seed=1,
                                cache_dir=str(tmp_path / "cache-one")), save_model=False)
     # 30 test images: two runs of the same recipe differ by chance alone by up to ~0.25 (two binomial SEs)
     assert abs(ddp.data.metrics["test_accuracy"] - single.test_metrics["accuracy"]) <= 0.25

@@ -82,7 +82,7 @@ def test_entry_script_resumes_a_reclaimed_spot_job(tiny_data, tmp_path):
     env = {**os.environ, "SM_CHANNEL_TRAINING": str(tiny_data), "PYTHONPATH": str(code), "TQDM_DISABLE": "1",
            "BIN_COUNTER_CHECKPOINTS": str(checkpoints)}
     # hyperparameters arrive as `--name value` pairs; fine-tuning a stage makes epochs slow enough to interrupt
-    args = [sys.executable, ENTRY_SCRIPT, "--epochs", "4", "--batch-size", "8", "--unfreeze-last", "1",
+    args = [sys.executable, ENTRY_SCRIPT, "--head", "sgd", "--image-size", "224", "--epochs", "4", "--batch-size", "8", "--unfreeze-last", "1",
             "--num-workers", "0", "--sagemaker_program", ENTRY_SCRIPT]
     first = subprocess.Popen(args, cwd=code, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 180

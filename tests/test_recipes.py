@@ -95,7 +95,7 @@ def test_counting_recipe_end_to_end_serves_what_it_measured(tiny_data, tmp_path)
                                           cache_dir=str(tmp_path / "cache")), **{**RECIPES["counting-mae"], "epochs": 3})
     result = train(cfg)
     config = mlflow.artifacts.load_dict(f"runs:/{result.run_id}/model/artifacts/config.json")
-    assert config["tta"] is True and config["decode"] == "expected"
+    assert config["tta"] is True and config["decoding"]["how"] == "expected"
     report = evaluate_model(load_model(result.model_uri), read_manifest(tiny_data, "test"), [1, 2, 3, 4, 5])
     # the served model decodes and averages views as training's evaluation did (float16 cache: 1 image may flip)
     assert abs(report.metrics["accuracy"] - result.test_metrics["accuracy"]) <= 1 / 12 + 1e-9
@@ -111,14 +111,17 @@ def test_crossval_protocol_writes_the_table(tmp_path):
     from conftest import make_abid_dir
 
     source = make_abid_dir(tmp_path / "abid", per_class=6)
-    table = crossval(str(source), ["study"], folds=3, seed=0, base=base, output=str(out))
-    assert list(table["recipe"]) == ["majority class", "study"] and (table["folds"] == 3).all()
+    table = crossval(str(source), ["study", "probe"], folds=3, seed=0, base=base, output=str(out))
+    assert list(table["recipe"]) == ["majority class", "study", "probe"] and (table["folds"] == 3).all()
+    recalls = [float(r) for r in table.set_index("recipe").loc["probe", "recall per count"].split(" / ")]
+    assert len(recalls) == 5 and all(0 <= r <= 1 for r in recalls)
     text = out.read_text()
     assert "± " in text and "3-fold" in text
     parent = mlflow.last_active_run()
     children = mlflow.search_runs(search_all_experiments=True, output_format="list",
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    assert len(children) == 3
-    assert pd.read_csv(mlflow.artifacts.download_artifacts(run_id=parent.info.run_id,
-                                                           artifact_path="crossval_folds.csv")).shape[0] == 6
+    assert len(children) == 6
+    folds = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=parent.info.run_id,
+                                                            artifact_path="crossval_folds.csv"))
+    assert folds.shape[0] == 9 and (folds.loc[folds["recipe"] != "majority class", "minutes"] > 0).all()
 

@@ -14,7 +14,7 @@ from bin_counter.config import TrainConfig
 from bin_counter.train import train
 
 pytestmark = pytest.mark.slow
-OPTIONS = dict(epochs=5, batch_size=8, feature_cache=False, num_workers=0, seed=3)
+OPTIONS = dict(head="sgd", image_size=224, epochs=5, batch_size=8, feature_cache=False, num_workers=0, seed=3)
 
 
 def test_sigterm_then_resume_matches_an_uninterrupted_run(tiny_data, tmp_path):
@@ -24,7 +24,7 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(tiny_data, tmp_path):
 
     checkpoints = tmp_path / "ckpt"
     command = [sys.executable, "-m", "bin_counter", "train", "--data", str(tiny_data), "--checkpoint-dir",
-               str(checkpoints), "--epochs", "5", "--batch-size", "8", "--no-feature-cache", "--num-workers", "0",
+               str(checkpoints), "--head", "sgd", "--image-size", "224", "--epochs", "5", "--batch-size", "8", "--no-feature-cache", "--num-workers", "0",
                "--seed", "3"]
     env = {**os.environ, "TQDM_DISABLE": "1"}
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

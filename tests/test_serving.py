@@ -35,7 +35,7 @@ def registry(tiny_data, tmp_path_factory):
     mlflow.set_tracking_uri(uri)
     try:
         for seed in (0, 1):
-            train(TrainConfig(data=str(tiny_data), epochs=2, batch_size=8, feature_views=1, num_workers=0, seed=seed,
+            train(TrainConfig(data=str(tiny_data), head="sgd", image_size=224, epochs=2, batch_size=8, feature_views=1, num_workers=0, seed=seed,
                               cache_dir=str(root / "cache"), register_as="bins"))
     finally:
         os.chdir(old)

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_train_log_load_evaluate(tiny_data, tmp_path, capsys):
-    cfg = TrainConfig(data=str(tiny_data), epochs=2, batch_size=8, feature_views=2, num_workers=0,
+    cfg = TrainConfig(data=str(tiny_data), head="sgd", image_size=224, epochs=2, batch_size=8, feature_views=2, num_workers=0,
                       cache_dir=str(tmp_path / "cache"), register_as="bin-counter-test")
     result = train(cfg)
     out = capsys.readouterr().out
@@ -98,7 +98,7 @@ def test_corrupt_images_in_a_dataset_are_reported_not_crashed_on(tiny_data, tmp_
 
 
 def test_full_forward_path_fine_tunes_last_stage(tiny_data, tmp_path):
-    cfg = TrainConfig(data=str(tiny_data), epochs=1, batch_size=8, unfreeze_last=1, num_workers=0,
+    cfg = TrainConfig(data=str(tiny_data), head="sgd", image_size=224, epochs=1, batch_size=8, unfreeze_last=1, num_workers=0,
                       cache_dir=str(tmp_path / "cache"))
     result = train(cfg)
     run = mlflow.MlflowClient().get_run(result.run_id)

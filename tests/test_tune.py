@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 
 def small(tiny_data, tmp_path, **kwargs) -> TuneConfig:
-    base = TrainConfig(data=str(tiny_data), feature_views=2, num_workers=0, cache_dir=str(tmp_path / "cache"))
+    base = TrainConfig(data=str(tiny_data), head="sgd", image_size=224, feature_views=2, num_workers=0, cache_dir=str(tmp_path / "cache"))
     return TuneConfig(base=base, space=SearchSpace(batch_size=(8, 16), lr=(1e-4, 5e-2), epochs=(2, 3)), **kwargs)
 
 

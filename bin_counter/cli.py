@@ -11,12 +11,18 @@ from bin_counter import BinCounterError
 log = logging.getLogger("bin_counter")
 
 
-def _int(value: str) -> int:
-    """MLproject passes numbers as floats (`5.0`); an int option accepts those."""
+def _int(value: str) -> int | None:
+    """MLproject passes numbers as floats (`5.0`); an int option accepts those. An empty value is "not given"."""
+    if value == "":
+        return None
     number = float(value)
     if not number.is_integer():
         raise argparse.ArgumentTypeError(f"expected an integer, got {value}")
     return int(number)
+
+
+def _float(value: str) -> float | None:
+    return None if value == "" else float(value)
 
 
 def _optional_bool(value: str) -> bool:
@@ -63,30 +69,34 @@ def add_train_options(p, defaults=None) -> None:
     p.add_argument("--backbone", default=d.backbone, help=f"backbone name (default {d.backbone})")
     p.add_argument("--weights", help="pretrained backbone weights file instead of the library's cache")
     p.add_argument("--batch-size", type=_int, default=d.batch_size)
-    p.add_argument("--lr", type=float, default=d.lr, help="learning rate of the classifier head")
+    p.add_argument("--lr", type=_float, default=d.lr, help="learning rate of the classifier head")
     p.add_argument("--epochs", type=_int, default=d.epochs)
     p.add_argument("--seed", type=_int, default=d.seed)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--weight-decay", type=_float, default=d.weight_decay)
     p.add_argument("--image-size", type=_int, default=d.image_size)
-    p.add_argument("--rotation-degrees", type=float, default=d.rotation_degrees)
+    p.add_argument("--rotation-degrees", type=_float, default=d.rotation_degrees)
     p.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=d.hflip, help="random horizontal flips")
     p.add_argument("--unfreeze-last", type=_int, default=d.unfreeze_last, help="fine-tune the last N backbone stages")
-    p.add_argument("--backbone-lr", type=float, default=d.backbone_lr, help="learning rate of unfrozen stages")
+    p.add_argument("--backbone-lr", type=_float, default=d.backbone_lr, help="learning rate of unfrozen stages")
     p.add_argument("--no-feature-cache", dest="feature_cache", action="store_false",
                    help="always run the full forward pass")
+    p.add_argument("--feature-cache", dest="feature_cache", type=_optional_bool, default=d.feature_cache,
+                   help="true/false (for MLproject); false equals --no-feature-cache")
     p.add_argument("--feature-views", type=_int, default=d.feature_views, help="augmented views cached per image")
     p.add_argument("--cache-dir", default=d.cache_dir)
     p.add_argument("--num-workers", type=_int, default=d.num_workers, help="DataLoader workers")
     p.add_argument("--checkpoint-dir", default=d.checkpoint_dir, help="where every finished epoch is checkpointed")
-    p.add_argument("--loss", default=d.loss, choices=["ce", "ce+expected"],
-                   help="ce+expected adds |expected count - true count| (counts are ordered)")
-    p.add_argument("--expected-weight", type=float, default=d.expected_weight)
-    p.add_argument("--head", default=d.head, choices=["logistic", "sgd"],
+    p.add_argument("--loss", default=d.loss,
+                   help="ce, or ce+expected: adds |expected count - true count| (counts are ordered)")
+    p.add_argument("--expected-weight", type=_float, default=d.expected_weight)
+    # names are checked by TrainConfig.validate (argparse's choices would refuse MLproject's "" for "not given")
+    p.add_argument("--head", default=d.head,
                    help="logistic: solved on frozen features with CV-chosen strength; sgd: the study's trained head")
-    p.add_argument("--decode", default=d.decode, choices=list(DECODES),
-                   help="argmax; expected: the count nearest the expected value; ordinal: least expected cost")
-    p.add_argument("--decode-cost", type=float, default=d.decode_cost, help="ordinal: extra cost per count off")
-    p.add_argument("--decode-tail-boost", type=float, default=d.decode_tail_boost,
+    p.add_argument("--decode", default=d.decode,
+                   help=f"{' / '.join(DECODES)}: expected is the count nearest the expected value; ordinal the count "
+                        "of least expected cost")
+    p.add_argument("--decode-cost", type=_float, default=d.decode_cost, help="ordinal: extra cost per count off")
+    p.add_argument("--decode-tail-boost", type=_float, default=d.decode_tail_boost,
                    help="ordinal: log-odds added to the lowest and highest count")
     p.add_argument("--balance", action=argparse.BooleanOptionalAction, default=d.balance,
                    help="inverse-frequency class weights")
@@ -354,6 +364,16 @@ def parse(argv: list[str] | None):
             raise SystemExit(f"error: {args.experiment}: unknown keys {sorted(unknown)}")
         subparser.set_defaults(**{k: ",".join(v) if isinstance(v, list) else v for k, v in doc.items()})
         args = parser.parse_args(argv)
+    return not_given_is_default(args, parser)
+
+
+def not_given_is_default(args, parser):
+    """An MLproject parameter the user did not set arrives as an empty value (`--epochs ''`): it means the
+    default, after the recipe, exactly as if the flag were absent from a CLI call."""
+    subparser = next(a for a in parser._subparsers._group_actions).choices[args.command]
+    for action in subparser._actions:
+        if getattr(args, action.dest, None) == "" or (getattr(args, action.dest, 0) is None and action.default is not None):
+            setattr(args, action.dest, action.default)
     return args
 
 

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from bin_counter import distributed
 from bin_counter.data import ManifestImages, dihedral_views, make_loader
+from bin_counter.feature_store import load_store
 from bin_counter.files import atomic_path
 from bin_counter.models import CountingModel
 
@@ -86,7 +87,7 @@ def cached_features(model: CountingModel, frame: pd.DataFrame, classes: list[int
     # test-time views are fixed flips, so their features do not depend on the seed: every seed shares them
     key = description_key({**description, "views": views, "seed": None if tta else seed, "tta": tta})
     path = Path(cache_dir) / f"{key}.pt" if cache_dir else None
-    store = torch.load(path, weights_only=True) if path is not None and path.exists() else None
+    store = load_store(path) if path is not None else None  # a corrupt file is deleted and recomputed
     known = {sha: i for i, sha in enumerate(store["sha"])} if store else {}
     missing = frame[~frame["sha256"].isin(known)].drop_duplicates("sha256").reset_index(drop=True)
     if len(missing):

@@ -125,3 +125,16 @@ def test_crossval_protocol_writes_the_table(tmp_path):
                                                             artifact_path="crossval_folds.csv"))
     assert folds.shape[0] == 9 and (folds.loc[folds["recipe"] != "majority class", "minutes"] > 0).all()
 
+
+
+def test_corrupt_feature_cache_file_is_recomputed_not_fatal(tiny_data, tmp_path, caplog):
+    frame = read_manifest(tiny_data, "test").head(3)
+    model = create_model("efficientnet-lite0", 5)
+    common = dict(classes=[1, 2, 3, 4, 5], transform=eval_transform("efficientnet-lite0", 64), views=1,
+                  description={"d": 2}, cache_dir=tmp_path, batch_size=4, num_workers=0, seed=0,
+                  device=torch.device("cpu"), desc="test")
+    first, _ = cached_features(model, frame, **common)
+    (stored,) = tmp_path.glob("*.pt")
+    stored.write_bytes(stored.read_bytes()[:100])  # a truncated write
+    again, ok = cached_features(model, frame, **common)
+    assert torch.allclose(again, first) and ok.all() and "deleted" in caplog.text.lower()

@@ -248,6 +248,7 @@ class Checkpointing:
     path: Path
     run_id: str
     resume_from: dict | None = None
+    data_digest: str = ""  # a resume must see the same data, not only the same options
 
 
 def fit(cfg: TrainConfig, model: CountingModel, loaders: Loaders, classes: list[int], device: torch.device,
@@ -312,7 +313,8 @@ def fit(cfg: TrainConfig, model: CountingModel, loaders: Loaders, classes: list[
             progress = {"best_loss": best_loss, "best_state": best_state, "best_epoch": best_epoch,
                         "best_val": best_val, "rows": rows}
             checkpoint.save(checkpointing.path, epoch, net, optimizer, scheduler, scaler, progress,
-                            [loaders.train, loaders.val], checkpointing.run_id, as_params(cfg))
+                            [loaders.train, loaders.val], checkpointing.run_id,
+                            {**as_params(cfg), "data_digest": checkpointing.data_digest})
         if on_epoch is not None:
             on_epoch(epoch, row)
     if best_state is not None:
@@ -416,8 +418,12 @@ def ensure_data(data: str) -> None:
         prepare(PrepareConfig(source="sample", out=data))
 
 
-def resume_state(cfg: TrainConfig) -> dict | None:
-    """The checkpoint to continue from (--resume [RUN_ID]); it must come from the same configuration."""
+def data_digest(frames: dict[str, pd.DataFrame]) -> str:
+    return tracking.dataset_digest(pd.concat(frames.values()))
+
+
+def resume_state(cfg: TrainConfig, digest: str) -> dict | None:
+    """The checkpoint to continue from (--resume [RUN_ID]); it must come from the same configuration and data."""
     if not cfg.resume:
         return None
     if not cfg.checkpoint_dir:
@@ -428,6 +434,9 @@ def resume_state(cfg: TrainConfig) -> dict | None:
     ignored = {"resume", "run_name", "register_as", "num_workers", "profile", "checkpoint_dir"}
     mine = {k: v for k, v in as_params(cfg).items() if k not in ignored}
     theirs = {k: v for k, v in state["config"].items() if k not in ignored}
+    if theirs.get("data_digest") != digest:
+        raise BinCounterError(f"--resume: {path} was trained on other data than {cfg.data} holds now (dataset "
+                              f"digest {theirs.get('data_digest') or 'unknown'} vs {digest}); start a new run")
     changed = sorted(k for k in mine if mine[k] != theirs.get(k))
     if changed:
         raise BinCounterError(f"--resume: {path} was written with other settings ({', '.join(changed)}); "
@@ -502,7 +511,8 @@ def train(cfg: TrainConfig, on_epoch=None, save_model: bool = True, parent_run_i
     distributed.barrier()
     classes = read_classes(cfg.data)
     frames = split_frames(cfg.data)
-    resumed = resume_state(cfg)
+    digest = data_digest(frames)
+    resumed = resume_state(cfg, digest)
     mlflow_run = tracking.run(cfg.run_name or f"train-{cfg.backbone}", parent_run_id,
                               run_id=resumed["run_id"] if resumed else None, backbone=cfg.backbone) \
         if ctx.main else nullcontext()
@@ -518,7 +528,7 @@ def train(cfg: TrainConfig, on_epoch=None, save_model: bool = True, parent_run_i
             tracking.log_dataset(pd.concat(frames.values()), str(Path(cfg.data).resolve()), "abid", context="training")
         rules = start_rules(frames, classes)
         loaders = build_loaders(cfg, model, frames, classes, device)
-        checkpointing = Checkpointing(checkpoint.path_for(cfg.checkpoint_dir, run_id), run_id, resumed) \
+        checkpointing = Checkpointing(checkpoint.path_for(cfg.checkpoint_dir, run_id), run_id, resumed, digest) \
             if cfg.checkpoint_dir else None
         try:
             fitter = solve_head if cfg.head == "logistic" else profiled_fit if cfg.profile else fit

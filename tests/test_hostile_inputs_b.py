@@ -135,13 +135,14 @@ def test_checkpoint_renamed_to_another_run_is_refused(tmp_path):
 def test_resume_of_a_run_the_tracking_store_lacks_is_one_line(tiny_data, tmp_path):
     """A restarted job whose store lacks the checkpoint's run (a local store left behind) must not crash mid-way."""
     from bin_counter.config import TrainConfig, as_params
-    from bin_counter.train import train
+    from bin_counter.train import data_digest, split_frames, train
 
-    options = dict(data=str(tiny_data), epochs=2, batch_size=8, feature_cache=False, num_workers=0,
-                   checkpoint_dir=str(tmp_path / "ckpt"))
+    options = dict(data=str(tiny_data), head="sgd", image_size=224, epochs=2, batch_size=8, feature_cache=False,
+                   num_workers=0, checkpoint_dir=str(tmp_path / "ckpt"))
     net, optimizer, scheduler, scaler, loaders = tiny_training_state()
+    config = {**as_params(TrainConfig(**options)), "data_digest": data_digest(split_frames(str(tiny_data)))}
     checkpoint.save(checkpoint.path_for(tmp_path / "ckpt", "0123456789abcdef"), 1, net, optimizer, scheduler,
-                    scaler, progress_like_fit(net), loaders, "0123456789abcdef", as_params(TrainConfig(**options)))
+                    scaler, progress_like_fit(net), loaders, "0123456789abcdef", config)
     with pytest.raises(BinCounterError, match="tracking store .* has no run 0123456789abcdef") as error:
         train(TrainConfig(**options, resume="latest"))
     assert "\n" not in str(error.value)

@@ -61,8 +61,16 @@ def test_resume_refuses_other_settings_and_missing_checkpoints(tiny_data, tmp_pa
 
     from bin_counter.config import as_params
 
-    torch.save({"config": {**as_params(TrainConfig(data=str(tiny_data), **OPTIONS)), "lr": 0.5}, "run_id": "x"},
-               tmp_path / "c" / "x.pt")
+    from bin_counter.train import data_digest, split_frames
+
+    digest = data_digest(split_frames(str(tiny_data)))
+    saved = {**as_params(TrainConfig(data=str(tiny_data), **OPTIONS)), "lr": 0.5, "data_digest": digest}
+    torch.save({"config": saved, "run_id": "x"}, tmp_path / "c" / "x.pt")
     with pytest.raises(BinCounterError, match=r"other settings \(lr\)"):
+        train(TrainConfig(data=str(tiny_data), checkpoint_dir=str(tmp_path / "c"), resume="x", **OPTIONS))
+    # same options, other data: the checkpoint's digest no longer matches what --data holds
+    torch.save({"config": {**saved, "lr": OPTIONS.get("lr", TrainConfig().lr), "data_digest": "0" * 32},
+                "run_id": "x"}, tmp_path / "c" / "x.pt")
+    with pytest.raises(BinCounterError, match="trained on other data"):
         train(TrainConfig(data=str(tiny_data), checkpoint_dir=str(tmp_path / "c"), resume="x", **OPTIONS))
     assert checkpoint.latest(tmp_path / "c").name == "x.pt"

@@ -206,13 +206,12 @@ def encode_image(path: str | Path, max_side: int | None = None) -> str:
     """base64 of an image file; `max_side` shrinks it first (input examples stay small)."""
     if max_side is None:
         return base64.b64encode(Path(path).read_bytes()).decode()
-    from PIL import Image
+    from bin_counter.abid import read_image
 
-    with Image.open(path) as image:
-        image = image.convert("RGB")
-        image.thumbnail((max_side, max_side))
-        buffer = io.BytesIO()
-        image.save(buffer, format="JPEG", quality=80)
+    image = read_image(path)  # the one decoder: JPEG/PNG only, EXIF orientation applied
+    image.thumbnail((max_side, max_side))
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=80)
     return base64.b64encode(buffer.getvalue()).decode()
 
 

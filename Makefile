@@ -17,9 +17,13 @@ run: $(VENV)/.installed
 	PATH="$(abspath $(VENV))/bin:$$PATH" mlflow run . -e main --env-manager local
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15
+
+# the edit loop: everything but the end-to-end trainings and servers marked slow
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" --durations=15
 
 benchmarks: $(VENV)/.installed
 	for b in experiments/benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
 
-.PHONY: install run test benchmarks
+.PHONY: install run test test-fast benchmarks

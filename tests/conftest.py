@@ -114,30 +114,49 @@ def requests_reset(endpoint: str) -> None:
     conn.close()
 
 
-class SlowProxy:
-    """An HTTP proxy in front of moto that delays each object GET and logs every request path.
+class LoopbackProxy:
+    """A loopback HTTP proxy in front of the moto server; every test proxy is this one with a hook.
 
-    It lets a test kill a download part-way at a known point and count what was fetched.
+    `on_request(handler, body)` (or an override of the method of that name) sees each request before it is
+    forwarded: `handler` is the BaseHTTPRequestHandler (its `command`, `path`, `headers`), `body` the request's
+    bytes. It may record or sleep and return None to forward the request, or return `(status, body)` to answer
+    it instead with an `application/xml` body, as S3 answers its errors (HEAD gets the status and no body).
+
+    It speaks HTTP/1.1, so it answers S3 uploads' `Expect: 100-continue` itself instead of stalling them, and does
+    not pass `Expect` on. A HEAD answer keeps the object's Content-Length and sends no body; every other answer
+    carries the Content-Length of the body it sends.
     """
 
-    def __init__(self, upstream: str, delay: float):
+    def __init__(self, upstream: str, on_request=None):
         self.upstream = upstream.replace("http://", "")
-        self.delay = delay
-        self.gets: list[str] = []
+        if on_request is not None:
+            self.on_request = on_request
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
             def log_message(self, *args):
                 pass
 
+            def _answer(self, status: int, error: bytes):
+                self.send_response(status)
+                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Length", str(0 if self.command == "HEAD" else len(error)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(error)
+
             def _forward(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0) or 0))
-                if self.command == "GET" and "list-type" not in self.path and self.path.count("/") > 1:
-                    proxy.gets.append(self.path.split("?")[0])
-                    time.sleep(proxy.delay)
+                answer = proxy.on_request(self, body)
+                if answer is not None:
+                    self._answer(*answer)
+                    return
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "expect"}
                 host, port = proxy.upstream.split(":")
                 conn = http.client.HTTPConnection(host, int(port))
-                conn.request(self.command, self.path, body=body, headers=dict(self.headers))
+                conn.request(self.command, self.path, body=body, headers=headers)
                 response = conn.getresponse()
                 data = response.read()
                 self.send_response(response.status)
@@ -158,5 +177,27 @@ class SlowProxy:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
+    def on_request(self, handler: BaseHTTPRequestHandler, body: bytes):
+        """Forward every request unchanged."""
+        return None
+
     def close(self):
         self.server.shutdown()
+        self.server.server_close()
+
+
+class SlowProxy(LoopbackProxy):
+    """A LoopbackProxy that delays each object GET and logs its path.
+
+    It lets a test kill a download part-way at a known point and count what was fetched.
+    """
+
+    def __init__(self, upstream: str, delay: float):
+        self.delay = delay
+        self.gets: list[str] = []
+        super().__init__(upstream)
+
+    def on_request(self, handler, body):
+        if handler.command == "GET" and "list-type" not in handler.path and handler.path.count("/") > 1:
+            self.gets.append(handler.path.split("?")[0])
+            time.sleep(self.delay)

@@ -6,7 +6,6 @@ sometimes through a loopback proxy that refuses some requests as a locked-down b
 """
 from __future__ import annotations
 
-import http.client
 import io
 import json
 import logging
@@ -17,7 +16,6 @@ import sys
 import tarfile
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pandas as pd
 import pytest
@@ -27,7 +25,7 @@ from bin_counter import BinCounterError, abid
 from bin_counter.config import PrepareConfig
 from bin_counter.files import atomic_write_text
 from bin_counter.prepare import SAMPLE_DIR, prepare, upload_prepared
-from conftest import SlowProxy, free_port
+from conftest import LoopbackProxy, SlowProxy
 
 BUCKET = "hostile-a"
 SAMPLE_JPEGS = sorted((SAMPLE_DIR / "bin-images").glob("*.jpg"))
@@ -68,55 +66,21 @@ def rejected_reasons(out) -> dict[str, str]:
     return dict(zip(frame["image_id"], frame["reason"]))
 
 
-class RefusingProxy:
+class RefusingProxy(LoopbackProxy):
     """A loopback proxy in front of moto that answers 403 AccessDenied, as a locked-down bucket policy would, to
     the requests `refuse(method, path)` picks, and forwards the rest."""
 
     def __init__(self, upstream: str, refuse):
-        host, port = upstream.replace("http://", "").split(":")
+        self.refuse = refuse
         self.refused: list[str] = []
-        proxy = self
+        super().__init__(upstream)
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def _answer(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0) or 0))
-                if refuse(self.command, self.path):
-                    proxy.refused.append(f"{self.command} {self.path}")
-                    error = b"" if self.command == "HEAD" else (
-                        b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>AccessDenied</Code>'
-                        b"<Message>Access Denied</Message></Error>")
-                    self.send_response(403)
-                    self.send_header("Content-Type", "application/xml")
-                    self.send_header("Content-Length", str(len(error)))
-                    self.end_headers()
-                    self.wfile.write(error)
-                    return
-                conn = http.client.HTTPConnection(host, int(port))
-                conn.request(self.command, self.path, body=body, headers=dict(self.headers))
-                response = conn.getresponse()
-                data = response.read()
-                self.send_response(response.status)
-                for key, value in response.getheaders():
-                    if key.lower() not in ("transfer-encoding", "connection", "content-length"):
-                        self.send_header(key, value)
-                self.send_header("Content-Length", response.getheader("Content-Length") if self.command == "HEAD"
-                                 else str(len(data)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
-                conn.close()
-
-            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _answer
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
+    def on_request(self, handler, body):
+        if self.refuse(handler.command, handler.path):
+            self.refused.append(f"{handler.command} {handler.path}")
+            return 403, (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>AccessDenied</Code>'
+                         b"<Message>Access Denied</Message></Error>")
+        return None
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from bin_counter import BinCounterError, checkpoint
-from conftest import free_port
+from conftest import LoopbackProxy, free_port
 
 SAMPLE_IMAGES = sorted((Path(__file__).resolve().parents[1] / "bin_counter" / "sample" / "bin-images").glob("*.jpg"))
 
@@ -447,47 +447,17 @@ def test_dry_run_with_a_local_tracking_store_warns(sagemaker_env, capsys):
     assert json.loads(out)["RoleArn"] == ROLE
 
 
-class RecordingProxy:
+class RecordingProxy(LoopbackProxy):
     """Forwards every AWS call to the moto server and keeps its body: moto's DescribeTrainingJob leaves out the
     job's Environment, so the test reads what SageMaker would have received."""
 
     def __init__(self, upstream: str):
-        import http.client
-        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
         self.calls: list[tuple[str, bytes]] = []
-        proxy = self
-        host, port = upstream.replace("http://", "").split(":")
+        super().__init__(upstream)
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"  # answers S3 uploads' `Expect: 100-continue` instead of stalling them
-
-            def log_message(self, *args):
-                pass
-
-            def _forward(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0) or 0))
-                proxy.calls.append((self.headers.get("X-Amz-Target", self.path), body))
-                headers = {k: v for k, v in self.headers.items() if k.lower() != "expect"}
-                conn = http.client.HTTPConnection(host, int(port))
-                conn.request(self.command, self.path, body=body, headers=headers)
-                response = conn.getresponse()
-                data = response.read()
-                self.send_response(response.status)
-                for key, value in response.getheaders():
-                    if key.lower() not in ("transfer-encoding", "connection", "content-length"):
-                        self.send_header(key, value)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
-                conn.close()
-
-            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+    def on_request(self, handler, body):
+        self.calls.append((handler.headers.get("X-Amz-Target", handler.path), body))
+        return None
 
     def sent(self, action: str) -> list[dict]:
         return [json.loads(body) for target, body in self.calls if target.endswith("." + action)]

@@ -54,6 +54,7 @@ def test_dry_run_prints_the_complete_request(sagemaker_env, capsys):
     assert not sagemaker_env.list_objects_v2(Bucket="mine").get("Contents"), "a dry run uploads nothing"
 
 
+@pytest.mark.slow  # trains in a subprocess
 def test_tuning_job_is_created_on_moto_and_its_code_runs_our_train(sagemaker_env, tiny_data, tmp_path, capsys,
                                                                   mlflow_store):
     import boto3

@@ -43,3 +43,9 @@ def test_mlproject_parameters_the_user_sets_still_win_over_the_recipe():
     assert (cfg.epochs, cfg.lr, cfg.head, cfg.rotation_degrees) == (3, 0.01, "sgd", 30.0)
     finetune = resolved(entry_command("train", recipe="finetune"))
     assert finetune.unfreeze_last == RECIPES["finetune"]["unfreeze_last"] and finetune.image_size == 320
+
+
+def test_the_study_definition_yaml_is_the_study_recipe():
+    """compare --experiment experiments/efficientnet_vs_resnet50.yaml must train the study, whatever the default."""
+    cfg = train_config(parse(["compare", "--experiment", str(ROOT / "experiments" / "efficientnet_vs_resnet50.yaml")]))
+    assert {key: getattr(cfg, key) for key in RECIPES["study"]} == RECIPES["study"]

@@ -20,7 +20,7 @@ STUDY = {k: v for k, v in RECIPES["study"].items() if k not in ("lr", "epochs")}
 
 
 def run_tags(tiny_data, tmp_path, **overrides) -> dict:
-    cfg = TrainConfig(data=str(tiny_data), head="sgd", image_size=224, batch_size=8, feature_views=2, num_workers=0,
+    cfg = TrainConfig(data=str(tiny_data), batch_size=8, feature_views=2, num_workers=0,
                       cache_dir=str(tmp_path.parent / "rules-cache"), **{**STUDY, **overrides})
     result = train(cfg, save_model=False)
     return {k: v for k, v in mlflow.get_run(result.run_id).data.tags.items() if k.startswith("debugger.")}

@@ -338,11 +338,13 @@ def solve_head(cfg: TrainConfig, model: CountingModel, loaders: Loaders, classes
     val_metrics = split_metrics({"y_true": labels.numpy(), "probs": fitted.oof_probs}, classes, cfg.decoding)
     row = {"epoch": 1, "train_loss": heads.log_loss(in_sample, labels.numpy()),
            "train_accuracy": float((in_sample.argmax(1) == labels.numpy()).mean()),
-           "val_loss": fitted.cv_log_loss[fitted.c], "val_accuracy": val_metrics["accuracy"],
+           "val_loss": heads.log_loss(fitted.oof_probs, labels.numpy()), "val_accuracy": val_metrics["accuracy"],
            "val_precision": val_metrics["precision_macro"], "val_recall": val_metrics["recall_macro"],
            "val_f1": val_metrics["f1_macro"], "val_mae": val_metrics["mae"], "head_c": fitted.c,
            "epoch_seconds": seconds, "images_per_s": len(labels) / seconds if seconds else 0.0}
-    print(f"Logistic head: C={fitted.c:g} chosen by 5-fold CV over {len(labels)} images in {seconds:.1f} s")
+    print(f"Logistic head: C={fitted.c:g} (cross-validated held-out log-loss per C: "
+          f"{', '.join(f'{c:g}: {v:.3f}' for c, v in fitted.cv_log_loss.items()) or 'not cross-validated'}), "
+          f"{len(labels)} images, {seconds:.1f} s")
     print(metrics.study_lines(row["val_loss"], val_metrics), flush=True)
     log_epoch(row)
     if on_epoch is not None:

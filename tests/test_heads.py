@@ -122,3 +122,13 @@ def test_served_model_gives_the_probabilities_training_measured(tiny_data, tmp_p
     np.testing.assert_allclose(served[columns].to_numpy(), measured[columns].to_numpy(), atol=5e-3)
     expected_counts = decode(measured[columns].to_numpy(), CLASSES, **config["decoding"])
     assert (served["predicted_count"].to_numpy() == expected_counts).mean() >= 0.9
+
+
+def test_few_images_of_a_count_still_fit_with_fewer_folds_or_a_fixed_strength():
+    x, y = synthetic(n=40, d=6, k=3, seed=3)
+    y[:3], y[3:] = 0, np.where(y[3:] == 0, 1, y[3:])  # count 0 has exactly 3 images: 3 folds at most
+    views = torch.tensor(x, dtype=torch.float32)[:, None]
+    assert fit_logistic(views, torch.tensor(y), 3, c_grid=(0.01, 0.1)).cv_log_loss  # cross-validated, 3 folds
+    y[1:3] = 1  # now a single image of count 0: no fold can hold it out and keep it in training
+    fitted = fit_logistic(views, torch.tensor(y), 3, c_grid=(0.01, 0.1))
+    assert fitted.cv_log_loss == {} and fitted.oof_probs.shape == (40, 3)

@@ -447,6 +447,13 @@ def test_fatal_download_error_cancels_the_queue_and_keeps_what_finished(aws, mot
     assert not list(dest.glob(".*.part-*"))
 
 
+def ctrl_c_as_in_a_terminal():
+    """A shell starts a command with SIGINT deliverable and at its default; the test process may not be so (an
+    earlier test's library can leave SIGINT ignored or blocked, and a child inherits both)."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_during_download_stops_promptly_and_keeps_finished_files(aws, moto_endpoint, tmp_path):
     aws.create_bucket(Bucket=BUCKET)
     for i in range(40):
@@ -456,8 +463,10 @@ def test_ctrl_c_during_download_stops_promptly_and_keeps_finished_files(aws, mot
     try:
         command = [sys.executable, "-m", "bin_counter", "prepare", "--source", f"s3://{BUCKET}", "--out", str(out),
                    "--workers", "2"]
+        parent = f"parent: SIGINT {signal.getsignal(signal.SIGINT)}, blocked {signal.pthread_sigmask(signal.SIG_BLOCK, [])}"
         process = subprocess.Popen(command, env={**os.environ, "AWS_ENDPOINT_URL": proxy.url},
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                   preexec_fn=ctrl_c_as_in_a_terminal)
         deadline = time.time() + 120
         while time.time() < deadline and len(proxy.gets) < 6:
             time.sleep(0.01)
@@ -467,7 +476,7 @@ def test_ctrl_c_during_download_stops_promptly_and_keeps_finished_files(aws, mot
         after = len(proxy.gets) - at_interrupt
     finally:
         proxy.close()
-    assert process.returncode == 130 and "interrupted" in stderr and "Traceback" not in stderr, stderr
+    assert process.returncode == 130 and "interrupted" in stderr and "Traceback" not in stderr, f"{parent}\n{stderr}"
     assert after <= 2 * 2 + 2, f"{after} objects fetched after Ctrl-C: the queue was not cancelled"
     fetched = [p for p in (out / "raw").rglob("*.jpg") if not p.name.startswith(".")]
     assert fetched and all(p.read_bytes() == jpeg(int(p.stem[1:])) for p in fetched)

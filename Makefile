@@ -23,7 +23,15 @@ test: $(VENV)/.installed
 test-fast: $(VENV)/.installed
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" --durations=15
 
+# the team setup: PostgreSQL + S3 (a local moto server) + `mlflow server`, in the background.
+# Its last line is `export MLFLOW_TRACKING_URI=...`:  eval "$$(make -s server | tail -1)"
+server: $(VENV)/.installed
+	@$(PY) -m bin_counter.team_server start
+
+server-stop:
+	@$(PY) -m bin_counter.team_server stop
+
 benchmarks: $(VENV)/.installed
 	for b in experiments/benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
 
-.PHONY: install run test test-fast benchmarks
+.PHONY: install run test test-fast benchmarks server server-stop

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from bin_counter import distributed
 from bin_counter.data import ManifestImages, dihedral_views, make_loader
+from bin_counter.engine import feature_engine
 from bin_counter.feature_store import load_store
 from bin_counter.files import atomic_path
 from bin_counter.models import CountingModel
@@ -34,17 +35,15 @@ def description_key(description: dict) -> str:
     return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:24]
 
 
-@torch.no_grad()
 def extract(model: CountingModel, frame: pd.DataFrame, classes: list[int], transform, views: int, batch_size: int,
             num_workers: int, seed: int, device: torch.device, desc: str, tta: bool = False):
     """Features (N, views, D) and a mask (N,) of the images that could be read.
 
     Random views are seeded per image and view; with `tta` the views are the 4 flips/transposes of one image."""
-    model.backbone.eval()
     features: torch.Tensor | None = None
     ok = torch.zeros(len(frame), dtype=torch.bool)
     n_views = 4 if tta else views
-    use_amp = device.type == "cuda"
+    engine = None  # built on the first batch, at its image size
     for view in range(1 if tta else views):
         dataset = ManifestImages(frame, classes, transform, view_seed=None if tta else seed * 1000 + view)
         loader = make_loader(dataset, batch_size, shuffle=False, num_workers=num_workers, seed=seed)
@@ -52,10 +51,9 @@ def extract(model: CountingModel, frame: pd.DataFrame, classes: list[int], trans
             if batch is None:
                 continue
             images, _, indices = batch
-            images = images.to(device, non_blocking=True)
+            engine = engine or feature_engine(model, images.shape[-1], device)
             variants = dihedral_views(images) if tta else [images]
-            with torch.autocast(device.type, enabled=use_amp):
-                outs = [model.features(v).float().cpu() for v in variants]
+            outs = engine(torch.cat(variants)).chunk(len(variants))  # every view in one forward
             if features is None:
                 features = torch.zeros(len(frame), n_views, outs[0].shape[1])
             for k, out in enumerate(outs):

@@ -21,6 +21,7 @@ import os
 import shutil
 import stat
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import mlflow
@@ -71,46 +72,31 @@ def signature(classes: list[int]) -> ModelSignature:
 class BinCounterModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         from bin_counter.data import eval_transform
+        from bin_counter.engine import probability_engine
         from bin_counter.models import create_model
 
         self.config = json.loads(Path(context.artifacts["config"]).read_text())
         self.classes = self.config["classes"]
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model = create_model(self.config["backbone"], len(self.classes), pretrained=False)
         model.load_state_dict(torch.load(context.artifacts["weights"], map_location="cpu", weights_only=True))
-        self.model = model.to(self.device).eval()
+        self.engine = probability_engine(model, self.config.get("tta", False), device, context.artifacts.get("onnx"))
         self.transform = eval_transform(self.config["backbone"], self.config["image_size"])
-        self.tta = self.config.get("tta", False)
         # models logged before `decoding` stored only the decode's name
         self.decoding = self.config.get("decoding", {"how": self.config.get("decode", "argmax")})
-
-    @torch.no_grad()
-    def _probabilities(self, batch: torch.Tensor) -> np.ndarray:
-        from bin_counter.data import dihedral_views
-
-        batch = batch.to(self.device)
-        views = dihedral_views(batch) if self.tta else [batch]  # as in training's evaluation
-        with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
-            probs = torch.stack([torch.softmax(self.model(v).float(), dim=1) for v in views]).mean(0)
-        return probs.cpu().numpy()
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         on_error = (params or {}).get("on_error", "raise")
         images = image_column(model_input)
         probs = np.full((len(images), len(self.classes)), np.nan)
         errors = {}
-        for start in range(0, len(images), BATCH):  # decoded batch by batch: memory bounded by BATCH, not rows
-            tensors = {}
-            for i in range(start, min(start + BATCH, len(images))):
-                try:
-                    tensors[i] = self.transform(decode_image(images[i]))
-                except ValueError as exc:
-                    if on_error != "skip":
-                        raise MlflowException(f"row {i}: {exc}", INVALID_PARAMETER_VALUE) from None
-                    errors[i] = str(exc)
-            if tensors:
-                rows = sorted(tensors)
-                probs[rows] = self._probabilities(torch.stack([tensors.pop(i) for i in rows]))
+        for rows, batch, failed in prepared_batches(images, self.transform):
+            if failed and on_error != "skip":
+                i = min(failed)
+                raise MlflowException(f"row {i}: {failed[i]}", INVALID_PARAMETER_VALUE)
+            errors.update(failed)
+            if rows:
+                probs[rows] = self.engine(batch).numpy()
         return self._frame(probs, errors)
 
     def _frame(self, probs: np.ndarray, errors: dict[int, str]) -> pd.DataFrame:
@@ -127,6 +113,29 @@ class BinCounterModel(mlflow.pyfunc.PythonModel):
             frame[f"prob_{count}"] = probs[:, j]
         frame["error"] = [errors.get(i, "") for i in range(len(probs))]
         return frame
+
+
+def prepared_batches(images: list, transform, batch_size: int = BATCH):
+    """(rows, tensor, {row: reason}) per batch of `images`, decoded and transformed by threads one batch ahead of
+    the model (PIL and ONNX Runtime release the GIL), so the model is not kept waiting and memory stays bounded
+    by two batches, not by the rows of a request."""
+    def prepare(text):
+        try:
+            return transform(decode_image(text)), None
+        except ValueError as exc:
+            return None, str(exc)
+
+    starts = range(0, len(images), batch_size)
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        ahead = pool.map(prepare, images[:batch_size])
+        for start in starts:
+            current = ahead  # the next batch decodes while this one runs
+            ahead = pool.map(prepare, images[start + batch_size:start + 2 * batch_size])
+            results = list(current)
+            rows = [start + i for i, (tensor, _) in enumerate(results) if tensor is not None]
+            failed = {start + i: reason for i, (_, reason) in enumerate(results) if reason is not None}
+            batch = torch.stack([tensor for tensor, _ in results if tensor is not None]) if rows else None
+            yield rows, batch, failed
 
 
 def refuse(reason: str) -> MlflowException:
@@ -219,16 +228,22 @@ def requirements() -> list[str]:
     """Pinned to what trained the model, so a serving container runs the same MLflow and torch."""
     from importlib.metadata import version
 
-    names = ["torch", "torchvision", "pillow", "pandas", "numpy", "efficientnet-pytorch", "efficientnet-lite-pytorch"]
+    names = ["torch", "torchvision", "pillow", "pandas", "numpy", "efficientnet-pytorch", "efficientnet-lite-pytorch",
+             "onnxruntime"]
     return [f"mlflow=={mlflow.__version__}", *[f"{n}=={version(n)}" for n in names]]
 
 
 def log_model(model, config: dict, example_images: list[str], registered_name: str | None = None):
     """Log (and optionally register) the model under `model/` of the active run; returns ModelInfo."""
+    from bin_counter.engine import ViewAveraged, export_onnx
+
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         torch.save({k: v.cpu() for k, v in model.state_dict().items()}, tmp / "weights.pt")
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        # the inference graph is exported once here, so no serving process needs an exporter or a compiler
+        (tmp / "model.onnx").write_bytes(export_onnx(ViewAveraged(model, config.get("tta", False)),
+                                                     config["image_size"]))
         # The package travels with the model (minus the bundled images) so a serving container needs no install.
         code = tmp / "code" / "bin_counter"
         shutil.copytree(PACKAGE_DIR, code, ignore=shutil.ignore_patterns("sample", "__pycache__"))
@@ -236,7 +251,8 @@ def log_model(model, config: dict, example_images: list[str], registered_name: s
         return mlflow.pyfunc.log_model(
             name="model",
             python_model=str(PACKAGE_DIR / "serving_model.py"),
-            artifacts={"weights": str(tmp / "weights.pt"), "config": str(tmp / "config.json")},
+            artifacts={"weights": str(tmp / "weights.pt"), "config": str(tmp / "config.json"),
+                       "onnx": str(tmp / "model.onnx")},
             code_paths=[str(code)],
             signature=signature(config["classes"]),
             input_example=example,

@@ -1,0 +1,156 @@
+"""The forward pass of inference, run by eager PyTorch or by ONNX Runtime.
+
+On CPU the model is the whole cost of checking a bin, and ONNX Runtime runs these convnets several times faster
+than eager PyTorch (experiments/benchmarks/bench_inference.py). So the logged model carries an ONNX graph of the
+whole counting model, test-time views included (the four flips/transposes are one batched forward inside the
+graph), exported once when the model is logged; loading it needs neither a compiler nor PyTorch's exporter.
+
+Which engine runs, chosen per process:
+  BIN_COUNTER_ENGINE=onnx   ONNX Runtime (the default on CPU)
+  BIN_COUNTER_ENGINE=torch  eager PyTorch of the same logged weights (the default when a GPU is there: AMP on CUDA)
+ONNX Runtime missing, or a model logged before the graph existed, falls back to PyTorch with a warning.
+"""
+from __future__ import annotations
+
+import copy
+import io
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from bin_counter.data import dihedral_views
+
+log = logging.getLogger(__name__)
+
+ENGINE_VARIABLE = "BIN_COUNTER_ENGINE"
+ENGINES = ("onnx", "torch")
+INPUT, OUTPUT = "image", "output"
+OPSET = 17
+
+
+class ViewAveraged(nn.Module):
+    """Class probabilities of each image, averaged over its test-time views, all views in one batched forward
+    (one large batch keeps the CPU's cores busier than four small ones)."""
+
+    def __init__(self, model: nn.Module, tta: bool):
+        super().__init__()
+        self.model, self.tta = model, tta
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if not self.tta:
+            return torch.softmax(self.model(images).float(), dim=1)
+        batch = images.shape[0]
+        views = torch.cat(dihedral_views(images))
+        return torch.softmax(self.model(views).float(), dim=1).reshape(4, batch, -1).mean(0)
+
+
+class Backbone(nn.Module):
+    """The pooled features of the frozen backbone, the part of the model the feature cache stores."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.features(images)
+
+
+def export_onnx(module: nn.Module, image_size: int) -> bytes:
+    """`module` (square images of `image_size` -> one output) as an ONNX graph with a free batch size."""
+    module = copy.deepcopy(module).eval().cpu()  # the caller's model stays where it is, in the mode it is in
+    example = torch.zeros(2, 3, image_size, image_size)
+    graph = io.BytesIO()
+    # the TorchScript exporter: seconds on CPU and no onnxscript; its deprecation warning is not the user's business
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (example,), graph, input_names=[INPUT], output_names=[OUTPUT],
+                          dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}}, opset_version=OPSET,
+                          dynamo=False)
+    return graph.getvalue()
+
+
+class Engine(Protocol):
+    name: str
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor: ...
+
+
+class TorchEngine:
+    """Eager PyTorch: CUDA with autocast where a GPU is, channels_last on CPU (CountingModel.features)."""
+    name = "torch"
+
+    def __init__(self, module: nn.Module, device: torch.device):
+        self.module, self.device = module.eval().to(device), device
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
+            return self.module(images).float().cpu()
+
+
+class OnnxEngine:
+    name = "onnx"
+
+    def __init__(self, graph: str | Path | bytes):
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.log_severity_level = 3  # its warnings about unused initialisers say nothing to a user
+        source = graph if isinstance(graph, bytes) else str(graph)
+        self.session = onnxruntime.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        array = np.ascontiguousarray(images.detach().cpu().numpy(), dtype=np.float32)
+        return torch.from_numpy(self.session.run([OUTPUT], {INPUT: array})[0])
+
+
+def requested_engine() -> str | None:
+    """The engine BIN_COUNTER_ENGINE asks for, or None for the default; an unknown name is an error."""
+    value = os.environ.get(ENGINE_VARIABLE, "").strip().lower()
+    if value and value not in ENGINES:
+        raise ValueError(f"{ENGINE_VARIABLE}={value!r}: choose one of {', '.join(ENGINES)}")
+    return value or None
+
+
+def onnx_runtime_missing() -> str | None:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError as exc:
+        return f"onnxruntime cannot be imported ({exc})"
+    return None
+
+
+def use_onnx(device: torch.device, graph: Path | None = None, graph_needed: bool = True) -> bool:
+    """Whether to run ONNX Runtime; says (once, as a warning) why not when it was asked for or expected."""
+    wanted = requested_engine()
+    if wanted == "torch" or (wanted is None and device.type == "cuda"):
+        return False
+    reason = onnx_runtime_missing()
+    if reason is None and graph_needed and (graph is None or not Path(graph).is_file()):
+        reason = "the model has no ONNX graph (logged by an older version)"
+    if reason:
+        log.warning("running eager PyTorch: %s", reason)
+        return False
+    return True
+
+
+def probability_engine(model: nn.Module, tta: bool, device: torch.device, graph: str | Path | None) -> Engine:
+    """The engine of a logged model: its ONNX graph, or its weights in eager PyTorch."""
+    if use_onnx(device, Path(graph) if graph else None):
+        return OnnxEngine(graph)
+    return TorchEngine(ViewAveraged(model, tta), device)
+
+
+def feature_engine(model: nn.Module, image_size: int, device: torch.device) -> Engine:
+    """The frozen backbone for feature extraction; on CPU exported to ONNX first (seconds, paid once per
+    extraction, against minutes of extraction)."""
+    if not use_onnx(device, graph_needed=False):
+        return TorchEngine(Backbone(model), device)
+    return OnnxEngine(export_onnx(Backbone(model), image_size))

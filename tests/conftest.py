@@ -27,13 +27,41 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory) -> Path:
+    """An sqlite tracking store with MLflow's tables and the Default experiment, made once (the migrations take
+    seconds); each test starts from a copy of it."""
+    import mlflow
+
+    root = tmp_path_factory.mktemp("empty-store")
+    old = os.getcwd()
+    os.chdir(root)  # the Default experiment's artifacts go to ./mlruns of the store's directory
+    try:
+        mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlruns.db'}").get_experiment("0")
+    finally:
+        os.chdir(old)
+    return root
+
+
+def copy_store(template: Path, directory: Path) -> str:
+    """A copy of the template store in `directory`, its Default experiment's artifacts under `directory`."""
+    import sqlite3
+
+    shutil.copy(template / "mlruns.db", directory / "mlruns.db")
+    with sqlite3.connect(directory / "mlruns.db") as db:
+        db.execute("UPDATE experiments SET artifact_location = replace(artifact_location, ?, ?)",
+                   (str(template), str(directory)))
+    db.close()
+    return f"sqlite:///{directory / 'mlruns.db'}"
+
+
 @pytest.fixture(autouse=True)
-def mlflow_store(tmp_path, monkeypatch):
+def mlflow_store(tmp_path, monkeypatch, empty_store):
     """Each test gets its own sqlite tracking store and working directory."""
     import mlflow
 
     monkeypatch.chdir(tmp_path)
-    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    uri = copy_store(empty_store, tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     for var in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
         monkeypatch.delenv(var, raising=False)

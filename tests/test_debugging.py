@@ -9,7 +9,6 @@ import pytest
 
 from bin_counter import BinCounterError
 from bin_counter.config import RECIPES, TrainConfig
-from bin_counter.debugger import Rules
 from bin_counter.train import train
 
 pytestmark = pytest.mark.slow
@@ -70,14 +69,6 @@ def test_one_label_training_set_is_imbalanced_and_gradients_vanish(tiny_data, tm
     tags = run_tags(data, tmp_path, epochs=4, lr=1.0)
     assert re.search(r"count 1: \d+ training images, count \d: 0 ", tags["debugger.class_imbalance"])
     assert "gradient norm" in tags["debugger.vanishing_gradients"]
-
-
-def test_rules_on_hand_made_histories():
-    rules = Rules()
-    healthy = [{"epoch": e, "train_loss": 1.6 - 0.1 * e, "val_loss": 1.6 - 0.05 * e, "grad_norm": 0.5} for e in
-               range(1, 6)]
-    assert all(rules.check_epoch(healthy[:i]) == [] for i in range(1, 6))
-    assert rules.check_labels([1, 1, 2, 2, 3], [1, 2, 3]) == []
 
 
 def test_profiler_report_renders_with_every_section(tiny_data, tmp_path):

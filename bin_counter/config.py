@@ -63,6 +63,9 @@ class TrainConfig:
     decode_tail_boost: float = 0.5
     balance: bool = True  # weight the loss by inverse class frequency of the training split
     tta: bool = True  # average predictions over flips/transposes: a bin has no up or down
+    # the logged model's inference graph in int8, calibrated on training images: 2.4x the fp32 graph's speed, -0.3
+    # points of accuracy and +0.02 MAE on the 5-fold protocol (experiments/inference), 88% of counts identical
+    int8: bool = False
     stream: bool = False  # read WebDataset shards (local or s3://) instead of image files; no feature cache
     checkpoint_dir: str | None = "checkpoints"  # a checkpoint per run, written at every epoch end
     resume: str | None = None  # "latest" or a run id: continue that run from its last finished epoch
@@ -86,6 +89,7 @@ class TrainConfig:
             "--profile profiles training epochs: add --head sgd": self.head == "sgd" or not self.profile,
             "the logistic head is solved on frozen features: use --head sgd to fine-tune (--unfreeze-last) or "
             "--stream": self.head == "sgd" or (self.unfreeze_last == 0 and not self.stream),
+            "--int8 calibrates on training image files: not with --stream": not (self.int8 and self.stream),
         }
         for message, ok in checks.items():
             if not ok:

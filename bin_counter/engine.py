@@ -16,6 +16,7 @@ import copy
 import io
 import logging
 import os
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Protocol
@@ -154,3 +155,26 @@ def feature_engine(model: nn.Module, image_size: int, device: torch.device) -> E
     if not use_onnx(device, graph_needed=False):
         return TorchEngine(Backbone(model), device)
     return OnnxEngine(export_onnx(Backbone(model), image_size))
+
+
+def quantize_int8(graph: bytes, calibration: list[torch.Tensor]) -> bytes:
+    """`graph` with int8 weights and activations (static, QDQ, per channel), activation ranges calibrated on
+    `calibration`, batches of real training images. VNNI/AVX-512 CPUs run it 2-2.5x faster than fp32."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Batches(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter(calibration)
+
+        def get_next(self):
+            batch = next(self.batches, None)
+            return None if batch is None else {INPUT: batch.numpy()}
+
+    with tempfile.TemporaryDirectory() as tmp:  # the quantiser reads and writes files only
+        fp32, prepared, int8 = (Path(tmp) / name for name in ("fp32.onnx", "prepared.onnx", "int8.onnx"))
+        fp32.write_bytes(graph)
+        quant_pre_process(str(fp32), str(prepared))
+        quantize_static(str(prepared), str(int8), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        return int8.read_bytes()

@@ -233,17 +233,32 @@ def requirements() -> list[str]:
     return [f"mlflow=={mlflow.__version__}", *[f"{n}=={version(n)}" for n in names]]
 
 
-def log_model(model, config: dict, example_images: list[str], registered_name: str | None = None):
+def inference_graph(model, config: dict, calibration_images: list[str]) -> bytes:
+    """The ONNX graph that serves the model: fp32, or int8 calibrated on `calibration_images` if config asks."""
+    from bin_counter.abid import read_image
+    from bin_counter.data import eval_transform
+    from bin_counter.engine import ViewAveraged, export_onnx, quantize_int8
+
+    graph = export_onnx(ViewAveraged(model, config.get("tta", False)), config["image_size"])
+    if not config.get("int8"):
+        return graph
+    if not calibration_images:
+        raise ValueError("an int8 graph needs training images to calibrate on (not available when streaming)")
+    transform = eval_transform(config["backbone"], config["image_size"])
+    images = [transform(read_image(path)) for path in calibration_images]
+    return quantize_int8(graph, [torch.stack(images[k:k + 16]) for k in range(0, len(images), 16)])
+
+
+def log_model(model, config: dict, example_images: list[str], registered_name: str | None = None,
+              calibration_images: list[str] = ()):
     """Log (and optionally register) the model under `model/` of the active run; returns ModelInfo."""
-    from bin_counter.engine import ViewAveraged, export_onnx
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         torch.save({k: v.cpu() for k, v in model.state_dict().items()}, tmp / "weights.pt")
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         # the inference graph is exported once here, so no serving process needs an exporter or a compiler
-        (tmp / "model.onnx").write_bytes(export_onnx(ViewAveraged(model, config.get("tta", False)),
-                                                     config["image_size"]))
+        (tmp / "model.onnx").write_bytes(inference_graph(model, config, list(calibration_images)))
         # The package travels with the model (minus the bundled images) so a serving container needs no install.
         code = tmp / "code" / "bin_counter"
         shutil.copytree(PACKAGE_DIR, code, ignore=shutil.ignore_patterns("sample", "__pycache__"))

@@ -456,6 +456,14 @@ def start_rules(frames: dict[str, pd.DataFrame], classes: list[int]) -> Rules:
     return rules
 
 
+def calibration_images(cfg: TrainConfig, frames: dict[str, pd.DataFrame], count: int = 64) -> list[str]:
+    """Training images whose activations set an int8 graph's ranges (none unless asked for, or when streaming)."""
+    if not cfg.int8 or cfg.stream:
+        return []
+    train_frame = frames["train"]
+    return list(train_frame.sample(min(count, len(train_frame)), random_state=cfg.seed)["abs_path"])
+
+
 def example_images(cfg: TrainConfig, frames: dict[str, pd.DataFrame], tmp: Path) -> list[str]:
     """Two real images for the model's input example: files of the split, or the first of a shard."""
     if not cfg.stream:
@@ -491,10 +499,11 @@ def log_outcome(cfg: TrainConfig, model, loaders: Loaders, result: FitResult, fr
     model_uri = None
     if save_model:
         config = {"backbone": cfg.backbone, "classes": classes, "image_size": cfg.image_size,
-                  "best_epoch": result.best_epoch, "tta": cfg.tta, "decoding": cfg.decoding}
+                  "best_epoch": result.best_epoch, "tta": cfg.tta, "decoding": cfg.decoding,
+                  "int8": cfg.int8}
         with tempfile.TemporaryDirectory() as tmp:
             model_uri = log_model(model.cpu(), config, example_images(cfg, frames, Path(tmp)),
-                                  cfg.register_as).model_uri
+                                  cfg.register_as, calibration_images(cfg, frames)).model_uri
     return test_metrics, model_uri
 
 

@@ -134,3 +134,30 @@ def test_bad_rows_are_reported_at_their_row_across_batches(counting_model, tmp_p
     assert [rows for rows, _, _ in batches] == [[0], [2], [4]]
     assert {row for _, _, failed in batches for row in failed} == {1, 3}
     assert all(batch.shape[0] == len(rows) for rows, batch, _ in batches)
+
+
+def test_int8_switch_logs_a_quantised_graph_calibrated_on_training_images(counting_model, tmp_path, monkeypatch):
+    import onnx
+
+    from bin_counter.config import TrainConfig
+    from bin_counter import BinCounterError
+    from bin_counter.pyfunc import inference_graph
+
+    config = {"backbone": "efficientnet-lite0", "classes": CLASSES, "image_size": 224, "tta": True, "int8": True}
+    photos = [str(p) for p in real_photos(40)]
+    with pytest.raises(ValueError, match="needs training images to calibrate"):
+        inference_graph(counting_model, config, [])
+    with pytest.raises(BinCounterError, match="--int8 .* not with --stream"):
+        TrainConfig(int8=True, stream=True, head="sgd", data="s3://bucket/data").validate()
+    with mlflow.start_run():
+        info = log_model(counting_model, config, photos[:2], calibration_images=photos[:16])
+    local = Path(mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(tmp_path / "model")))
+    ops = {node.op_type for node in onnx.load(str(local / "artifacts" / "model.onnx")).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    frame = pd.DataFrame({"image": [encode_image(p) for p in photos[16:]]})  # images it was not calibrated on
+    int8 = mlflow.pyfunc.load_model(str(local)).predict(frame)
+    monkeypatch.setenv("BIN_COUNTER_ENGINE", "torch")
+    fp32 = mlflow.pyfunc.load_model(str(local)).predict(frame)
+    columns = [f"prob_{c}" for c in CLASSES]
+    difference = np.abs(int8[columns].to_numpy() - fp32[columns].to_numpy())
+    assert 0 < difference.mean() < 0.03  # quantised (not the fp32 graph) yet close to it

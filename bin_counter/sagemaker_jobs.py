@@ -9,7 +9,9 @@ a prefix of their own (the data's digest, then the launch), so a relaunch never 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import logging
 import os
@@ -251,10 +253,13 @@ def training_job(args, train_args: list[str]) -> dict:
         raise BinCounterError("launch needs --s3-data s3://... (from `prepare --upload`), --role ARN and --output-path")
     parse_s3_uri(args.s3_data)
     hyperparameters = options_as_hyperparameters(train_args)
-    try:  # the options must be valid `train` options before anything is sent
-        parse(["train", *train_args])
+    refused = io.StringIO()
+    try:  # the options must be valid `train` options before anything is sent; argparse's usage is not printed
+        with contextlib.redirect_stderr(refused):
+            parse(["train", *train_args])
     except SystemExit:
-        raise BinCounterError(f"launch: not valid train options: {' '.join(train_args)}") from None
+        reason = (refused.getvalue().strip().splitlines() or [""])[-1].split("error: ", 1)[-1]
+        raise BinCounterError(f"launch: not valid train options: {' '.join(train_args)} ({reason})") from None
     region = region_of(args.region)
     environment = tracking_environment(args.dry_run)
     checkpoint_s3 = checkpoint_prefix(args.output_path, args.s3_data, hyperparameters) \

@@ -58,9 +58,43 @@ def test_training_job_is_created_on_moto(sagemaker_env, capsys):
     (("--bogus", "1"), "not valid train options"),
 ])
 def test_bad_train_options_are_one_line(sagemaker_env, capsys, train_args, message):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         launch("--dry-run", train_args=train_args)
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def staged_drivers(request: dict) -> dict[str, str]:
+    """The SDK's driver files this request's `sm_drivers` channel points at (staged in moto S3 by the dry run)."""
+    (channel,) = [c for c in request["InputDataConfig"] if c["ChannelName"] == "sm_drivers"]
+    bucket, prefix = channel["DataSource"]["S3DataSource"]["S3Uri"][len("s3://"):].split("/", 1)
+    s3 = boto3.client("s3", region_name="us-east-1")
+    return {name: s3.get_object(Bucket=bucket, Key=f"{prefix}/{name}")["Body"].read().decode()
+            for name in ("sm_train.sh", "distributed.json", "sourcecode.json")}
+
+
+def test_more_than_one_instance_runs_our_entry_script_under_torchrun(sagemaker_env, capsys):
+    launch("--dry-run", "--instance-count", "2")
+    request = json.loads(capsys.readouterr().out)
+    assert request["ResourceConfig"]["InstanceCount"] == 2
+    drivers = staged_drivers(request)
+    assert "distributed_drivers/torchrun_driver.py" in drivers["sm_train.sh"]
+    assert json.loads(drivers["sourcecode.json"])["entry_script"] == "sagemaker_train.py"
+    assert "process_count_per_node" in json.loads(drivers["distributed.json"])  # the Torchrun runner's settings
+
+    launch("--dry-run")  # one instance: the entry script alone, no torchrun
+    single = staged_drivers(json.loads(capsys.readouterr().out))
+    assert "torchrun_driver" not in single["sm_train.sh"] and json.loads(single["distributed.json"]) == {}
+
+
+def test_checkpoints_without_spot_sync_to_their_own_prefix(sagemaker_env, capsys):
+    launch("--dry-run", "--checkpoints")
+    request = json.loads(capsys.readouterr().out)
+    assert request["CheckpointConfig"]["S3Uri"].startswith("s3://mine/jobs/checkpoints/")
+    assert request["CheckpointConfig"]["LocalPath"] == "/opt/ml/checkpoints"  # where the entry script resumes from
+    assert not request.get("EnableManagedSpotTraining") and "MaxWaitTimeInSeconds" not in request["StoppingCondition"]
+    launch("--dry-run")
+    assert "CheckpointConfig" not in json.loads(capsys.readouterr().out)  # neither --spot nor --checkpoints
 
 
 @pytest.mark.slow

@@ -78,15 +78,17 @@ def test_feature_cache_is_per_image_and_batch_independent(tiny_data, tmp_path):
                                               random_view=False, all_views=True)[0][0].shape == (4, 1280)
 
 
-def test_recipe_flag_sets_switches_and_explicit_flags_win():
+def test_recipe_flag_sets_switches_and_explicit_flags_win(capsys):
+    from bin_counter.cli import main
+
     args = parse(["train", "--recipe", "counting", "--epochs", "2"])
     assert args.tta and args.balance and args.loss == "ce+expected" and args.epochs == 2
     study = parse(["train", "--recipe", "study"])
     assert not study.tta and study.loss == "ce" and study.rotation_degrees == 30
-    with pytest.raises(SystemExit):
-        from bin_counter.cli import main
-
+    with pytest.raises(SystemExit) as exit_info:
         main(["train", "--recipe", "nope"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error: unknown recipe 'nope'; choose from study, probe")
 
 
 @pytest.mark.slow

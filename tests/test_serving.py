@@ -74,9 +74,54 @@ def test_promote_moves_champion_only_on_real_gain(use_registry, tiny_data):
     won = promote("bins", str(tiny_data), version="2", min_gain=-1.0)
     assert won["decision"] == "better than champion"
     assert str(client.get_model_version_by_alias("bins", "champion").version) == "2"
-    promote("bins", str(tiny_data), version="1", min_gain=0.0)  # restore v1 for the serving test if it is better
-    mae = promote("bins", str(tiny_data), version="1", metric="mae", min_gain=10.0)  # lower-is-better metric
-    assert mae["alias"] in ("challenger", "champion")
+    # v1 back against champion v2 with no margin: it wins exactly when its F1 is higher
+    back = promote("bins", str(tiny_data), version="1", min_gain=0.0)
+    v1_wins = back["candidate"] > back["champion"]
+    assert back["decision"] == ("better than champion" if v1_wins else "not better than champion")
+    assert back["alias"] == ("champion" if v1_wins else "challenger")
+    champion = client.get_model_version_by_alias("bins", "champion").version
+    assert str(champion) == ("1" if v1_wins else "2")
+
+    # MAE is lower-is-better: the gain is champion - candidate, so no candidate gains 10 counts of MAE ...
+    other = "2" if str(champion) == "1" else "1"
+    held = promote("bins", str(tiny_data), version=other, metric="mae", min_gain=10.0)
+    assert (held["decision"], held["alias"]) == ("not better than champion", "challenger")
+    assert str(client.get_model_version_by_alias("bins", "champion").version) == str(champion)
+    tags = client.get_model_version("bins", other).tags
+    assert tags["promotion_metric"] == "mae" and float(tags["candidate_mae"]) == pytest.approx(held["candidate"], abs=1e-4)
+    # ... and with no margin the candidate wins exactly when its MAE is lower (higher would win if the sign were lost)
+    lower = promote("bins", str(tiny_data), version=other, metric="mae", min_gain=0.0)
+    assert lower["decision"] == ("better than champion" if lower["candidate"] < lower["champion"]
+                                 else "not better than champion")
+    # allowed to be up to 10 counts of MAE worse, any candidate takes the alias
+    assert promote("bins", str(tiny_data), version=other, metric="mae", min_gain=-10.0)["alias"] == "champion"
+    promote("bins", str(tiny_data), version="1", min_gain=-10.0)  # v1 champion again for the serving tests
+    assert str(client.get_model_version_by_alias("bins", "champion").version) == "1"
+
+
+def test_promote_run_id_through_the_cli(use_registry, tiny_data, capsys):
+    from bin_counter.cli import main
+
+    client = mlflow.MlflowClient()
+    client.set_registered_model_alias("bins", "champion", "1")
+    v2 = client.get_model_version("bins", "2")
+    # the run's registered version is the candidate; a full F1 point is out of reach, so it stays the challenger
+    main(["promote", "--name", "bins", "--run-id", v2.run_id, "--data", str(tiny_data), "--min-gain", "1.0"])
+    assert "bins v2: f1_macro" in capsys.readouterr().out
+    assert client.get_model_version("bins", "2").tags["promotion_decision"] == "not better than champion"
+    assert str(client.get_model_version_by_alias("bins", "challenger").version) == "2"
+    assert str(client.get_model_version_by_alias("bins", "champion").version) == "1"
+    # a run whose model is not registered under the name yet is registered, then promoted
+    main(["promote", "--name", "bins-by-run", "--run-id", v2.run_id, "--data", str(tiny_data)])
+    (registered,) = client.search_model_versions("name='bins-by-run'")
+    assert registered.run_id == v2.run_id and registered.tags["promotion_decision"] == "first champion"
+    assert client.get_model_version_by_alias("bins-by-run", "champion").version == registered.version
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["promote", "--name", "bins", "--run-id", "0" * 32, "--data", str(tiny_data)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.strip().splitlines()[-1] == f"error: model 'bins': Run with id={'0' * 32} not found"
+    assert "Traceback" not in err
 
 
 def test_registered_version_holds_the_best_epoch(use_registry):
@@ -224,8 +269,9 @@ def test_deploy_to_sagemaker_on_moto(use_registry, aws, capsys):
 def test_deploy_errors_are_one_line(use_registry, capsys):
     from bin_counter.cli import main
 
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_info:
         main(["deploy", "--endpoint", "x", "--region", "us-east-1", "--model-uri", "models:/bins/1"])
-    assert "--execution-role-arn is required" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--execution-role-arn is required" in err and len(err.strip().splitlines()) == 1
 
 

@@ -99,3 +99,49 @@ def test_tune_errors_are_one_line(tiny_data, tmp_path, args, message):
     result = subprocess.run([sys.executable, "-m", "bin_counter", "tune", "--data", str(tiny_data), *args],
                             capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr and message in result.stderr
+
+
+def test_a_dead_workers_trial_is_failed_and_retried_with_its_parameters(tiny_data, tmp_path):
+    """A worker killed mid-trial (SIGKILL: no cleanup) leaves a RUNNING trial whose heartbeat stops; the next
+    worker fails it and runs its parameters again."""
+    import signal
+    import sqlite3
+    import time
+
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    database = tmp_path / "optuna.db"
+    storage = f"sqlite:///{database}"
+    command = [sys.executable, "-m", "bin_counter", "tune", "--data", str(tiny_data), "--n-trials", "1",
+               "--storage", storage, "--study-name", "retry", "--batch-size-range", "8,16", "--epochs-range", "2,3",
+               "--image-size", "224", "--feature-views", "2", "--num-workers", "0", "--cache-dir", str(tmp_path / "cache")]
+    worker = subprocess.Popen(command, env={**os.environ, "TQDM_DISABLE": "1"}, cwd=tmp_path,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def training() -> bool:
+        """The worker's trial is running, has sent a heartbeat and drawn its parameters."""
+        if not database.exists():
+            return False
+        with sqlite3.connect(database) as db:
+            try:
+                return db.execute("SELECT count(DISTINCT trial_params.param_name) FROM trials JOIN trial_heartbeats "
+                                  "USING (trial_id) JOIN trial_params USING (trial_id) "
+                                  "WHERE trials.state = 'RUNNING'").fetchone()[0] == 3
+            except sqlite3.OperationalError:  # the worker has not created the tables yet
+                return False
+
+    deadline = time.time() + 300
+    while time.time() < deadline and worker.poll() is None and not training():
+        time.sleep(0.2)
+    assert worker.poll() is None, worker.stderr.read()[-2000:]
+    worker.send_signal(signal.SIGKILL)
+    worker.communicate(timeout=60)
+    # its last heartbeat is older than the grace period (180 s): time passes here rather than in the test
+    with sqlite3.connect(database) as db:
+        db.execute("UPDATE trial_heartbeats SET heartbeat = datetime(heartbeat, '-10 minutes')")
+
+    tune(small(tiny_data, tmp_path, n_trials=1, storage=storage, study_name="retry"))
+    dead, retried = optuna.load_study(study_name="retry", storage=storage).trials
+    assert dead.state == optuna.trial.TrialState.FAIL and retried.state == optuna.trial.TrialState.COMPLETE
+    assert RetryHeartbeatStaleTrialCallback.retried_trial_number(retried) == dead.number
+    assert retried.params == dead.params

@@ -140,3 +140,35 @@ def test_corrupt_feature_cache_file_is_recomputed_not_fatal(tiny_data, tmp_path,
     stored.write_bytes(stored.read_bytes()[:100])  # a truncated write
     again, ok = cached_features(model, frame, **common)
     assert torch.allclose(again, first) and ok.all() and "deleted" in caplog.text.lower()
+
+
+@pytest.mark.slow
+def test_crossval_repeats_through_the_cli(tmp_path):
+    """`crossval --repeats 2`: each repeat is a fresh stratified split of all images, every image tested once per
+    repeat, and the table counts folds x repeats."""
+    from bin_counter.cli import main
+    from conftest import make_abid_dir
+
+    source = make_abid_dir(tmp_path / "abid", per_class=6)
+    main(["crossval", "--source", str(source), "--recipes", "probe", "--folds", "2", "--repeats", "2",
+          "--feature-views", "1", "--num-workers", "0", "--cache-dir", str(tmp_path / "cache"),
+          "--output", str(tmp_path / "crossval.md")])
+    assert "2-fold cross-validation (2 repeat(s)" in (tmp_path / "crossval.md").read_text()
+    parent = mlflow.last_active_run()
+    assert parent.data.params["repeats"] == "2" and parent.data.params["folds"] == "2"
+    folds = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=parent.info.run_id,
+                                                            artifact_path="crossval_folds.csv"))
+    assert sorted(folds.loc[folds["recipe"] == "probe", "fold"]) == [0, 1, 2, 3]
+    children = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(r.info.run_name for r in children) == [f"probe-fold{i}" for i in range(4)]
+    tested = []
+    for i in range(4):
+        (manifest,) = (tmp_path / ".cache" / "crossval").glob(f"*/fold-{i}/manifest.csv")
+        frame = pd.read_csv(manifest, dtype={"image_id": str})
+        tested.append(set(frame.loc[frame["split"] == "test", "image_id"]))
+    everything = set(frame["image_id"])
+    assert len(everything) == 30
+    for first, second in ((0, 1), (2, 3)):  # within a repeat the test folds partition the images
+        assert tested[first] | tested[second] == everything and not tested[first] & tested[second]
+    assert tested[0] != tested[2]  # the second repeat is another split

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bin_counter import BinCounterError
+from bin_counter import BinCounterError, one_line
 from bin_counter.files import atomic_path
 
 
@@ -116,9 +116,9 @@ def load(path: Path) -> dict:
         if "weights only load failed" in str(exc).lower():
             raise BinCounterError(f"--resume: {path} refused: it holds objects other than tensors and plain values, "
                                   "which could run code when loaded") from None
-        raise BinCounterError(f"--resume: {path} is corrupt ({first_line(exc)}); delete it to start over") from None
+        raise BinCounterError(f"--resume: {path} is corrupt ({one_line(exc)}); delete it to start over") from None
     except Exception as exc:  # truncated zip, empty file, not a torch file at all
-        raise BinCounterError(f"--resume: {path} is corrupt ({type(exc).__name__}: {first_line(exc)}); "
+        raise BinCounterError(f"--resume: {path} is corrupt ({type(exc).__name__}: {one_line(exc)}); "
                               "delete it to start over") from None
     if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
         raise BinCounterError(f"--resume: {path} is not a bin_counter checkpoint")
@@ -126,11 +126,6 @@ def load(path: Path) -> dict:
         raise BinCounterError(f"--resume: {path} belongs to run {state.get('run_id')}, not {path.stem}; "
                               "a checkpoint only resumes the run it was written for")
     return state
-
-
-def first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0][:200] if lines else type(exc).__name__
 
 
 def ensure_run_exists(run_id: str, path: Path) -> None:
@@ -145,7 +140,7 @@ def ensure_run_exists(run_id: str, path: Path) -> None:
     except mlflow.exceptions.MlflowException as exc:  # not found, or the server cannot be reached
         raise BinCounterError(f"--resume: {path} continues run {run_id}, but the tracking store "
                               f"{redact_uri(mlflow.get_tracking_uri())} has no run {run_id} "
-                              f"({redact_uri(first_line(exc))}); set MLFLOW_TRACKING_URI to the store that started it"
+                              f"({redact_uri(one_line(exc))}); set MLFLOW_TRACKING_URI to the store that started it"
                               ) from None
 
 

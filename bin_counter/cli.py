@@ -5,6 +5,7 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 
 from bin_counter import BinCounterError
 
@@ -429,6 +430,8 @@ def main(argv: list[str] | None = None) -> None:
         tracking.configure()
         args.func(args)
     except BinCounterError as exc:
+        if args.verbose:  # where the one line came from, for a bug report
+            traceback.print_exc()
         print(f"error: {tracking.redact_uri(str(exc))}", file=sys.stderr)  # the last guard against a leaked password
         sys.exit(2)
     except KeyboardInterrupt:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import logging
 
-from bin_counter import BinCounterError
+from bin_counter import BinCounterError, one_line
 from bin_counter.tracking import redact_uri
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,6 @@ def deploy(endpoint: str, region: str, model_uri: str | None = None, execution_r
         else:
             result = client.create_deployment(endpoint, model_uri=model_uri, config=config)
     except Exception as exc:  # MlflowException, botocore errors: one line for the user
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise BinCounterError(redact_uri(f"{action} of endpoint {endpoint} failed: {reason}")) from None
+        raise BinCounterError(redact_uri(f"{action} of endpoint {endpoint} failed: {one_line(exc)}")) from None
     print(f"{action}d endpoint {endpoint} in {region}")
     return result

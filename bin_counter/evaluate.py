@@ -11,7 +11,7 @@ import mlflow
 import pandas as pd
 from tqdm.auto import tqdm
 
-from bin_counter import BinCounterError, metrics, plots, tracking
+from bin_counter import BinCounterError, metrics, one_line, plots, tracking
 from bin_counter.files import atomic_write_text
 from bin_counter.manifest import read_manifest
 from bin_counter.prepare import read_classes
@@ -23,7 +23,7 @@ def load_model(model_uri: str):
     try:
         return mlflow.pyfunc.load_model(model_uri)
     except Exception as exc:  # MlflowException, OSError... one line is what the user needs
-        raise BinCounterError(f"cannot load model {model_uri}: {str(exc).splitlines()[0]}") from None
+        raise BinCounterError(f"cannot load model {model_uri}: {one_line(exc)}") from None
 
 
 def predict_paths(model, paths: list[str], batch_size: int = 64, desc: str = "predict") -> pd.DataFrame:

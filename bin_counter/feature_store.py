@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from bin_counter import one_line
+
 log = logging.getLogger(__name__)
 
 
@@ -37,8 +39,7 @@ def load_store(path: str | Path) -> dict | None:
         store = torch.load(path, map_location="cpu", weights_only=True)
         problem = store_problem(store)
     except Exception as exc:  # truncated zip, empty file, a pickle of something else: all mean "recompute"
-        lines = str(exc).strip().splitlines()
-        problem = f"{type(exc).__name__}: {lines[0][:200] if lines else 'unreadable'}"
+        problem = f"{type(exc).__name__}: {one_line(exc, 200)}"
     if problem is None:
         return store
     log.warning("feature cache %s is unusable (%s): deleted, its features will be recomputed", path, problem)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bin_counter import BinCounterError
+from bin_counter import BinCounterError, one_line
 from bin_counter.files import atomic_path, unsafe_reason
 
 MANIFEST = "manifest.csv"
@@ -30,7 +30,7 @@ def read_manifest(data_dir: Path, split: str | None = None, name: str = MANIFEST
     try:
         frame = pd.read_csv(path, dtype={"image_id": str, "split": str, "sha256": str, "path": str})
     except (ValueError, pd.errors.ParserError) as exc:  # UnicodeDecodeError, EmptyDataError, ragged rows
-        raise BinCounterError(f"{path} is not a readable CSV: {' '.join(str(exc).split())}") from None
+        raise BinCounterError(f"{path} is not a readable CSV: {one_line(exc)}") from None
     missing = set(COLUMNS) - set(frame.columns)
     if missing:
         raise BinCounterError(f"{path} lacks columns {sorted(missing)}; was it written by `bin-counter prepare`?")

@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from bin_counter import BinCounterError
+from bin_counter import BinCounterError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +78,7 @@ def load_strict(net: nn.Module, state: dict, source: str) -> None:
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        first = str(exc).splitlines()[0]
-        raise BinCounterError(f"weights in {source} do not fit this backbone: {first}") from None
+        raise BinCounterError(f"weights in {source} do not fit this backbone: {one_line(exc)}") from None
 
 
 def efficientnet(name: str) -> Callable[[str | None, bool], nn.Module]:

@@ -16,7 +16,7 @@ from typing import Protocol
 import pandas as pd
 from tqdm.auto import tqdm
 
-from bin_counter import BinCounterError, abid, s3
+from bin_counter import BinCounterError, abid, one_line, s3
 from bin_counter.files import atomic_path, safe_join
 
 log = logging.getLogger(__name__)
@@ -238,7 +238,7 @@ class RestModel(RemoteModel):
             response = requests.post(self.url.rstrip("/") + "/invocations", data=body,
                                      headers={"Content-Type": "application/json"}, timeout=self.timeout)
         except requests.RequestException as exc:
-            reason = redact_uri(" ".join(str(exc).split())[:200])
+            reason = redact_uri(one_line(exc, 200))
             raise RequestFailed(f"{REQUEST_FAILED}: cannot reach the model at {where}: {reason}") from None
         if response.status_code != 200:
             reason = " ".join(response.text[:200].split())
@@ -264,7 +264,7 @@ class SageMakerEndpoint(RemoteModel):
                                                     Body=body)
             return response["Body"].read()
         except (BotoCoreError, ClientError) as exc:
-            reason = " ".join(str(exc).split())[:300]
+            reason = one_line(exc)
             raise RequestFailed(f"{REQUEST_FAILED}: endpoint {self.endpoint}: {redact_uri(reason)}") from None
 
 

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlparse
 
-from bin_counter import BinCounterError
+from bin_counter import BinCounterError, one_line
 from bin_counter.metrics import STUDY_REGEXES
 from bin_counter.pyfunc import PACKAGE_DIR, requirements
 from bin_counter.tracking import has_credentials, redact_uri
@@ -115,11 +115,6 @@ def checkpoint_prefix(output_path: str, s3_data: str, hyperparameters: dict) -> 
     digest = hashlib.sha256(json.dumps([s3_data, hyperparameters], sort_keys=True).encode()).hexdigest()[:12]
     launch = f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
     return f"{output_path.rstrip('/')}/checkpoints/{digest}/{launch}"
-
-
-def one_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return redact_uri(lines[0] if lines else type(exc).__name__)
 
 
 def make_trainer(s3_data: str, role: str, instance_type: str, image_uri: str | None, region: str,
@@ -221,7 +216,7 @@ def tuning_job(cfg, args) -> dict:
         except BinCounterError:
             raise
         except Exception as exc:  # botocore/pydantic errors from the SDK: one line for the user
-            raise BinCounterError(f"SageMaker tuning job not created: {one_line(exc)}") from None
+            raise BinCounterError(f"SageMaker tuning job not created: {redact_uri(one_line(exc))}") from None
         name = tuner.latest_tuning_job.hyper_parameter_tuning_job_name
     print(f"tuning job: {name} ({cfg.n_trials} training jobs, objective {OBJECTIVE} minimised)")
     return {"name": name}
@@ -281,7 +276,7 @@ def training_job(args, train_args: list[str]) -> dict:
         except BinCounterError:
             raise
         except Exception as exc:  # botocore/pydantic errors from the SDK: one line for the user
-            raise BinCounterError(f"SageMaker training job not created: {one_line(exc)}") from None
+            raise BinCounterError(f"SageMaker training job not created: {redact_uri(one_line(exc))}") from None
     print(f"training job: {name} on {args.instance_count} x {args.instance_type}{' (spot)' if args.spot else ''}")
     if checkpoint_s3:
         print(f"checkpoints: {checkpoint_s3}")

@@ -61,7 +61,7 @@ def shard_urls(location: str, split: str) -> list[str]:
         try:
             index = json.loads(client.get_object(Bucket=bucket, Key=prefix + INDEX)["Body"].read())
         except Exception as exc:
-            raise BinCounterError(f"no shard index at {base}/{INDEX}: {str(exc).splitlines()[0]}") from None
+            raise BinCounterError(f"no shard index at {base}/{INDEX}: {one_line(exc)}") from None
     else:
         path = Path(base) / INDEX
         if not path.exists():

@@ -35,7 +35,7 @@ def description_key(description: dict) -> str:
     return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def extract(model: CountingModel, frame: pd.DataFrame, classes: list[int], transform, views: int, batch_size: int,
+def extract(model: CountingModel, frame: pd.DataFrame, classes: list[int], transform, *, views: int, batch_size: int,
             num_workers: int, seed: int, device: torch.device, desc: str, tta: bool = False):
     """Features (N, views, D) and a mask (N,) of the images that could be read.
 
@@ -64,18 +64,18 @@ def extract(model: CountingModel, frame: pd.DataFrame, classes: list[int], trans
     return features, ok
 
 
-def _extract_shared(model, frame, classes, transform, views, batch_size, num_workers, seed, device, desc, tta):
+def _extract_shared(model, frame, classes, transform, *, desc: str, **options):
     """Under torchrun each rank extracts every world-th image, then all ranks share the whole set."""
     ctx = distributed.current()
     if not ctx.enabled:
-        return extract(model, frame, classes, transform, views, batch_size, num_workers, seed, device, desc, tta)
+        return extract(model, frame, classes, transform, desc=desc, **options)
     mine = torch.arange(ctx.rank, len(frame), ctx.world)
-    part, part_ok = extract(model, frame.iloc[mine.numpy()].reset_index(drop=True), classes, transform, views,
-                            batch_size, num_workers, seed, device, f"{desc} (rank {ctx.rank})", tta)
+    part, part_ok = extract(model, frame.iloc[mine.numpy()].reset_index(drop=True), classes, transform,
+                            desc=f"{desc} (rank {ctx.rank})", **options)
     return distributed.gather_rows(part, mine, len(frame)), distributed.gather_rows(part_ok, mine, len(frame))
 
 
-def cached_features(model: CountingModel, frame: pd.DataFrame, classes: list[int], transform, views: int,
+def cached_features(model: CountingModel, frame: pd.DataFrame, classes: list[int], transform, *, views: int,
                     description: dict, cache_dir: Path | None, batch_size: int, num_workers: int, seed: int,
                     device: torch.device, desc: str, tta: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Features of `frame`'s images from the cache, computing (and adding) only the images it lacks.
@@ -91,8 +91,8 @@ def cached_features(model: CountingModel, frame: pd.DataFrame, classes: list[int
     if len(missing):
         # extraction seeds each image's views; fork_rng keeps training's random stream as if the cache were warm
         with torch.random.fork_rng(devices=[]):
-            new, new_ok = _extract_shared(model, missing, classes, transform, views, batch_size, num_workers, seed,
-                                          device, desc, tta)
+            new, new_ok = _extract_shared(model, missing, classes, transform, views=views, batch_size=batch_size,
+                                          num_workers=num_workers, seed=seed, device=device, desc=desc, tta=tta)
         new = new.half()
         if store is None:
             store = {"sha": [], "features": new[:0], "ok": new_ok[:0]}

@@ -203,9 +203,10 @@ def build_loaders(cfg: TrainConfig, model: CountingModel, frames: dict[str, pd.D
             description = {"backbone": cfg.backbone, "weights": weights_id(cfg.weights), "size": cfg.image_size,
                            **({"rotation": cfg.rotation_degrees, "hflip": cfg.hflip, "train": True} if augmented else {})}
             features, ok = cached_features(
-                model, frame, classes, train_tf if augmented else eval_tf, cfg.feature_views if augmented else 1,
-                description, Path(cfg.cache_dir) if cfg.cache_dir and cfg.feature_cache else None,
-                cfg.batch_size, cfg.num_workers, cfg.seed, device, split, tta=cfg.tta and not augmented)
+                model, frame, classes, train_tf if augmented else eval_tf, views=cfg.feature_views if augmented else 1,
+                description=description, cache_dir=Path(cfg.cache_dir) if cfg.cache_dir and cfg.feature_cache else None,
+                batch_size=cfg.batch_size, num_workers=cfg.num_workers, seed=cfg.seed, device=device, desc=split,
+                tta=cfg.tta and not augmented)
             labels = torch.tensor([classes.index(int(c)) for c in frame["count"]])
             dataset = FeatureViews(features, labels, ok, random_view=augmented, all_views=not augmented)
             loaders[split] = make_loader(dataset, cfg.batch_size, shuffle=augmented, num_workers=0, seed=cfg.seed,

@@ -23,9 +23,10 @@ prepare(PrepareConfig(source=source, out=str(out / "all"), split=(1.0, 0, 0)))
 manifest = read_manifest(out / "all")
 model = create_model(backbone, 5).eval()
 start = time.time()
-features, ok = cached_features(model, manifest, [1, 2, 3, 4, 5], eval_transform(backbone, size), 1,
-                               {"backbone": backbone, "weights": "default", "size": size}, Path(".cache/features"),
-                               32, 2, 0, torch.device("cpu"), "all", tta=True)
+features, ok = cached_features(model, manifest, [1, 2, 3, 4, 5], eval_transform(backbone, size), views=1,
+                               description={"backbone": backbone, "weights": "default", "size": size},
+                               cache_dir=Path(".cache/features"), batch_size=32, num_workers=2, seed=0,
+                               device=torch.device("cpu"), desc="all", tta=True)
 print(f"{backbone} @ {size}: {time.time() - start:.0f} s, {tuple(features.shape)}, all readable: {bool(ok.all())}")
 np.savez(out / f"{backbone}-{size}.npz", X=features.numpy(), y=manifest["count"].to_numpy(),
          ids=manifest["image_id"].to_numpy())

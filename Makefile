@@ -31,7 +31,11 @@ server: $(VENV)/.installed
 server-stop:
 	@$(PY) -m bin_counter.team_server stop
 
+# ruff, configured in pyproject.toml; CI runs it before the tests
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+
 benchmarks: $(VENV)/.installed
 	for b in experiments/benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
 
-.PHONY: install run test test-fast benchmarks server server-stop
+.PHONY: install run lint test test-fast benchmarks server server-stop

@@ -10,8 +10,8 @@ import pandas as pd
 
 from bin_counter import plots, tracking
 from bin_counter.config import TrainConfig
-from bin_counter.models import backbone_spec
 from bin_counter.evaluate import evaluate_into_run, summary_lines
+from bin_counter.models import backbone_spec
 from bin_counter.train import train
 
 log = logging.getLogger(__name__)

@@ -68,7 +68,8 @@ def log_report(report: Report, prefix: str = "") -> None:
                                (report.predictions["predicted_count"] != report.predictions["count"])]
     if len(wrong):
         worst = wrong.sort_values("confidence", ascending=False).head(24)
-        titles = [f"{r.image_id}: true {r.count}, pred {r.predicted_count} ({r.confidence:.0%})" for r in worst.itertuples()]
+        titles = [f"{r.image_id}: true {r.count}, pred {r.predicted_count} ({r.confidence:.0%})"
+                  for r in worst.itertuples()]
         tracking.log_figure(plots.image_grid(list(worst["abs_path"]), titles, title="Most confident mistakes"),
                             f"{prefix}misclassified.png")
     with tempfile.TemporaryDirectory() as tmp:

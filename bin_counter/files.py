@@ -6,9 +6,9 @@ import os
 import secrets
 import shutil
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 # Filesystems refuse parts over 255 bytes (ENAMETOOLONG); atomic_path's temporary adds ~45 to the name.
 MAX_PART_BYTES = 200

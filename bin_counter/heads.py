@@ -32,7 +32,7 @@ class Standardizer:
     std: torch.Tensor
 
     @classmethod
-    def fit(cls, features: torch.Tensor) -> "Standardizer":
+    def fit(cls, features: torch.Tensor) -> Standardizer:
         flat = features.reshape(-1, features.shape[-1]).double()
         return cls(flat.mean(0).float(), flat.std(0).clamp_min(1e-6).float())
 

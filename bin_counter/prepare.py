@@ -175,7 +175,8 @@ def validate_pair(root: Path, image_id: str) -> dict:
 
 def validate_all(root: Path, ids: list[str], workers: int) -> tuple[list[dict], list[dict]]:
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = list(tqdm(pool.map(lambda i: validate_pair(root, i), ids), total=len(ids), desc="validate", unit="pair"))
+        results = list(tqdm(pool.map(lambda i: validate_pair(root, i), ids), total=len(ids), desc="validate",
+                            unit="pair"))
     good = [r for r in results if "reason" not in r]
     bad = [r for r in results if "reason" in r]
     return good, bad
@@ -334,7 +335,8 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
         row["sha256"] = sha256_of(dest)
         row["path"] = f"images/{row['image_id']}.jpg"
     prune_images(images, {f"{row['image_id']}.jpg" for row in rows})
-    manifest = pd.DataFrame(rows)[["image_id", "count", "split", "sha256", "width", "height", "path", "expected_quantity"]]
+    manifest = pd.DataFrame(rows)[["image_id", "count", "split", "sha256", "width", "height", "path",
+                                   "expected_quantity"]]
     rejected = pd.DataFrame(refused + bad + dropped, columns=["image_id", "reason"])
     write_csv(manifest, out / MANIFEST)
     write_csv(rejected, out / REJECTED)

@@ -80,7 +80,8 @@ def promote(name: str, data: str, version: str | None = None, run_id: str | None
             better = is_better(candidate_score, champion_score, metric, min_gain)
             decision, alias = ("better than champion", CHAMPION) if better else ("not better than champion", CHALLENGER)
         client.set_registered_model_alias(name, alias, candidate.version)
-        tags = {"promotion_decision": decision, "promotion_metric": metric, f"candidate_{metric}": f"{candidate_score:.4f}",
+        tags = {"promotion_decision": decision, "promotion_metric": metric,
+                f"candidate_{metric}": f"{candidate_score:.4f}",
                 "data_digest": digest, "promotion_split": split}
         if champion is not None:
             tags.update({f"champion_{metric}": f"{champion_score:.4f}", "compared_with_version": str(champion.version)})

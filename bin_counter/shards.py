@@ -11,14 +11,14 @@ import json
 import logging
 import random
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pandas as pd
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from bin_counter import BinCounterError, s3
+from bin_counter import BinCounterError, one_line, s3
 from bin_counter.files import atomic_path, atomic_write_text, unsafe_reason
 
 log = logging.getLogger(__name__)

@@ -410,7 +410,8 @@ def main(argv: list[str] | None = None) -> None:
     server = TeamServer(args.dir)
     try:
         if args.artifacts_destination and not args.artifacts_destination.startswith("s3://"):
-            raise BinCounterError(f"--artifacts-destination must be s3://bucket/prefix, got {args.artifacts_destination!r}")
+            raise BinCounterError("--artifacts-destination must be s3://bucket/prefix, "
+                                  f"got {args.artifacts_destination!r}")
         if args.command == "start":
             uri = server.start(args.artifacts_destination, args.workers)
             state = server.state()

@@ -5,9 +5,10 @@ import os
 import re
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import mlflow
 import pandas as pd
@@ -49,7 +50,7 @@ def configure() -> str:
     os.environ.setdefault("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
     # `mlflow run` passes the experiment and run through the environment; keep them.
-    if not (os.environ.get("MLFLOW_EXPERIMENT_ID") or os.environ.get("MLFLOW_EXPERIMENT_NAME") or os.environ.get("MLFLOW_RUN_ID")):
+    if not any(os.environ.get(var) for var in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID")):
         mlflow.set_experiment(DEFAULT_EXPERIMENT)
     return os.environ["MLFLOW_TRACKING_URI"]
 

@@ -190,7 +190,8 @@ class LoopbackProxy:
                 self.send_response(response.status)
                 head = self.command == "HEAD"  # keeps the object's Content-Length and sends no body
                 for key, value in response.getheaders():
-                    if key.lower() not in ("transfer-encoding", "connection") and (head or key.lower() != "content-length"):
+                    if key.lower() not in ("transfer-encoding",
+                                           "connection") and (head or key.lower() != "content-length"):
                         self.send_header(key, value)
                 if not head:
                     self.send_header("Content-Length", str(len(data)))

@@ -36,7 +36,8 @@ def test_learning_rate_far_too_high_explodes(tiny_data, tmp_path):
 
 def test_nan_loss_stops_with_clear_error_and_keeps_best_epoch(tiny_data, tmp_path):
     with pytest.raises(BinCounterError, match=r"NaN/inf at epoch 2; the best epoch \(1\) was kept as models:/"):
-        train(TrainConfig(data=str(tiny_data), head="sgd", image_size=224, batch_size=8, feature_views=1, num_workers=0, epochs=5, lr=1e6,
+        train(TrainConfig(data=str(tiny_data), head="sgd", image_size=224, batch_size=8, feature_views=1,
+                          num_workers=0, epochs=5, lr=1e6,
                           cache_dir=str(tmp_path / "cache")))
     run = mlflow.last_active_run()
     assert "debugger.nan_loss" in run.data.tags and run.data.metrics["best_epoch"] == 1
@@ -46,7 +47,8 @@ def test_nan_loss_stops_with_clear_error_and_keeps_best_epoch(tiny_data, tmp_pat
 
 def test_nan_in_the_first_epoch_keeps_nothing(tiny_data, tmp_path):
     with pytest.raises(BinCounterError, match="no model was kept"):
-        train(TrainConfig(data=str(tiny_data), head="sgd", image_size=224, batch_size=8, feature_views=1, num_workers=0, epochs=3, lr=1e30,
+        train(TrainConfig(data=str(tiny_data), head="sgd", image_size=224, batch_size=8, feature_views=1,
+                          num_workers=0, epochs=3, lr=1e30,
                           cache_dir=str(tmp_path / "cache")))
 
 
@@ -72,7 +74,8 @@ def test_one_label_training_set_is_imbalanced_and_gradients_vanish(tiny_data, tm
 
 
 def test_profiler_report_renders_with_every_section(tiny_data, tmp_path):
-    result = train(TrainConfig(data=str(tiny_data), head="sgd", image_size=224, batch_size=4, feature_views=1, num_workers=0, epochs=3,
+    result = train(TrainConfig(data=str(tiny_data), head="sgd", image_size=224, batch_size=4, feature_views=1,
+                               num_workers=0, epochs=3,
                                cache_dir=str(tmp_path / "cache"), profile=True))
     run = mlflow.get_run(result.run_id)
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(result.run_id, "profiler")}

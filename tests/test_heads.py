@@ -1,6 +1,5 @@
 """The logistic head reaches the convex optimum, survives export into the study's head, and the ordinal decoding
 does what its formula says."""
-import dataclasses
 import json
 import subprocess
 import sys

@@ -463,7 +463,8 @@ def test_ctrl_c_during_download_stops_promptly_and_keeps_finished_files(aws, mot
     try:
         command = [sys.executable, "-m", "bin_counter", "prepare", "--source", f"s3://{BUCKET}", "--out", str(out),
                    "--workers", "2"]
-        parent = f"parent: SIGINT {signal.getsignal(signal.SIGINT)}, blocked {signal.pthread_sigmask(signal.SIG_BLOCK, [])}"
+        parent = (f"parent: SIGINT {signal.getsignal(signal.SIGINT)}, "
+                  f"blocked {signal.pthread_sigmask(signal.SIG_BLOCK, [])}")
         process = subprocess.Popen(command, env={**os.environ, "AWS_ENDPOINT_URL": proxy.url},
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                    preexec_fn=ctrl_c_as_in_a_terminal)

@@ -513,7 +513,8 @@ def test_optuna_storage_password_is_not_logged_or_printed(capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_info:  # no PostgreSQL there: the error names the storage, no password
         main(["tune", "--storage", storage, "--data", str(tmp_path), "--n-trials", "1"])
     err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and err.startswith("error: cannot open Optuna storage") and "optuna:***@127.0.0.1" in err and PASSWORD not in err
+    assert exit_info.value.code == 2 and err.startswith("error: cannot open Optuna storage")
+    assert "optuna:***@127.0.0.1" in err and PASSWORD not in err
 
 
 def test_main_prints_where_to_look_without_the_tracking_password(monkeypatch):

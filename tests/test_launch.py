@@ -27,8 +27,9 @@ def launch(*extra, train_args=("--epochs", "10", "--backbone", "efficientnet-lit
 def test_dry_run_request_is_complete(sagemaker_env, capsys):
     launch("--dry-run", "--spot", "--instance-count", "2")
     request = json.loads(capsys.readouterr().out)
-    assert request["HyperParameters"]["epochs"] == "10" and request["HyperParameters"]["backbone"] == "efficientnet-lite0"
-    assert request["ResourceConfig"]["InstanceCount"] == 2 and request["ResourceConfig"]["InstanceType"] == "ml.g4dn.xlarge"
+    assert request["HyperParameters"] == {"epochs": "10", "backbone": "efficientnet-lite0"}
+    assert request["ResourceConfig"]["InstanceCount"] == 2
+    assert request["ResourceConfig"]["InstanceType"] == "ml.g4dn.xlarge"
     assert request["EnableManagedSpotTraining"] is True
     assert request["StoppingCondition"]["MaxWaitTimeInSeconds"] >= request["StoppingCondition"]["MaxRuntimeInSeconds"]
     assert request["CheckpointConfig"]["S3Uri"].startswith("s3://mine/jobs/checkpoints/")  # one prefix per job
@@ -116,7 +117,8 @@ def test_entry_script_resumes_a_reclaimed_spot_job(tiny_data, tmp_path):
     env = {**os.environ, "SM_CHANNEL_TRAINING": str(tiny_data), "PYTHONPATH": str(code), "TQDM_DISABLE": "1",
            "BIN_COUNTER_CHECKPOINTS": str(checkpoints)}
     # hyperparameters arrive as `--name value` pairs; fine-tuning a stage makes epochs slow enough to interrupt
-    args = [sys.executable, ENTRY_SCRIPT, "--head", "sgd", "--image-size", "224", "--epochs", "4", "--batch-size", "8", "--unfreeze-last", "1",
+    args = [sys.executable, ENTRY_SCRIPT, "--head", "sgd", "--image-size", "224", "--epochs", "4", "--batch-size", "8",
+            "--unfreeze-last", "1",
             "--num-workers", "0", "--sagemaker_program", ENTRY_SCRIPT]
     first = subprocess.Popen(args, cwd=code, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 180

@@ -67,7 +67,7 @@ def test_missing_weights_is_one_line_naming_the_file(tmp_path):
     prepare(PrepareConfig(out=str(tmp_path / "x"), limit_per_class=2, workers=1, split=(0.5, 0.5, 0)))
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    line = [l for l in result.stderr.splitlines() if l.startswith("error:")][0]
+    line = [text for text in result.stderr.splitlines() if text.startswith("error:")][0]
     assert "resnet50-11ad3fa6.pth" in line and "--weights FILE" in line
 
 

@@ -48,7 +48,8 @@ def test_split_is_stratified_deterministic_and_order_free(tmp_path):
     # the same ids listed in another order split the same way
     ids = list(reversed(sorted(a["image_id"])))
     (tmp_path / "ids.json").write_text(json.dumps(ids))
-    d = prepare(PrepareConfig(out=str(tmp_path / "d"), seed=3, file_list=str(tmp_path / "ids.json"), workers=2)).manifest
+    d = prepare(PrepareConfig(out=str(tmp_path / "d"), seed=3, file_list=str(tmp_path / "ids.json"),
+                              workers=2)).manifest
     pd.testing.assert_frame_equal(key(a), key(d))
 
 

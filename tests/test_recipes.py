@@ -94,7 +94,8 @@ def test_recipe_flag_sets_switches_and_explicit_flags_win(capsys):
 @pytest.mark.slow
 def test_counting_recipe_end_to_end_serves_what_it_measured(tiny_data, tmp_path):
     cfg = dataclasses.replace(TrainConfig(data=str(tiny_data), batch_size=8, feature_views=2, num_workers=0,
-                                          cache_dir=str(tmp_path / "cache")), **{**RECIPES["counting-mae"], "epochs": 3})
+                                          cache_dir=str(tmp_path / "cache")), **{**RECIPES["counting-mae"],
+                                                                                 "epochs": 3})
     result = train(cfg)
     config = mlflow.artifacts.load_dict(f"runs:/{result.run_id}/model/artifacts/config.json")
     assert config["tta"] is True and config["decoding"]["how"] == "expected"

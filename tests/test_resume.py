@@ -24,8 +24,8 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(tiny_data, tmp_path):
 
     checkpoints = tmp_path / "ckpt"
     command = [sys.executable, "-m", "bin_counter", "train", "--data", str(tiny_data), "--checkpoint-dir",
-               str(checkpoints), "--head", "sgd", "--image-size", "224", "--epochs", "5", "--batch-size", "8", "--no-feature-cache", "--num-workers", "0",
-               "--seed", "3"]
+               str(checkpoints), "--head", "sgd", "--image-size", "224", "--epochs", "5", "--batch-size", "8",
+               "--no-feature-cache", "--num-workers", "0", "--seed", "3"]
     env = {**os.environ, "TQDM_DISABLE": "1"}
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
@@ -64,7 +64,6 @@ def test_resume_refuses_other_settings_and_missing_checkpoints(tiny_data, tmp_pa
     import torch
 
     from bin_counter.config import as_params
-
     from bin_counter.train import data_digest, split_frames
 
     digest = data_digest(split_frames(str(tiny_data)))

@@ -59,7 +59,8 @@ def test_file_list_selects_pairs_and_missing_objects_are_rejected(aws, tmp_path)
     counts = fill_bucket(aws, per_class=2, bad=False)
     chosen = sorted(counts)[:4]
     (tmp_path / "fl.json").write_text(json.dumps({"1": [f"metadata/{i}.json" for i in chosen + ["77777"]]}))
-    result = prepare(PrepareConfig(source=f"s3://{BUCKET}", out=str(tmp_path / "d"), file_list=str(tmp_path / "fl.json"),
+    result = prepare(PrepareConfig(source=f"s3://{BUCKET}", out=str(tmp_path / "d"),
+                                   file_list=str(tmp_path / "fl.json"),
                                    workers=2, split=(0, 0, 1)))
     assert sorted(result.manifest["image_id"]) == chosen
     assert result.rejected.set_index("image_id").loc["77777", "reason"] == "missing metadata"

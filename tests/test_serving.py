@@ -35,7 +35,8 @@ def registry(tiny_data, tmp_path_factory):
     mlflow.set_tracking_uri(uri)
     try:
         for seed in (0, 1):
-            train(TrainConfig(data=str(tiny_data), head="sgd", image_size=224, epochs=2, batch_size=8, feature_views=1, num_workers=0, seed=seed,
+            train(TrainConfig(data=str(tiny_data), head="sgd", image_size=224, epochs=2, batch_size=8, feature_views=1,
+                              num_workers=0, seed=seed,
                               cache_dir=str(root / "cache"), register_as="bins"))
     finally:
         os.chdir(old)
@@ -88,7 +89,8 @@ def test_promote_moves_champion_only_on_real_gain(use_registry, tiny_data):
     assert (held["decision"], held["alias"]) == ("not better than champion", "challenger")
     assert str(client.get_model_version_by_alias("bins", "champion").version) == str(champion)
     tags = client.get_model_version("bins", other).tags
-    assert tags["promotion_metric"] == "mae" and float(tags["candidate_mae"]) == pytest.approx(held["candidate"], abs=1e-4)
+    assert tags["promotion_metric"] == "mae" and float(tags["candidate_mae"]) == pytest.approx(held["candidate"],
+                                                                                               abs=1e-4)
     # ... and with no margin the candidate wins exactly when its MAE is lower (higher would win if the sign were lost)
     lower = promote("bins", str(tiny_data), version=other, metric="mae", min_gain=0.0)
     assert lower["decision"] == ("better than champion" if lower["candidate"] < lower["champion"]
@@ -120,7 +122,8 @@ def test_promote_run_id_through_the_cli(use_registry, tiny_data, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["promote", "--name", "bins", "--run-id", "0" * 32, "--data", str(tiny_data)])
     err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and err.strip().splitlines()[-1] == f"error: model 'bins': Run with id={'0' * 32} not found"
+    assert exit_info.value.code == 2
+    assert err.strip().splitlines()[-1] == f"error: model 'bins': Run with id={'0' * 32} not found"
     assert "Traceback" not in err
 
 
@@ -208,7 +211,8 @@ def test_served_model_over_http(use_registry, tiny_data, tmp_path):
 
 def test_predict_folder_manifest_and_s3(use_registry, tiny_data, tmp_path, aws):
     folder = make_abid_dir(tmp_path / "abid", per_class=2)
-    (folder / "bin-images" / "truncated.jpg").write_bytes(next((folder / "bin-images").glob("*.jpg")).read_bytes()[:400])
+    some_image = next((folder / "bin-images").glob("*.jpg"))
+    (folder / "bin-images" / "truncated.jpg").write_bytes(some_image.read_bytes()[:400])
     (folder / "bin-images" / "notes.jpg").write_text("not an image at all")
     model = LocalModel("models:/bins/1")
     out = tmp_path / "results.csv"
@@ -272,6 +276,7 @@ def test_deploy_errors_are_one_line(use_registry, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["deploy", "--endpoint", "x", "--region", "us-east-1", "--model-uri", "models:/bins/1"])
     err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and "--execution-role-arn is required" in err and len(err.strip().splitlines()) == 1
+    assert exit_info.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert "--execution-role-arn is required" in err
 
 

@@ -132,7 +132,8 @@ def test_each_rank_and_worker_reads_its_own_shards(five_shards):
 
 @pytest.mark.slow
 def test_train_streams_shards_from_disk_and_from_s3(sharded, aws, tmp_path):
-    local = train(TrainConfig(data=str(sharded), head="sgd", image_size=224, stream=True, epochs=2, batch_size=4, num_workers=0,
+    local = train(TrainConfig(data=str(sharded), head="sgd", image_size=224, stream=True, epochs=2, batch_size=4,
+                              num_workers=0,
                               checkpoint_dir=None), save_model=False)
     run = mlflow.get_run(local.run_id)
     assert run.data.params["stream"] == "True" and run.data.metrics["test_n"] == 10
@@ -143,6 +144,7 @@ def test_train_streams_shards_from_disk_and_from_s3(sharded, aws, tmp_path):
     upload_prepared(result, "s3://mine/abid/v1", workers=2)
     keys = {o["Key"] for o in aws.list_objects_v2(Bucket="mine")["Contents"]}
     assert "abid/v1/shards/index.json" in keys and "abid/v1/shards/train-000002.tar" in keys
-    remote = train(TrainConfig(data="s3://mine/abid/v1", head="sgd", image_size=224, stream=True, epochs=2, batch_size=4, num_workers=0,
+    remote = train(TrainConfig(data="s3://mine/abid/v1", head="sgd", image_size=224, stream=True, epochs=2,
+                               batch_size=4, num_workers=0,
                                checkpoint_dir=None), save_model=False)
     assert remote.history["train_loss"].round(5).tolist() == local.history["train_loss"].round(5).tolist()

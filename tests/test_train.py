@@ -24,7 +24,8 @@ pytestmark = pytest.mark.slow
 
 
 def test_train_log_load_evaluate(tiny_data, tmp_path, capsys):
-    cfg = TrainConfig(data=str(tiny_data), head="sgd", image_size=224, epochs=2, batch_size=8, feature_views=2, num_workers=0,
+    cfg = TrainConfig(data=str(tiny_data), head="sgd", image_size=224, epochs=2, batch_size=8, feature_views=2,
+                      num_workers=0,
                       cache_dir=str(tmp_path / "cache"), register_as="bin-counter-test")
     result = train(cfg)
     out = capsys.readouterr().out
@@ -41,7 +42,8 @@ def test_train_log_load_evaluate(tiny_data, tmp_path, capsys):
 
     report = evaluate(result.model_uri, str(tiny_data), "test", output=str(tmp_path / "metrics.json"))
     doc = json.loads((tmp_path / "metrics.json").read_text())
-    assert doc["accuracy"] == pytest.approx(report.metrics["accuracy"]) and set(doc["per_class"]) == {"1", "2", "3", "4", "5"}
+    assert doc["accuracy"] == pytest.approx(report.metrics["accuracy"]) and set(doc["per_class"]) == {"1", "2", "3",
+                                                                                                      "4", "5"}
     # the model's own test metrics (in-memory, cached features) agree with the logged model's on the same images
     assert report.metrics["accuracy"] == pytest.approx(result.test_metrics["accuracy"], abs=1 / 12 + 1e-9)
     eval_run = mlflow.last_active_run()
@@ -98,7 +100,8 @@ def test_corrupt_images_in_a_dataset_are_reported_not_crashed_on(tiny_data, tmp_
 
 
 def test_full_forward_path_fine_tunes_last_stage(tiny_data, tmp_path):
-    cfg = TrainConfig(data=str(tiny_data), head="sgd", image_size=224, epochs=1, batch_size=8, unfreeze_last=1, num_workers=0,
+    cfg = TrainConfig(data=str(tiny_data), head="sgd", image_size=224, epochs=1, batch_size=8, unfreeze_last=1,
+                      num_workers=0,
                       cache_dir=str(tmp_path / "cache"))
     result = train(cfg)
     run = mlflow.MlflowClient().get_run(result.run_id)

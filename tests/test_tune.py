@@ -14,7 +14,8 @@ pytestmark = pytest.mark.slow
 
 
 def small(tiny_data, tmp_path, **kwargs) -> TuneConfig:
-    base = TrainConfig(data=str(tiny_data), head="sgd", image_size=224, feature_views=2, num_workers=0, cache_dir=str(tmp_path / "cache"))
+    base = TrainConfig(data=str(tiny_data), head="sgd", image_size=224, feature_views=2, num_workers=0,
+                       cache_dir=str(tmp_path / "cache"))
     return TuneConfig(base=base, space=SearchSpace(batch_size=(8, 16), lr=(1e-4, 5e-2), epochs=(2, 3)), **kwargs)
 
 
@@ -43,7 +44,8 @@ def test_three_trial_tune_end_to_end(tiny_data, tmp_path):
 def test_pruned_trial_is_stopped_and_marked(tiny_data, tmp_path):
     cfg = small(tiny_data, tmp_path, n_trials=1)
     cfg.space = SearchSpace(batch_size=(8, 8), lr=(1e-3, 1e-3), epochs=(6, 6))
-    # any validation loss above 0.01 is hopeless: the trial must stop at epoch 2, the first the pruner may act on (steps < n_warmup_steps are spared)
+    # any validation loss above 0.01 is hopeless: the trial must stop at epoch 2, the first the pruner may act on
+    # (steps < n_warmup_steps are spared)
     study = open_study(cfg, pruner=optuna.pruners.ThresholdPruner(upper=0.01, n_warmup_steps=2))
     with mlflow.start_run() as parent:
         study.optimize(objective_for(cfg, parent.info.run_id), n_trials=1)
@@ -76,7 +78,8 @@ def test_two_workers_share_one_study(tiny_data, tmp_path):
     assert [w.returncode for w in workers] == [0, 0], [[line for line in e.splitlines() if "rror" in line][-3:]
                                                        for e in errors]
     study = optuna.load_study(study_name="shared", storage=storage)
-    finished = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+    finished = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE,
+                                                       optuna.trial.TrialState.PRUNED)]
     assert len(finished) == 4 and sorted(t.number for t in study.trials) == list(range(len(study.trials)))
     # a worker that lost the race for the last slot records at most one refused (FAIL) trial, never a 5th run
     assert all(t.state == optuna.trial.TrialState.FAIL for t in study.trials if t not in finished)
@@ -114,7 +117,8 @@ def test_a_dead_workers_trial_is_failed_and_retried_with_its_parameters(tiny_dat
     storage = f"sqlite:///{database}"
     command = [sys.executable, "-m", "bin_counter", "tune", "--data", str(tiny_data), "--n-trials", "1",
                "--storage", storage, "--study-name", "retry", "--batch-size-range", "8,16", "--epochs-range", "2,3",
-               "--image-size", "224", "--feature-views", "2", "--num-workers", "0", "--cache-dir", str(tmp_path / "cache")]
+               "--image-size", "224", "--feature-views", "2", "--num-workers", "0",
+               "--cache-dir", str(tmp_path / "cache")]
     worker = subprocess.Popen(command, env={**os.environ, "TQDM_DISABLE": "1"}, cwd=tmp_path,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 

@@ -39,8 +39,10 @@ def main() -> None:
     s3.create_bucket(Bucket="bench")
     ids = [p.stem for p in sorted((SAMPLE_DIR / "metadata").glob("*.json"))]
     for image_id in ids:
-        s3.put_object(Bucket="bench", Key=f"bin-images/{image_id}.jpg", Body=(SAMPLE_DIR / "bin-images" / f"{image_id}.jpg").read_bytes())
-        s3.put_object(Bucket="bench", Key=f"metadata/{image_id}.json", Body=(SAMPLE_DIR / "metadata" / f"{image_id}.json").read_bytes())
+        s3.put_object(Bucket="bench", Key=f"bin-images/{image_id}.jpg",
+                      Body=(SAMPLE_DIR / "bin-images" / f"{image_id}.jpg").read_bytes())
+        s3.put_object(Bucket="bench", Key=f"metadata/{image_id}.json",
+                      Body=(SAMPLE_DIR / "metadata" / f"{image_id}.json").read_bytes())
     endpoint = os.environ["AWS_ENDPOINT_URL"]
     proxy = SlowProxy(endpoint, delay=args.latency_ms / 1000)
     for label, url in (("loopback, no latency", endpoint), (f"{args.latency_ms:.0f} ms per GET", proxy.url)):
@@ -53,7 +55,8 @@ def main() -> None:
             seconds = time.perf_counter() - start
             assert result.downloaded == 2 * len(ids)
             rates[workers] = len(ids) / seconds
-            print(f"[{label}] workers={workers:2d}: {len(ids)} pairs in {seconds:.2f} s = {rates[workers]:.1f} images/s")
+            print(f"[{label}] workers={workers:2d}: {len(ids)} pairs in {seconds:.2f} s = "
+                  f"{rates[workers]:.1f} images/s")
             shutil.rmtree(out)
         print(f"[{label}] speed-up {args.workers} workers vs 1: {rates[args.workers] / rates[1]:.2f}x")
     print(f"({os.cpu_count()} cores; prepare's time includes listing, validation and copying)")

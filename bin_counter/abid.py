@@ -18,7 +18,6 @@ IMAGE_PREFIX = "bin-images/"
 METADATA_PREFIX = "metadata/"
 # A real bin photo is ~0.1 MP; anything past this is a decompression bomb or not a bin photo.
 MAX_IMAGE_PIXELS = 40_000_000
-Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS  # PIL then refuses decompression bombs instead of only warning
 # Bin photos are JPEG (PNG for crops and tests). Every other PIL plugin is attack surface we do not need (EPS even
 # runs Ghostscript), so no other plugin is allowed to parse a file. PIL's JPEG plugin names a JPEG with a second
 # frame MPO: still a JPEG.

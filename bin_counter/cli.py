@@ -32,7 +32,8 @@ def _optional_bool(value: str) -> bool:
 
 def add_prepare(sub) -> None:
     p = sub.add_parser("prepare", help="download/validate/split ABID images into DATA_DIR")
-    p.add_argument("--source", default="sample", help="`sample` (bundled), a directory in ABID's layout, or s3://bucket[/prefix] (default ABID's public bucket: s3://aft-vbi-pds)")
+    p.add_argument("--source", default="sample", help="`sample` (bundled), a directory in ABID's layout, or "
+                   "s3://bucket[/prefix] (default ABID's public bucket: s3://aft-vbi-pds)")
     p.add_argument("--out", default="data", help="DATA_DIR to write (default: data)")
     p.add_argument("--file-list", help="the study's file_list.json or a JSON list of ids")
     p.add_argument("--classes", default="1-5", help="counts kept, e.g. 1-5, 0-5, 1-10 (default 1-5)")
@@ -105,7 +106,8 @@ def add_train_options(p, defaults=None) -> None:
                    help="average over flips/transposes at evaluation")
     p.add_argument("--int8", action=argparse.BooleanOptionalAction, default=d.int8,
                    help="log an int8 inference graph calibrated on training images (faster, 88%% of counts identical)")
-    p.add_argument("--recipe", help="a named set of switches (study, probe, counting, counting-mae, counting-sgd, finetune); explicit flags win")
+    p.add_argument("--recipe", help="a named set of switches (study, probe, counting, counting-mae, counting-sgd, "
+                                    "finetune); explicit flags win")
     p.add_argument("--stream", action="store_true",
                    help="stream the WebDataset shards of --data (a DATA_DIR or s3://...) instead of image files")
 
@@ -197,7 +199,8 @@ def add_tune(sub) -> None:
     p.add_argument("--s3-data", help="sagemaker: s3://bucket/prefix written by `prepare --upload`")
     p.add_argument("--role", help="sagemaker: execution role ARN")
     p.add_argument("--instance-type", default="ml.g4dn.xlarge", help="sagemaker: training instance type")
-    p.add_argument("--image-uri", help="sagemaker: PyTorch training image (default: the region's PyTorch 2.x GPU image)")
+    p.add_argument("--image-uri",
+                   help="sagemaker: PyTorch training image (default: the region's PyTorch 2.x GPU image)")
     p.add_argument("--region", help="sagemaker: AWS region (default AWS_DEFAULT_REGION)")
     p.add_argument("--output-path", help="sagemaker: s3:// prefix for job outputs")
     p.add_argument("--dry-run", action="store_true", help="sagemaker: print the request without sending it")
@@ -366,7 +369,8 @@ def cmd_transform(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bin-counter", description="Count objects in Amazon bin photos (ABID), tracked with MLflow.")
+    parser = argparse.ArgumentParser(prog="bin-counter",
+                                     description="Count objects in Amazon bin photos (ABID), tracked with MLflow.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in COMMANDS:
@@ -409,7 +413,8 @@ def not_given_is_default(args, parser):
     default, after the recipe, exactly as if the flag were absent from a CLI call."""
     subparser = next(a for a in parser._subparsers._group_actions).choices[args.command]
     for action in subparser._actions:
-        if getattr(args, action.dest, None) == "" or (getattr(args, action.dest, 0) is None and action.default is not None):
+        value = getattr(args, action.dest, None)
+        if value == "" or (value is None and hasattr(args, action.dest) and action.default is not None):
             setattr(args, action.dest, action.default)
     return args
 

@@ -5,7 +5,6 @@ import base64
 import binascii
 import hashlib
 import logging
-from pathlib import Path
 
 import pandas as pd
 import torch
@@ -67,10 +66,14 @@ class ManifestImages(Dataset):
         except ValueError as exc:
             log.warning("skipping image %s: %s", self.ids[i], exc)
             return None
-        if self.view_seed is not None:
-            digest = hashlib.sha256(f"{self.ids[i]}:{self.view_seed}".encode()).digest()
+        if self.view_seed is None:
+            return self.transform(image), self.labels[i], i
+        # torchvision's random transforms draw from the global generator: seed it for this image and view only,
+        # and give the caller's random stream back untouched
+        digest = hashlib.sha256(f"{self.ids[i]}:{self.view_seed}".encode()).digest()
+        with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int.from_bytes(digest[:8], "little"))
-        return self.transform(image), self.labels[i], i
+            return self.transform(image), self.labels[i], i
 
 
 def dihedral_views(batch: torch.Tensor) -> list[torch.Tensor]:

@@ -1,20 +1,22 @@
 """matplotlib figures: what people would rather look at than read. Each function returns a Figure."""
 from __future__ import annotations
 
-import matplotlib
-
-matplotlib.use("Agg")  # headless: servers, CI, SageMaker
-
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure
 
 from bin_counter.abid import read_image
 
 
+def subplots(*grid: int, figsize: tuple[float, float], **options):
+    """A figure outside pyplot: no GUI backend to choose (servers, CI, SageMaker) and nothing global to close."""
+    figure = Figure(figsize=figsize)
+    return figure, figure.subplots(*grid, **options)
+
+
 def class_histogram(manifest: pd.DataFrame, classes: list[int]):
     table = manifest.groupby(["count", "split"]).size().unstack(fill_value=0).reindex(classes, fill_value=0)
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = subplots(figsize=(7, 4))
     table.plot.bar(ax=ax, rot=0)
     ax.set_xlabel("objects in bin (EXPECTED_QUANTITY)")
     ax.set_ylabel("images")
@@ -27,7 +29,7 @@ def confusion_matrices(matrix: np.ndarray, classes: list[int]):
     """Counts beside the row-normalised matrix: the second shows recall per class at a glance."""
     rows = matrix.sum(axis=1, keepdims=True)
     normalised = np.divide(matrix, rows, out=np.zeros_like(matrix, dtype=float), where=rows > 0)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
+    fig, axes = subplots(1, 2, figsize=(11, 4.6))
     for ax, values, title, fmt in ((axes[0], matrix, "counts", "d"), (axes[1], normalised, "row-normalised", ".2f")):
         image = ax.imshow(values, cmap="Blues")
         ax.set_xticks(range(len(classes)), classes)
@@ -45,7 +47,7 @@ def confusion_matrices(matrix: np.ndarray, classes: list[int]):
 
 
 def per_class_bars(per_class: pd.DataFrame):
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = subplots(figsize=(7, 4))
     per_class.set_index("class")[["precision", "recall", "f1"]].plot.bar(ax=ax, rot=0)
     ax.set_ylim(0, 1)
     ax.set_xlabel("objects in bin")
@@ -56,7 +58,7 @@ def per_class_bars(per_class: pd.DataFrame):
 
 def history(frame: pd.DataFrame):
     """Train/validation loss and accuracy per epoch; the best epoch is marked."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = subplots(1, 2, figsize=(11, 4))
     best = frame["val_loss"].idxmin()
     for ax, metric in zip(axes, ("loss", "accuracy")):
         ax.plot(frame["epoch"], frame[f"train_{metric}"], marker="o", label="train")
@@ -71,7 +73,7 @@ def history(frame: pd.DataFrame):
 
 def image_grid(paths: list[str], titles: list[str], columns: int = 6, title: str = ""):
     rows = max(1, -(-len(paths) // columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(2.4 * columns, 2.2 * rows), squeeze=False)
+    fig, axes = subplots(rows, columns, figsize=(2.4 * columns, 2.2 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, path, caption in zip(axes.flat, paths, titles):
@@ -84,7 +86,7 @@ def image_grid(paths: list[str], titles: list[str], columns: int = 6, title: str
 
 
 def comparison_bars(table: pd.DataFrame, metrics: list[str], label: str = "backbone"):
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = subplots(figsize=(8, 4))
     table.set_index(label)[metrics].T.plot.bar(ax=ax, rot=0)
     ax.set_ylim(0, 1)
     ax.set_title("Test-split metrics")

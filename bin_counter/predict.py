@@ -302,7 +302,8 @@ def flag_for_check(results: pd.DataFrame, min_confidence: float) -> pd.DataFrame
     return results
 
 
-def predict(counter: Counter, source: str, output: str, min_confidence: float = 0.5, batch_size: int = 16) -> pd.DataFrame:
+def predict(counter: Counter, source: str, output: str, min_confidence: float = 0.5,
+            batch_size: int = 16) -> pd.DataFrame:
     """Count every image of `source` into `output`; images that could not be read or counted are listed with
     their reason, and the results are written even when some requests failed."""
     with tempfile.TemporaryDirectory() as tmp:

@@ -193,23 +193,17 @@ def profiler_findings(summary: dict) -> list[tuple[str, str]]:
 
 
 def _png(figure) -> str:
-    import matplotlib.pyplot as plt
-
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
-    plt.close(figure)
     return base64.b64encode(buffer.getvalue()).decode()
 
 
 def report_figures(profile: Profile) -> dict[str, str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from bin_counter.plots import subplots
 
     steps = profile.step_table()
     figures = {}
-    fig, ax = plt.subplots(figsize=(8, 3.2))
+    fig, ax = subplots(figsize=(8, 3.2))
     bottom = np.zeros(len(steps))
     for p in PHASES:
         ax.bar(range(len(steps)), steps[p] * 1000, bottom=bottom, label=p)
@@ -221,7 +215,7 @@ def report_figures(profile: Profile) -> dict[str, str]:
     figures["steps"] = _png(fig)
 
     util = profile.utilisation
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
+    fig, axes = subplots(1, 2, figsize=(10, 3.2))
     if len(util):
         axes[0].plot(util["t"], util["cpu_percent"], label="CPU %")
         if "gpu_percent" in util:
@@ -250,7 +244,8 @@ def write_report(profile: Profile, debugger_findings: list, out: Path) -> dict[s
     debug = "".join(f"<li><b>{html.escape(f.rule)}</b> (epoch {f.epoch}): {html.escape(f.message)}</li>"
                     for f in debugger_findings) or "<li>none</li>"
     facts = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.4g}</td></tr>" if isinstance(v, float)
-                    else f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>" for k, v in summary.items())
+                    else f"<tr><td>{html.escape(k)}</td><td>{html.escape(str(v))}</td></tr>"
+                    for k, v in summary.items())
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>bin_counter profiler report</title>
 <style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}} td{{padding:2px 10px}}
 pre{{font-size:11px;overflow-x:auto;background:#f6f6f6;padding:8px}} h2{{border-bottom:1px solid #ccc}}</style>
@@ -270,7 +265,8 @@ pre{{font-size:11px;overflow-x:auto;background:#f6f6f6;padding:8px}} h2{{border-
     lines = ["# Profiler summary", "", f"- images/s: {summary['images_per_s']:.1f}",
              f"- median step: {summary['step_ms_median']:.1f} ms",
              *[f"- {p}: {summary[p + '_share']:.1%} of step time" for p in PHASES],
-             f"- mean CPU utilisation: {summary['cpu_percent_mean']:.0f}%", f"- peak RSS: {summary['peak_rss_mb']:.0f} MB",
+             f"- mean CPU utilisation: {summary['cpu_percent_mean']:.0f}%",
+             f"- peak RSS: {summary['peak_rss_mb']:.0f} MB",
              "", "## Findings", *([f"- **{r}**: {m}" for r, m in findings] or ["- none"]),
              "", "## Debugger", *([f"- **{f.rule}** (epoch {f.epoch}): {f.message}" for f in debugger_findings]
                                    or ["- none"])]

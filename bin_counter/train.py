@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import copy
 import logging
-from contextlib import nullcontext
 import random
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,8 +20,8 @@ from tqdm.auto import tqdm
 
 from bin_counter import BinCounterError, checkpoint, distributed, heads, metrics, plots, tracking
 from bin_counter.config import TrainConfig, as_params
-from bin_counter.debugger import Rules
 from bin_counter.data import ManifestImages, dihedral_views, eval_transform, make_loader, train_transform
+from bin_counter.debugger import Rules
 from bin_counter.features import FeatureViews, cached_features
 from bin_counter.manifest import read_manifest
 from bin_counter.models import CountingModel, backbone_is_frozen, create_model, freeze
@@ -46,7 +46,8 @@ def set_train_mode(net: nn.Module) -> None:
     """Train mode, except frozen BatchNorm layers: their running statistics must stay ImageNet's."""
     net.train()
     for module in net.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in module.parameters()):
+        frozen = not any(p.requires_grad for p in module.parameters())
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and frozen:
             module.eval()
 
 
@@ -200,8 +201,9 @@ def build_loaders(cfg: TrainConfig, model: CountingModel, frames: dict[str, pd.D
         for split, frame in frames.items():
             # the SGD head trains on random augmented views; the logistic head is fitted on the test-time views
             augmented = split == "train" and cfg.head == "sgd"
+            augmentation = {"rotation": cfg.rotation_degrees, "hflip": cfg.hflip, "train": True} if augmented else {}
             description = {"backbone": cfg.backbone, "weights": weights_id(cfg.weights), "size": cfg.image_size,
-                           **({"rotation": cfg.rotation_degrees, "hflip": cfg.hflip, "train": True} if augmented else {})}
+                           **augmentation}
             features, ok = cached_features(
                 model, frame, classes, train_tf if augmented else eval_tf, views=cfg.feature_views if augmented else 1,
                 description=description, cache_dir=Path(cfg.cache_dir) if cfg.cache_dir and cfg.feature_cache else None,
@@ -211,7 +213,8 @@ def build_loaders(cfg: TrainConfig, model: CountingModel, frames: dict[str, pd.D
             dataset = FeatureViews(features, labels, ok, random_view=augmented, all_views=not augmented)
             loaders[split] = make_loader(dataset, cfg.batch_size, shuffle=augmented, num_workers=0, seed=cfg.seed,
                                          drop_last=augmented, collate_fn=None)
-        return Loaders(model.head, loaders["train"], loaders["val"], loaders.get("test"), list(frames["train"]["count"]))
+        return Loaders(model.head, loaders["train"], loaders["val"], loaders.get("test"),
+                       list(frames["train"]["count"]))
     loaders = {
         split: make_loader(ManifestImages(frame, classes, train_tf if split == "train" else eval_tf), cfg.batch_size,
                            shuffle=split == "train", num_workers=cfg.num_workers, seed=cfg.seed,

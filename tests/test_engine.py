@@ -139,8 +139,8 @@ def test_bad_rows_are_reported_at_their_row_across_batches(counting_model, tmp_p
 def test_int8_switch_logs_a_quantised_graph_calibrated_on_training_images(counting_model, tmp_path, monkeypatch):
     import onnx
 
-    from bin_counter.config import TrainConfig
     from bin_counter import BinCounterError
+    from bin_counter.config import TrainConfig
     from bin_counter.pyfunc import inference_graph
 
     config = {"backbone": "efficientnet-lite0", "classes": CLASSES, "image_size": 224, "tta": True, "int8": True}

@@ -5,7 +5,6 @@ training folds (as `train` does) and scored on the held-out fold's features from
     python experiments/inference/int8_crossval.py [../shared/abid-sample]
 needs .cache/explore/efficientnet-lite0-320.npz from experiments/head_study/features.py (same images, same order).
 """
-import sys
 import time
 from pathlib import Path
 
@@ -52,10 +51,12 @@ for k, (train_idx, test_idx) in enumerate(splits):
     truth = y[test_idx].numpy() + 1
     counts = {name: decode(head.probabilities(x[test_idx]), CLASSES, **cfg.decoding) for name, x in
               (("fp32", x32), ("int8", x8))}
-    rows.append([(counts[n] == truth).mean() for n in ("fp32", "int8")] +
-                [np.abs(counts[n] - truth).mean() for n in ("fp32", "int8")] + [(counts["fp32"] == counts["int8"]).mean()])
+    rows.append([(counts[n] == truth).mean() for n in ("fp32", "int8")]
+                + [np.abs(counts[n] - truth).mean() for n in ("fp32", "int8")]
+                + [(counts["fp32"] == counts["int8"]).mean()])
     print(f"fold {k}: accuracy fp32 {rows[-1][0]:.3f} int8 {rows[-1][1]:.3f}", flush=True)
 r = np.array(rows)
+gap = 100 * (r[:, 1] - r[:, 0])
 print(f"accuracy fp32 {r[:, 0].mean():.3f} ± {r[:, 0].std():.3f}, int8 {r[:, 1].mean():.3f} ± {r[:, 1].std():.3f}, "
-      f"difference {100 * (r[:, 1] - r[:, 0]).mean():+.1f} points (paired folds: {100 * (r[:, 1] - r[:, 0]).std():.1f}); "
+      f"difference {gap.mean():+.1f} points (paired folds: {gap.std():.1f}); "
       f"MAE fp32 {r[:, 2].mean():.3f} int8 {r[:, 3].mean():.3f}; same count {r[:, 4].mean():.3f}")

@@ -8,6 +8,8 @@ study, and rerunning with the same storage and study name resumes it.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import logging
 import os
 import time
@@ -73,6 +75,52 @@ class TuneConfig:
     register_as: str | None = None
 
 
+STORAGE_RETRY_SECONDS = 90
+
+
+def _lost_connection(exc: BaseException) -> bool:
+    """A failure for want of a database connection (a restart, a network blip), not a bad query or data."""
+    import sqlalchemy.exc
+
+    cause = exc.__cause__ if isinstance(exc, optuna.exceptions.StorageInternalError) else exc
+    return isinstance(cause, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)) or bool(
+        getattr(cause, "connection_invalidated", False))
+
+
+def _retry_on_lost_connection(method):
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        deadline, delay = time.monotonic() + STORAGE_RETRY_SECONDS, 0.5
+        while True:
+            try:
+                return method(*args, **kwargs)
+            except Exception as exc:
+                if not _lost_connection(exc) or time.monotonic() + delay > deadline:
+                    raise
+                reason = (str(exc.__cause__ or exc).strip().splitlines() or ["?"])[0]
+                log.warning("Optuna storage unreachable (%s); retrying in %.1f s", tracking.redact_uri(reason), delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 8.0)
+
+    return wrapper
+
+
+class ReconnectingRDBStorage(optuna.storages.RDBStorage):
+    """An RDBStorage that outlives a database restart: pooled connections are pinged before use (Optuna does that
+    for MySQL only) and an operation that failed for want of a connection is retried for STORAGE_RETRY_SECONDS.
+
+    A write whose commit succeeded but whose answer was lost would be repeated: that window is the instant of the
+    restart itself, and the heartbeat retries a trial left RUNNING by it."""
+
+
+# Every operation that opens its own session, private ones included (Optuna's cache calls _create_new_trial,
+# _get_trials, ...); not the helpers handed a session, whose broken connection a retry could not replace.
+for _name, _member in list(vars(optuna.storages.RDBStorage).items()):
+    if (inspect.isfunction(_member) and not _name.startswith("__")
+            and not {"session", "trial"} & set(inspect.signature(_member).parameters)):
+        setattr(ReconnectingRDBStorage, _name, _retry_on_lost_connection(_member))
+
+
 def open_study(cfg: TuneConfig, pruner: optuna.pruners.BasePruner | None = None) -> optuna.Study:
     """Create or resume the study; by default a pruner stops trials whose validation loss lags the median."""
     # Workers sharing a storage must not draw the same "random" trials, so each mixes its process id into the
@@ -87,8 +135,13 @@ def open_study(cfg: TuneConfig, pruner: optuna.pruners.BasePruner | None = None)
             storage = None
             if cfg.storage:
                 # A worker that dies mid-trial stops sending heartbeats; its trial is then failed and retried.
-                storage = optuna.storages.RDBStorage(
-                    cfg.storage, heartbeat_interval=60, grace_period=180,
+                # a database server can restart under the workers; a sqlite file has no connection to lose, and its
+                # errors (a missing folder) must fail at once
+                server = not cfg.storage.startswith("sqlite")
+                storage_class = ReconnectingRDBStorage if server else optuna.storages.RDBStorage
+                storage = storage_class(
+                    cfg.storage, engine_kwargs={"pool_pre_ping": True} if server else None,
+                    heartbeat_interval=60, grace_period=180,
                     heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
             return optuna.create_study(study_name=cfg.study_name, storage=storage, direction="minimize",
                                        sampler=sampler, pruner=pruner, load_if_exists=True)
@@ -173,9 +226,17 @@ def tune(cfg: TuneConfig) -> dict:
             log.info("resuming study %r: %d of %d trials already finished", cfg.study_name, done, cfg.n_trials)
         # N trials in all, not N per worker: MaxTrialsCallback stops a worker once N have finished anywhere, and
         # the objective refuses a trial that a concurrent worker's started trials already make one too many.
-        study.optimize(objective_for(cfg, parent.info.run_id), n_trials=max(cfg.n_trials - done, 0),
-                       n_jobs=cfg.n_jobs, callbacks=[optuna.study.MaxTrialsCallback(cfg.n_trials, states=FINISHED)],
-                       catch=(BudgetReached,))
+        try:
+            study.optimize(objective_for(cfg, parent.info.run_id), n_trials=max(cfg.n_trials - done, 0),
+                           n_jobs=cfg.n_jobs, callbacks=[optuna.study.MaxTrialsCallback(cfg.n_trials, states=FINISHED)],
+                           catch=(BudgetReached,))
+        except Exception as exc:
+            if not _lost_connection(exc):
+                raise
+            reason = (str(exc.__cause__ or exc).strip().splitlines() or ["?"])[0]
+            raise BinCounterError(tracking.redact_uri(
+                f"lost the Optuna storage {cfg.storage} for over {STORAGE_RETRY_SECONDS} s ({reason}); rerun the same "
+                "command to resume the study")) from None
         complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         if not complete:
             raise BinCounterError("no trial completed; widen the search space or add trials")

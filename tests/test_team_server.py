@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -17,7 +18,9 @@ import pandas as pd
 import pytest
 import requests
 
-from bin_counter.team_server import TeamServer, alive
+from bin_counter.config import TrainConfig
+from bin_counter.team_server import TeamServer, alive, postgres_bindir
+from bin_counter.tune import SearchSpace, TuneConfig, open_study
 from conftest import free_port
 
 pytestmark = pytest.mark.slow
@@ -183,3 +186,29 @@ def test_two_tune_workers_share_a_study_on_postgresql(team, tiny_data, tmp_path_
     assert len(runs) == 4, "every trial is one MLflow run on the server, none lost or doubled"
     parents = {run.data.tags.get("mlflow.parentRunId") for run in runs}
     assert len(parents) <= 2 and None not in parents
+
+
+def test_tune_storage_waits_out_a_postgres_restart(team, monkeypatch):
+    """A storage call made while the database is down waits for it instead of failing the worker."""
+    server, _ = team
+    monkeypatch.setenv("PGPASSFILE", str(server.pgpass))
+    study = open_study(TuneConfig(base=TrainConfig(), space=SearchSpace(), storage=server.pg_url("optuna"),
+                                  study_name="restart"))
+    study.ask()  # the pool now holds a connection the restart will break
+    bindir = postgres_bindir()
+    server.stop_postgres(bindir)
+    outcome = {}
+
+    def ask():
+        try:
+            outcome["trial"] = study.ask()
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=ask)
+    thread.start()
+    time.sleep(3)
+    assert thread.is_alive() and not outcome, f"failed while the database was down: {outcome}"
+    server.start_postgres(bindir, server.state()["pg_port"])
+    thread.join(120)
+    assert outcome.get("trial") is not None and outcome["trial"].number == 1, outcome

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import logging
 import os
 import sys
@@ -307,6 +309,13 @@ def cmd_launch(args) -> None:
     from bin_counter.sagemaker_jobs import training_job
 
     train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
+    refused = io.StringIO()
+    try:  # the options must be valid `train` options before anything is sent; argparse's usage is not printed
+        with contextlib.redirect_stderr(refused):
+            parse(["train", *train_args])
+    except SystemExit:
+        reason = (refused.getvalue().strip().splitlines() or [""])[-1].split("error: ", 1)[-1]
+        raise BinCounterError(f"launch: not valid train options: {' '.join(train_args)} ({reason})") from None
     training_job(args, train_args)
 
 

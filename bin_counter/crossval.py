@@ -20,8 +20,8 @@ from sklearn.model_selection import RepeatedStratifiedKFold, train_test_split
 from bin_counter import BinCounterError, metrics, plots, tracking
 from bin_counter.config import RECIPES, PrepareConfig, TrainConfig
 from bin_counter.files import atomic_write_text
-from bin_counter.manifest import MANIFEST, classes_of, write_csv
-from bin_counter.prepare import DATASET_JSON, prepare
+from bin_counter.manifest import DATASET_JSON, MANIFEST, classes_of, write_csv
+from bin_counter.prepare import prepare
 from bin_counter.train import train
 
 log = logging.getLogger(__name__)

@@ -13,8 +13,7 @@ from tqdm.auto import tqdm
 
 from bin_counter import BinCounterError, metrics, one_line, plots, tracking
 from bin_counter.files import atomic_write_text
-from bin_counter.manifest import read_manifest
-from bin_counter.prepare import read_classes
+from bin_counter.manifest import read_manifest, read_split
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +80,7 @@ def log_report(report: Report, prefix: str = "") -> None:
 
 def evaluate_into_run(run_id: str, model_uri: str, data: str, split: str = "test") -> Report:
     """Evaluate a just-trained model and log the report into its own (already finished) run."""
-    report = evaluate_model(load_model(model_uri), read_manifest(Path(data), split), read_classes(Path(data)))
+    report = evaluate_model(load_model(model_uri), *read_split(Path(data), split))
     with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
         log_report(report)
     return report
@@ -95,8 +94,7 @@ def summary_lines(m: dict) -> str:
 
 def evaluate(model_uri: str, data: str, split: str = "test", output: str | None = None, batch_size: int = 64) -> Report:
     """`bin-counter evaluate`."""
-    frame = read_manifest(Path(data), split)
-    classes = read_classes(Path(data))
+    frame, classes = read_split(Path(data), split)
     model = load_model(model_uri)
     with tracking.run("evaluate", model_uri=model_uri, split=split):
         mlflow.log_params({"model_uri": model_uri, "data": str(data), "split": split})

@@ -1,6 +1,7 @@
 """The prepared data directory: DATA_DIR/images/, manifest.csv and rejected.csv."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -10,6 +11,7 @@ from bin_counter.files import atomic_path, unsafe_reason
 
 MANIFEST = "manifest.csv"
 REJECTED = "rejected.csv"
+DATASET_JSON = "dataset.json"
 COLUMNS = ["image_id", "count", "split", "sha256", "width", "height", "path", "expected_quantity"]
 SPLITS = ("train", "val", "test")
 
@@ -48,3 +50,16 @@ def read_manifest(data_dir: Path, split: str | None = None, name: str = MANIFEST
 
 def classes_of(frame: pd.DataFrame) -> list[int]:
     return sorted(int(c) for c in frame["count"].unique())
+
+
+def read_classes(data_dir: Path) -> list[int]:
+    """The counts a prepared DATA_DIR was prepared for (its dataset.json), in order."""
+    path = Path(data_dir) / DATASET_JSON
+    if not path.exists():
+        raise BinCounterError(f"no {DATASET_JSON} in {data_dir}: run `bin-counter prepare --out {data_dir}` first")
+    return [int(c) for c in json.loads(path.read_text())["classes"]]
+
+
+def read_split(data_dir: Path, split: str) -> tuple[pd.DataFrame, list[int]]:
+    """One split of a prepared DATA_DIR and the classes it was prepared for."""
+    return read_manifest(data_dir, split), read_classes(data_dir)

@@ -30,11 +30,10 @@ from tqdm.auto import tqdm
 from bin_counter import BinCounterError, abid, s3
 from bin_counter.config import PrepareConfig
 from bin_counter.files import atomic_write_text, link_or_copy, remove_partial_files, safe_join, sha256_of, unsafe_reason
-from bin_counter.manifest import MANIFEST, REJECTED, SPLITS, write_csv
+from bin_counter.manifest import DATASET_JSON, MANIFEST, REJECTED, SPLITS, write_csv
 
 log = logging.getLogger(__name__)
 SAMPLE_DIR = Path(__file__).parent / "sample"
-DATASET_JSON = "dataset.json"
 SHARD_DIR = "shards"  # = shards.SHARD_DIR, not imported from there: that module pulls in torch
 # ABID metadata is a few kB; a document past this is not ABID metadata and is not read into memory.
 MAX_METADATA_BYTES = 1 << 20
@@ -365,14 +364,6 @@ def upload_prepared(result: PrepareResult, uri: str, workers: int, anonymous: bo
     return s3.upload(client, bucket, jobs, workers)
 
 
-def read_classes(data_dir: str | Path) -> list[int]:
-    data_dir = local_copy(str(data_dir))
-    path = Path(data_dir) / DATASET_JSON
-    if not path.exists():
-        raise BinCounterError(f"no {DATASET_JSON} in {data_dir}: run `bin-counter prepare --out {data_dir}` first")
-    return [int(c) for c in json.loads(path.read_text())["classes"]]
-
-
 def summary(result: PrepareResult) -> str:
     per_split = Counter(result.manifest["split"])
     reasons = Counter(r.split(":")[0] for r in result.rejected["reason"])
@@ -410,21 +401,3 @@ def run(cfg: PrepareConfig) -> PrepareResult:
         if len(result.rejected):
             mlflow.log_artifact(str(result.out / REJECTED))
     return result
-
-
-def local_copy(data: str) -> Path:
-    """A prepared DATA_DIR in S3 (from `prepare --upload`) gets its manifest and dataset.json fetched to a local
-    folder beside the working directory; images stay in S3 (read as shards with --stream)."""
-    if not data.startswith("s3://"):
-        return Path(data)
-    bucket, prefix = s3.parse_s3_uri(data)
-    try:
-        local = safe_join(Path(".cache") / "s3", f"{bucket}/{prefix}".rstrip("/"))
-    except ValueError as exc:
-        raise BinCounterError(f"refusing {data} as a DATA_DIR: {exc}") from None
-    client = s3.make_client(s3.is_anonymous(bucket, None))
-    stats = s3.download(client, bucket, [(prefix + name, local / name) for name in (MANIFEST, DATASET_JSON)],
-                        workers=2, desc=f"fetch {data}")
-    if stats.failed:
-        raise BinCounterError(f"{data} is not a prepared DATA_DIR: {', '.join(sorted(stats.failed))} missing")
-    return local

@@ -13,8 +13,7 @@ from mlflow.exceptions import MlflowException
 
 from bin_counter import BinCounterError, tracking
 from bin_counter.evaluate import evaluate_model, load_model
-from bin_counter.manifest import read_manifest
-from bin_counter.prepare import read_classes
+from bin_counter.manifest import read_split
 
 log = logging.getLogger(__name__)
 LOWER_IS_BETTER = {"mae", "rmse"}
@@ -62,8 +61,7 @@ def promote(name: str, data: str, version: str | None = None, run_id: str | None
             min_gain: float = 0.0, split: str = "test") -> dict:
     """`bin-counter promote`; returns the decision and both scores."""
     client = mlflow.MlflowClient()
-    frame = read_manifest(Path(data), split)
-    classes = read_classes(Path(data))
+    frame, classes = read_split(Path(data), split)
     digest = tracking.dataset_digest(frame)
     candidate = candidate_version(client, name, version, run_id)
     champion = current_champion(client, name)

@@ -17,7 +17,8 @@ from tqdm.auto import tqdm
 
 from bin_counter import BinCounterError
 from bin_counter.abid import PUBLIC_BUCKET
-from bin_counter.files import atomic_path, sha256_of
+from bin_counter.files import atomic_path, safe_join, sha256_of
+from bin_counter.manifest import DATASET_JSON, MANIFEST
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
@@ -229,3 +230,21 @@ def upload(client, bucket: str, jobs: list[tuple[Path, str]], workers: int) -> T
 
 def default_workers() -> int:
     return min(32, (os.cpu_count() or 2) * 4)
+
+
+def local_copy(data: str) -> Path:
+    """A prepared DATA_DIR in S3 (from `prepare --upload`) gets its manifest and dataset.json fetched to a local
+    folder beside the working directory; images stay in S3 (read as shards with --stream)."""
+    if not data.startswith("s3://"):
+        return Path(data)
+    bucket, prefix = parse_s3_uri(data)
+    try:
+        local = safe_join(Path(".cache") / "s3", f"{bucket}/{prefix}".rstrip("/"))
+    except ValueError as exc:
+        raise BinCounterError(f"refusing {data} as a DATA_DIR: {exc}") from None
+    client = make_client(is_anonymous(bucket, None))
+    stats = download(client, bucket, [(prefix + name, local / name) for name in (MANIFEST, DATASET_JSON)],
+                        workers=2, desc=f"fetch {data}")
+    if stats.failed:
+        raise BinCounterError(f"{data} is not a prepared DATA_DIR: {', '.join(sorted(stats.failed))} missing")
+    return local

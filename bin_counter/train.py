@@ -18,14 +18,13 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
-from bin_counter import BinCounterError, checkpoint, distributed, heads, metrics, plots, tracking
+from bin_counter import BinCounterError, checkpoint, distributed, heads, metrics, plots, s3, tracking
 from bin_counter.config import TrainConfig, as_params
 from bin_counter.data import ManifestImages, dihedral_views, eval_transform, make_loader, train_transform
 from bin_counter.debugger import Rules
 from bin_counter.features import FeatureViews, cached_features
-from bin_counter.manifest import read_manifest
+from bin_counter.manifest import read_classes, read_manifest
 from bin_counter.models import CountingModel, backbone_is_frozen, create_model, freeze
-from bin_counter.prepare import local_copy, read_classes
 from bin_counter.profiling import NO_PROFILE, Profile, profiler_findings, write_report
 from bin_counter.pyfunc import log_model
 
@@ -423,7 +422,7 @@ class TrainResult:
 
 
 def split_frames(data: str) -> dict[str, pd.DataFrame]:
-    manifest = read_manifest(local_copy(data))
+    manifest = read_manifest(s3.local_copy(data))
     frames = {split: manifest[manifest["split"] == split].reset_index(drop=True) for split in ("train", "val", "test")}
     for split in ("train", "val"):
         if frames[split].empty:
@@ -581,7 +580,7 @@ def train(cfg: TrainConfig, on_epoch=None, save_model: bool = True, parent_run_i
     if ctx.main:
         ensure_data(cfg.data)
     distributed.barrier()
-    classes = read_classes(cfg.data)
+    classes = read_classes(s3.local_copy(cfg.data))
     frames = split_frames(cfg.data)
     digest = data_digest(frames)
     resumed = resume_state(cfg, digest)

@@ -9,30 +9,14 @@ from pathlib import Path
 
 import mlflow
 import pandas as pd
-from tqdm.auto import tqdm
 
-from bin_counter import BinCounterError, metrics, one_line, plots, tracking
+from bin_counter import BinCounterError, metrics, plots, tracking
 from bin_counter.files import atomic_write_text
 from bin_counter.manifest import read_manifest, read_split
+from bin_counter.predict import count_images
+from bin_counter.pyfunc import load_model, predict_files
 
 log = logging.getLogger(__name__)
-
-
-def load_model(model_uri: str):
-    try:
-        return mlflow.pyfunc.load_model(model_uri)
-    except Exception as exc:  # MlflowException, OSError... one line is what the user needs
-        raise BinCounterError(f"cannot load model {model_uri}: {one_line(exc)}") from None
-
-
-def predict_paths(model, paths: list[str], batch_size: int = 64, desc: str = "predict") -> pd.DataFrame:
-    """Predictions for image files in batches; unreadable files come back with `error` set, never a crash."""
-    from bin_counter.pyfunc import predict_files
-
-    parts = []
-    for start in tqdm(range(0, len(paths), batch_size), desc=desc, unit="batch"):
-        parts.append(predict_files(model, paths[start:start + batch_size]))  # the model reads no paths itself
-    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
 
 @dataclass
@@ -43,7 +27,8 @@ class Report:
 
 
 def evaluate_model(model, frame: pd.DataFrame, classes: list[int], batch_size: int = 64) -> Report:
-    predictions = predict_paths(model, list(frame["abs_path"]), batch_size, desc="evaluate")
+    predictions = count_images(lambda paths: predict_files(model, paths), list(frame["abs_path"]), batch_size,
+                               desc="evaluate")
     table = pd.concat([frame.reset_index(drop=True), predictions], axis=1)
     unreadable = table[table["error"] != ""]
     for row in unreadable.itertuples():

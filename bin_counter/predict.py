@@ -213,7 +213,7 @@ class LocalModel:
     model_uri: str
 
     def __post_init__(self):
-        from bin_counter.evaluate import load_model
+        from bin_counter.pyfunc import load_model
 
         self.model = load_model(self.model_uri)
 
@@ -271,20 +271,21 @@ class SageMakerEndpoint(RemoteModel):
 # ---- the command -----------------------------------------------------------------------------------------
 
 
-def count_images(counter: Counter, images: pd.DataFrame, batch_size: int) -> pd.DataFrame:
-    """Every image gets a row: a batch the counter fails on is recorded with the reason and counting goes on."""
+def count_images(counter: Counter, paths: list[str], batch_size: int, desc: str = "count") -> pd.DataFrame:
+    """The batch-predict loop of `predict` and `evaluate`: a row per path, in order, with every column the counter
+    answers; a batch the counter fails on is recorded with the reason and counting goes on."""
     parts = []
-    paths = list(images["path"])
-    for start in tqdm(range(0, len(paths), batch_size), desc="count", unit="batch"):
+    for start in tqdm(range(0, len(paths), batch_size), desc=desc, unit="batch"):
         batch = paths[start:start + batch_size]
         try:
-            parts.append(counter(batch)[["predicted_count", "confidence", "error"]])
+            parts.append(counter(batch).reset_index(drop=True))
         except (BinCounterError, RequestFailed) as exc:
             log.warning("batch of %d images not counted: %s", len(batch), exc)
             parts.append(pd.DataFrame({"predicted_count": [-1] * len(batch), "confidence": [float("nan")] * len(batch),
                                        "error": [f"{REQUEST_FAILED}: {exc}"] * len(batch)}))
-    predictions = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
-    return pd.concat([images.reset_index(drop=True), predictions], axis=1)
+    if not parts:
+        return pd.DataFrame(columns=["predicted_count", "confidence", "error"])
+    return pd.concat(parts, ignore_index=True)
 
 
 def flag_for_check(results: pd.DataFrame, min_confidence: float) -> pd.DataFrame:
@@ -310,7 +311,9 @@ def predict(counter: Counter, source: str, output: str, min_confidence: float = 
         images = collect(source, Path(tmp))
         if images.empty:
             raise BinCounterError(f"no images in {source}")
-        results = flag_for_check(count_images(counter, images, batch_size), min_confidence)
+        counted = pd.concat([images.reset_index(drop=True), count_images(counter, list(images["path"]), batch_size)],
+                            axis=1)
+        results = flag_for_check(counted, min_confidence)
         columns = ["image_id", "predicted_count", "confidence", "expected_quantity", "mismatch", "needs_check",
                    "check_reason", "error"]
         results["expected_quantity"] = results["expected_quantity"].astype("Int64")

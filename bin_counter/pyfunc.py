@@ -197,6 +197,16 @@ def encode_files(paths: list[str]) -> tuple[list[str], dict[int, str]]:
     return images, errors
 
 
+def load_model(model_uri: str):
+    """A logged model through stock MLflow, or one line saying why not."""
+    from bin_counter import BinCounterError, one_line
+
+    try:
+        return mlflow.pyfunc.load_model(model_uri)
+    except Exception as exc:  # MlflowException, OSError... one line is what the user needs
+        raise BinCounterError(f"cannot load model {model_uri}: {one_line(exc)}") from None
+
+
 def predict_files(model, paths: list[str]) -> pd.DataFrame:
     """In-process batch use: the files are read here and sent as base64, as any client would, in requests within
     the row limit; unreadable files come back with `error` set, never a crash."""

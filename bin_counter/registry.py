@@ -12,8 +12,9 @@ import mlflow
 from mlflow.exceptions import MlflowException
 
 from bin_counter import BinCounterError, tracking
-from bin_counter.evaluate import evaluate_model, load_model
+from bin_counter.evaluate import evaluate_model
 from bin_counter.manifest import read_split
+from bin_counter.pyfunc import load_model
 
 log = logging.getLogger(__name__)
 LOWER_IS_BETTER = {"mae", "rmse"}

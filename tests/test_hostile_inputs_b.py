@@ -292,8 +292,14 @@ def test_rows_are_decoded_batch_by_batch_not_all_before_the_first_forward(tiny_m
     from bin_counter.pyfunc import BATCH
 
     model = mlflow.pyfunc.load_model(str(tiny_model))
-    forwards = []
-    model.unwrap_python_model().model.register_forward_pre_hook(lambda module, args: forwards.append(len(args[0])))
+    forwards, served = [], model.unwrap_python_model()
+    engine = served.engine
+
+    def counted(batch):
+        forwards.append(len(batch))
+        return engine(batch)
+
+    served.engine = counted
     rows = [b64_file(SAMPLE_IMAGES[i % 5]) for i in range(40)]
     rows[35] = base64.b64encode(b"not an image at all").decode()
     with pytest.raises(mlflow.exceptions.MlflowException, match="row 35"):

@@ -11,11 +11,12 @@ import torch
 from bin_counter.cli import parse
 from bin_counter.config import RECIPES, TrainConfig
 from bin_counter.data import dihedral_views, eval_transform
-from bin_counter.evaluate import evaluate_model, load_model
+from bin_counter.evaluate import evaluate_model
 from bin_counter.features import FeatureViews, cached_features
 from bin_counter.manifest import read_manifest
 from bin_counter.metrics import decode
 from bin_counter.models import create_model
+from bin_counter.pyfunc import load_model
 from bin_counter.train import CountingLoss, evaluate_epoch, make_criterion, train
 
 

@@ -96,7 +96,7 @@ def main() -> None:
     rates = {}
     for batch in (16, 1):
         start = time.perf_counter()
-        count_images(model, frame, batch)
+        count_images(model, list(frame["path"]), batch)
         rates[batch] = len(frame) / (time.perf_counter() - start)
     print(f"predict: batch 16 {rates[16]:.1f} images/s, one at a time {rates[1]:.1f} images/s, "
           f"ratio {rates[16] / rates[1]:.2f}x")

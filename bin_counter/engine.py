@@ -35,6 +35,13 @@ INPUT, OUTPUT = "image", "output"
 OPSET = 17
 
 
+def mean_over_views(net: nn.Module, views: torch.Tensor) -> torch.Tensor:
+    """(B, V, ...) views of each sample (images, or their cached features) -> (B, K) class probabilities averaged
+    over the views, every view of every sample in one batched forward. The one test-time-augmentation average."""
+    batch, count = views.shape[:2]
+    return torch.softmax(net(views.flatten(0, 1)).float(), dim=1).view(batch, count, -1).mean(1)
+
+
 class ViewAveraged(nn.Module):
     """Class probabilities of each image, averaged over its test-time views, all views in one batched forward
     (one large batch keeps the CPU's cores busier than four small ones)."""
@@ -46,9 +53,7 @@ class ViewAveraged(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if not self.tta:
             return torch.softmax(self.model(images).float(), dim=1)
-        batch = images.shape[0]
-        views = torch.cat(dihedral_views(images))
-        return torch.softmax(self.model(views).float(), dim=1).reshape(4, batch, -1).mean(0)
+        return mean_over_views(self.model, torch.stack(dihedral_views(images), dim=1))
 
 
 class Backbone(nn.Module):

@@ -22,6 +22,7 @@ from bin_counter import BinCounterError, checkpoint, distributed, heads, metrics
 from bin_counter.config import TrainConfig, as_params
 from bin_counter.data import ManifestImages, dihedral_views, eval_transform, make_loader, train_transform
 from bin_counter.debugger import Rules
+from bin_counter.engine import mean_over_views
 from bin_counter.features import FeatureViews, cached_features
 from bin_counter.manifest import read_classes, read_manifest
 from bin_counter.models import CountingModel, backbone_is_frozen, create_model, freeze
@@ -132,8 +133,7 @@ def evaluate_epoch(net, criterion, loader, device, tta: bool = False) -> dict:
             inputs = torch.stack(dihedral_views(inputs), 1)
         with torch.autocast(device.type, enabled=device.type == "cuda"):
             if inputs.dim() in (3, 5):  # (B, V, ...) views of each sample
-                b, v = inputs.shape[:2]
-                p = torch.softmax(net(inputs.flatten(0, 1)).float(), 1).view(b, v, -1).mean(1)
+                p = mean_over_views(net, inputs)
             else:
                 p = torch.softmax(net(inputs).float(), 1)
         # log-probabilities as logits: softmax(log p) = p, so the training criterion applies unchanged

@@ -65,73 +65,71 @@ def cmd_prepare(args) -> None:
     run(cfg)
 
 
-def add_train_options(p, defaults=None) -> None:
-    from bin_counter.config import DECODES, TrainConfig
+class BoolOption(argparse.BooleanOptionalAction):
+    """`--x`, `--no-x`, and `--x true|false` (MLproject passes values; an empty one means "not given")."""
 
-    d = defaults or TrainConfig()
-    p.add_argument("--data", default=d.data, help="DATA_DIR written by `prepare` (default: data)")
-    p.add_argument("--backbone", default=d.backbone, help=f"backbone name (default {d.backbone})")
-    p.add_argument("--weights", help="pretrained backbone weights file instead of the library's cache")
-    p.add_argument("--batch-size", type=_int, default=d.batch_size)
-    p.add_argument("--lr", type=_float, default=d.lr, help="learning rate of the classifier head")
-    p.add_argument("--epochs", type=_int, default=d.epochs)
-    p.add_argument("--seed", type=_int, default=d.seed)
-    p.add_argument("--weight-decay", type=_float, default=d.weight_decay)
-    p.add_argument("--image-size", type=_int, default=d.image_size)
-    p.add_argument("--rotation-degrees", type=_float, default=d.rotation_degrees)
-    p.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=d.hflip, help="random horizontal flips")
-    p.add_argument("--unfreeze-last", type=_int, default=d.unfreeze_last, help="fine-tune the last N backbone stages")
-    p.add_argument("--backbone-lr", type=_float, default=d.backbone_lr, help="learning rate of unfrozen stages")
-    p.add_argument("--no-feature-cache", dest="feature_cache", action="store_false",
-                   help="always run the full forward pass")
-    p.add_argument("--feature-cache", dest="feature_cache", type=_optional_bool, default=d.feature_cache,
-                   help="true/false (for MLproject); false equals --no-feature-cache")
-    p.add_argument("--feature-views", type=_int, default=d.feature_views, help="augmented views cached per image")
-    p.add_argument("--cache-dir", default=d.cache_dir)
-    p.add_argument("--num-workers", type=_int, default=d.num_workers, help="DataLoader workers")
-    p.add_argument("--checkpoint-dir", default=d.checkpoint_dir, help="where every finished epoch is checkpointed")
-    p.add_argument("--loss", default=d.loss,
-                   help="ce, or ce+expected: adds |expected count - true count| (counts are ordered)")
-    p.add_argument("--expected-weight", type=_float, default=d.expected_weight)
-    # names are checked by TrainConfig.validate (argparse's choices would refuse MLproject's "" for "not given")
-    p.add_argument("--head", default=d.head,
-                   help="logistic: solved on frozen features with CV-chosen strength; sgd: the study's trained head")
-    p.add_argument("--decode", default=d.decode,
-                   help=f"{' / '.join(DECODES)}: expected is the count nearest the expected value; ordinal the count "
-                        "of least expected cost")
-    p.add_argument("--decode-cost", type=_float, default=d.decode_cost, help="ordinal: extra cost per count off")
-    p.add_argument("--decode-tail-boost", type=_float, default=d.decode_tail_boost,
-                   help="ordinal: log-odds added to the lowest and highest count")
-    p.add_argument("--balance", action=argparse.BooleanOptionalAction, default=d.balance,
-                   help="inverse-frequency class weights")
-    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=d.tta,
-                   help="average over flips/transposes at evaluation")
-    p.add_argument("--int8", action=argparse.BooleanOptionalAction, default=d.int8,
-                   help="log an int8 inference graph calibrated on training images (faster, 88%% of counts identical)")
-    p.add_argument("--recipe", help="a named set of switches (study, probe, counting, counting-mae, counting-sgd, "
-                                    "finetune); explicit flags win")
-    p.add_argument("--stream", action="store_true",
-                   help="stream the WebDataset shards of --data (a DATA_DIR or s3://...) instead of image files")
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.nargs = "?"
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string.startswith("--no-"):
+            setattr(namespace, self.dest, False)
+        elif values is None or values != "":
+            setattr(namespace, self.dest, True if values is None else _optional_bool(values))
+
+
+def add_config_options(p, config_class, skip: tuple[str, ...] = ()) -> None:
+    """An option per field of a config dataclass: name, type, default and help all come from the field. Nothing
+    is filled in that the user did not give (argparse.SUPPRESS), so a recipe's switches can still apply."""
+    import dataclasses
+
+    for f in dataclasses.fields(config_class):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = str(f.type)
+        shown = "" if f.default is None else f" (default: {f.default})"
+        options = dict(default=argparse.SUPPRESS, help=(f.metadata.get("help", "") + shown).replace("%", "%%"))
+        if kind.startswith("bool"):
+            p.add_argument(flag, action=BoolOption, **options)
+        else:
+            parse_value = _int if kind.startswith("int") else _float if kind.startswith("float") else str
+            p.add_argument(flag, type=parse_value, **options)
+
+
+TRAIN_ONLY = ("register_as", "run_name", "resume", "profile")  # one training run's, not a study's or a pipeline's
+
+
+def add_train_options(p) -> None:
+    from bin_counter.config import RECIPES, TrainConfig
+
+    add_config_options(p, TrainConfig, skip=TRAIN_ONLY)
+    p.add_argument("--recipe", help=f"a named set of switches ({', '.join(RECIPES)}); explicit options win")
 
 
 def train_config(args):
+    """The TrainConfig of parsed arguments: the recipe's switches, then every option that was given."""
     import dataclasses
 
     from bin_counter.config import TrainConfig
 
     names = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+    given = {k: v for k, v in vars(args).items() if k in names and v is not None and v != ""}
+    return TrainConfig.from_recipe(getattr(args, "recipe", None) or None, **given)
 
 
 def add_train(sub) -> None:
+    from bin_counter.config import TrainConfig
+
     p = sub.add_parser("train", help="train a counting model and log it to MLflow")
     add_train_options(p)
-    p.add_argument("--register-as", help="register the logged model under this name")
-    p.add_argument("--run-name")
-    p.add_argument("--resume", nargs="?", const="latest", metavar="RUN_ID",
+    add_config_options(p, TrainConfig, skip=tuple(f for f in TrainConfig.__dataclass_fields__ if f not in TRAIN_ONLY
+                                                  or f == "resume"))
+    p.add_argument("--resume", nargs="?", const="latest", metavar="RUN_ID", default=argparse.SUPPRESS,
                    help="continue an interrupted run (the newest checkpoint, or RUN_ID's) in the same MLflow run")
-    p.add_argument("--profile", action="store_true",
-                   help="profile the first epoch: step-time breakdown, utilisation, top operators, HTML report")
+    p.add_argument("--config", metavar="FILE",
+                   help="a run's config.yaml artifact: train with its settings again; options given here win")
     p.set_defaults(func=cmd_train)
 
 
@@ -214,8 +212,9 @@ def cmd_tune(args) -> None:
 
     space = SearchSpace(parse_range(args.batch_size_range, int), parse_range(args.lr_range),
                         parse_range(args.epochs_range, int))
-    cfg = TuneConfig(base=train_config(args), space=space, n_trials=args.n_trials, n_jobs=args.n_jobs,
-                     storage=args.storage, study_name=args.study_name, seed=args.seed, register_as=args.register_as)
+    base = train_config(args)
+    cfg = TuneConfig(base=base, space=space, n_trials=args.n_trials, n_jobs=args.n_jobs,
+                     storage=args.storage, study_name=args.study_name, seed=base.seed, register_as=args.register_as)
     if args.backend == "sagemaker":
         from bin_counter.sagemaker_jobs import tuning_job
 
@@ -392,26 +391,22 @@ COMMANDS = [add_prepare, add_train, add_evaluate, add_compare, add_main, add_tun
 
 
 def parse(argv: list[str] | None):
-    """Parse; a study definition (--experiment YAML) supplies defaults that explicit flags override."""
+    """Parse. A settings file (compare's --experiment YAML, train's --config) supplies values that explicit options
+    override; the recipe is applied under both by train_config (TrainConfig.from_recipe)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "recipe", None):
-        from bin_counter.config import RECIPES
-
-        if args.recipe not in RECIPES:
-            raise BinCounterError(f"unknown recipe {args.recipe!r}; choose from {', '.join(RECIPES)}")
-        subparser = next(a for a in parser._subparsers._group_actions).choices[args.command]
-        subparser.set_defaults(**RECIPES[args.recipe])
-        args = parser.parse_args(argv)
-    if getattr(args, "experiment", None):
+    for option in ("experiment", "config"):
+        path = getattr(args, option, None)
+        if not path:
+            continue
         from bin_counter.config import load_yaml
 
-        doc = load_yaml(args.experiment)
+        doc = load_yaml(path)
         subparser = next(a for a in parser._subparsers._group_actions).choices[args.command]
         known = {action.dest for action in subparser._actions}
         unknown = set(doc) - known
         if unknown:
-            raise SystemExit(f"error: {args.experiment}: unknown keys {sorted(unknown)}")
+            raise BinCounterError(f"{path}: unknown keys {sorted(unknown)}")
         subparser.set_defaults(**{k: ",".join(v) if isinstance(v, list) else v for k, v in doc.items()})
         args = parser.parse_args(argv)
     return not_given_is_default(args, parser)
@@ -424,7 +419,10 @@ def not_given_is_default(args, parser):
     for action in subparser._actions:
         value = getattr(args, action.dest, None)
         if value == "" or (value is None and hasattr(args, action.dest) and action.default is not None):
-            setattr(args, action.dest, action.default)
+            if action.default is argparse.SUPPRESS:  # a config option: absent, so the recipe or default applies
+                delattr(args, action.dest)
+            else:
+                setattr(args, action.dest, action.default)
     return args
 
 

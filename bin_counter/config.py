@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,47 +28,71 @@ class PrepareConfig:
     replace: bool = False  # an `out` holding another source's dataset is replaced instead of refused
 
 
+def setting(default: Any, help: str) -> Any:
+    """A config field with its command-line help: the CLI's options are built from these (cli.add_config_options)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class TrainConfig:
-    data: str = "data"
-    backbone: str = "efficientnet-lite0"
-    weights: str | None = None  # a local weights file instead of the library's cache
-    batch_size: int = 32
-    lr: float = 1e-3
-    epochs: int = 10
-    seed: int = 0
-    weight_decay: float = 1e-4
-    image_size: int = 320  # the counting recipe's; the study's is 224
-    rotation_degrees: float = 180.0  # a bin has no up or down (the study: 30)
-    hflip: bool = True
-    unfreeze_last: int = 0  # backbone stages fine-tuned; 0 = the study's frozen backbone
-    backbone_lr: float = 1e-4
-    feature_cache: bool = True  # only used while the whole backbone is frozen
-    feature_views: int = 4  # augmented views cached per training image
-    cache_dir: str = ".cache/features"
-    num_workers: int = 2
-    register_as: str | None = None
-    run_name: str | None = None
-    profile: bool = False  # torch.profiler + utilisation sampling over the first epoch, report in the run
-    # The defaults are the `counting` recipe, chosen on experiments/crossval.md; `--recipe study` restores the
-    # reference study's switches, `--recipe probe` is the plain logistic-regression baseline.
-    head: str = "logistic"  # solved on frozen features (heads.py), or "sgd": the study's head trained by AdamW
-    loss: str = "ce+expected"  # sgd head: or "ce", plain cross-entropy (the study)
-    expected_weight: float = 0.5
-    # argmax; expected: the count nearest the expected value (lower MAE, middle-heavy); ordinal: the count of least
-    # expected cost when each count off costs `decode_cost` on top of a miss, end counts' odds raised by
-    # exp(`decode_tail_boost`) so the middle counts do not absorb them (metrics.decode)
-    decode: str = "ordinal"
-    decode_cost: float = 2.0
-    decode_tail_boost: float = 0.5
-    balance: bool = True  # weight the loss by inverse class frequency of the training split
-    tta: bool = True  # average predictions over flips/transposes: a bin has no up or down
-    # the logged model's inference graph in int8, calibrated on training images: 2.4x the fp32 graph's speed, -0.3
-    # points of accuracy and +0.02 MAE on the 5-fold protocol (experiments/inference), 88% of counts identical
-    int8: bool = False
-    stream: bool = False  # read WebDataset shards (local or s3://) instead of image files; no feature cache
-    checkpoint_dir: str | None = "checkpoints"  # a checkpoint per run, written at every epoch end
-    resume: str | None = None  # "latest" or a run id: continue that run from its last finished epoch
+    """Every training setting, defined once. The defaults are the `counting` recipe, chosen on experiments/crossval.md;
+    `--recipe study` restores the reference study's switches, `--recipe probe` is the plain logistic-regression
+    baseline (RECIPES below)."""
+
+    data: str = setting("data", "DATA_DIR written by `prepare`, or s3://... with --stream")
+    backbone: str = setting("efficientnet-lite0", "backbone name")
+    weights: str | None = setting(None, "pretrained backbone weights file instead of the library's cache")
+    batch_size: int = setting(32, "images (or cached features) per step")
+    lr: float = setting(1e-3, "learning rate of the classifier head (sgd head)")
+    epochs: int = setting(10, "epochs of the sgd head")
+    seed: int = setting(0, "seeds splits of work, views, shuffles and initialisation")
+    weight_decay: float = setting(1e-4, "AdamW weight decay (sgd head)")
+    image_size: int = setting(320, "square input size in pixels (the study: 224)")
+    rotation_degrees: float = setting(180.0, "random rotation of training views; a bin has no up or down "
+                                             "(the study: 30)")
+    hflip: bool = setting(True, "random horizontal flips of training views")
+    unfreeze_last: int = setting(0, "fine-tune the last N backbone stages; 0 = the study's frozen backbone")
+    backbone_lr: float = setting(1e-4, "learning rate of unfrozen backbone stages")
+    feature_cache: bool = setting(True, "cache the frozen backbone's features (only while it is wholly frozen)")
+    feature_views: int = setting(4, "augmented views cached per training image (sgd head)")
+    cache_dir: str = setting(".cache/features", "where the feature cache lives")
+    num_workers: int = setting(2, "DataLoader worker processes")
+    register_as: str | None = setting(None, "register the logged model under this name")
+    run_name: str | None = setting(None, "the MLflow run's name")
+    profile: bool = setting(False, "profile the first epoch (torch.profiler + utilisation), report in the run")
+    head: str = setting("logistic", "logistic: solved on frozen features with a CV-chosen strength (heads.py); "
+                                    "sgd: the study's head trained by AdamW")
+    loss: str = setting("ce+expected", "sgd head: ce (the study), or ce+expected: adds |expected - true count|")
+    expected_weight: float = setting(0.5, "weight of the expected-count term of ce+expected")
+    decode: str = setting("ordinal", "argmax; expected: the count nearest the expected value (lower MAE, "
+                                     "middle-heavy); ordinal: the count of least expected cost (metrics.decode)")
+    decode_cost: float = setting(2.0, "ordinal: extra cost per count off, on top of a miss")
+    decode_tail_boost: float = setting(0.5, "ordinal: log-odds added to the lowest and highest count, so the "
+                                            "middle counts do not absorb them")
+    balance: bool = setting(True, "weigh every count equally (inverse class frequency of the training split)")
+    tta: bool = setting(True, "average predictions over flips/transposes: a bin has no up or down")
+    # 2.4x the fp32 graph's speed, -0.3 points of accuracy and +0.02 MAE on the 5-fold protocol
+    # (experiments/inference), 88% of counts identical: a switch, not the default
+    int8: bool = setting(False, "log an int8 inference graph calibrated on training images (faster; "
+                                "88% of counts identical)")
+    stream: bool = setting(False, "stream the WebDataset shards of --data (a DATA_DIR or s3://...) instead of "
+                                  "image files; no feature cache")
+    checkpoint_dir: str | None = setting("checkpoints", "where every finished epoch is checkpointed (per run)")
+    resume: str | None = setting(None, "continue an interrupted run (the newest checkpoint, or RUN_ID's)")
+
+    @classmethod
+    def from_recipe(cls, recipe: str | None = None, **explicit: Any) -> TrainConfig:
+        """A recipe's switches over the defaults, then what was set explicitly (flags, a config file) over both."""
+        if recipe and recipe not in RECIPES:
+            raise BinCounterError(f"unknown recipe {recipe!r}; choose from {', '.join(RECIPES)}")
+        unknown = set(explicit) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise BinCounterError(f"unknown training settings: {', '.join(sorted(unknown))}")
+        return cls(**{**RECIPES.get(recipe or "", {}), **explicit})
+
+    def reproducible(self) -> dict[str, Any]:
+        """The settings that made a run, as its config.yaml artifact; `train --config` reads it back."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("resume", "register_as", "run_name")}
 
     @property
     def decoding(self) -> dict[str, Any]:

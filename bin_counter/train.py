@@ -597,6 +597,7 @@ def train(cfg: TrainConfig, on_epoch=None, save_model: bool = True, parent_run_i
             tracking.log_params({**as_params(cfg), **trainable, "device": device.type,
                                  "classes": ",".join(map(str, classes))})
             tracking.log_dataset(pd.concat(frames.values()), str(Path(cfg.data).resolve()), "abid", context="training")
+            mlflow.log_dict(cfg.reproducible(), "config.yaml")  # `train --config` it to train the same again
         rules = start_rules(frames, classes, tag_run=ctx.main)
         loaders = build_loaders(cfg, model, frames, classes, device)
         checkpointing = Checkpointing(checkpoint.path_for(cfg.checkpoint_dir, run_id), run_id, resumed, digest) \

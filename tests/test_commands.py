@@ -82,7 +82,7 @@ def test_compare_experiment_yaml_supplies_defaults_that_flags_override(tmp_path,
     typo.write_text("epochz: 3\n")
     with pytest.raises(SystemExit) as exit_info:
         main(["compare", "--experiment", str(typo)])
-    assert "unknown keys ['epochz']" in str(exit_info.value.code)
+    assert exit_info.value.code == 2 and "unknown keys ['epochz']" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         main(["compare", "--experiment", str(tmp_path / "missing.yaml")])
     assert exit_info.value.code == 2 and "experiment file not found" in capsys.readouterr().err

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from bin_counter.cli import parse
+from bin_counter.cli import parse, train_config
 from bin_counter.config import RECIPES, TrainConfig
 from bin_counter.data import dihedral_views, eval_transform
 from bin_counter.evaluate import evaluate_model
@@ -82,9 +82,9 @@ def test_feature_cache_is_per_image_and_batch_independent(tiny_data, tmp_path):
 def test_recipe_flag_sets_switches_and_explicit_flags_win(capsys):
     from bin_counter.cli import main
 
-    args = parse(["train", "--recipe", "counting", "--epochs", "2"])
+    args = train_config(parse(["train", "--recipe", "counting", "--epochs", "2"]))
     assert args.tta and args.balance and args.loss == "ce+expected" and args.epochs == 2
-    study = parse(["train", "--recipe", "study"])
+    study = train_config(parse(["train", "--recipe", "study"]))
     assert not study.tta and study.loss == "ce" and study.rotation_degrees == 30
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "--recipe", "nope"])

@@ -1,0 +1,70 @@
+"""Settings are defined once (TrainConfig's fields): the CLI's options, the recipes and a run's config.yaml all
+resolve through them."""
+from __future__ import annotations
+
+import dataclasses
+
+import mlflow
+import pytest
+import yaml
+
+from bin_counter.cli import TRAIN_ONLY, build_parser, parse, train_config
+from bin_counter.config import RECIPES, TrainConfig
+
+
+def train_options() -> dict[str, object]:
+    parser = build_parser()
+    train = next(a for a in parser._subparsers._group_actions).choices["train"]
+    return {action.dest: action for action in train._actions}
+
+
+def test_every_training_setting_is_an_option_with_the_fields_help_and_no_copied_default():
+    options = train_options()
+    for f in dataclasses.fields(TrainConfig):
+        assert f.name in options, f"--{f.name.replace('_', '-')} is missing"
+        assert f.metadata["help"], f"{f.name} has no help"
+        if f.name != "resume":
+            assert options[f.name].help.startswith(f.metadata["help"].replace("%", "%%"))
+        # the default lives in the dataclass only: an option that was not given is absent, so a recipe applies
+        assert options[f.name].default is dataclasses.MISSING or options[f.name].default == "==SUPPRESS==" \
+            or f.name == "resume"
+    assert train_config(parse(["train"])) == TrainConfig()
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--hflip"], True), (["--no-hflip"], False), (["--hflip", "false"], False), (["--hflip", "true"], True),
+    (["--hflip", ""], RECIPES["study"]["hflip"]),  # MLproject's "not given": the recipe's value
+])
+def test_boolean_options_take_flags_and_mlproject_values(argv, expected):
+    assert train_config(parse(["train", "--recipe", "study", *argv])).hflip is expected
+
+
+def test_a_runs_config_yaml_trains_the_same_again_and_options_still_win(tiny_data, tmp_path):
+    cfg = TrainConfig.from_recipe("study", data=str(tiny_data), epochs=1, batch_size=8, feature_views=1,
+                                  num_workers=0, cache_dir=str(tmp_path / "cache"), run_name="original")
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg.reproducible()))
+    again = train_config(parse(["train", "--config", str(path)]))
+    assert again == dataclasses.replace(cfg, run_name=None)  # every setting back, recipe or not
+    assert train_config(parse(["train", "--config", str(path), "--epochs", "4"])).epochs == 4
+    path.write_text("epochz: 3\n")
+    with pytest.raises(Exception, match=r"unknown keys \['epochz'\]"):
+        parse(["train", "--config", str(path)])
+
+
+@pytest.mark.slow
+def test_training_logs_its_config_yaml_artifact(tiny_data, tmp_path):
+    from bin_counter.train import train
+
+    cfg = TrainConfig.from_recipe("study", data=str(tiny_data), epochs=1, batch_size=8, feature_views=1,
+                                  num_workers=0, cache_dir=str(tmp_path / "cache"))
+    result = train(cfg, save_model=False)
+    path = mlflow.artifacts.download_artifacts(f"runs:/{result.run_id}/config.yaml", dst_path=str(tmp_path / "a"))
+    assert train_config(parse(["train", "--config", path])) == cfg  # the artifact trains the same run again
+
+
+def test_train_only_settings_are_not_options_of_pipelines():
+    parser = build_parser()
+    compare = next(a for a in parser._subparsers._group_actions).choices["compare"]
+    dests = {action.dest for action in compare._actions}
+    assert not (set(TRAIN_ONLY) - {"register_as"}) & dests

@@ -33,36 +33,22 @@ def _optional_bool(value: str) -> bool:
 
 
 def add_prepare(sub) -> None:
+    from bin_counter.config import PrepareConfig
+    from bin_counter.prepare import parse_split
+
     p = sub.add_parser("prepare", help="download/validate/split ABID images into DATA_DIR")
-    p.add_argument("--source", default="sample", help="`sample` (bundled), a directory in ABID's layout, or "
-                   "s3://bucket[/prefix] (default ABID's public bucket: s3://aft-vbi-pds)")
-    p.add_argument("--out", default="data", help="DATA_DIR to write (default: data)")
-    p.add_argument("--file-list", help="the study's file_list.json or a JSON list of ids")
-    p.add_argument("--classes", default="1-5", help="counts kept, e.g. 1-5, 0-5, 1-10 (default 1-5)")
-    p.add_argument("--top-bucket", action="store_true", help="fold counts above the top class into it")
-    p.add_argument("--split", default="0.8,0.1,0.1", help="train,val,test ratios (default 0.8,0.1,0.1)")
-    p.add_argument("--seed", type=_int, default=0)
-    p.add_argument("--limit-per-class", type=_int, help="keep at most N images per count")
-    p.add_argument("--workers", type=_int, default=8, help="parallel downloads/validations (default 8)")
-    p.add_argument("--upload", help="copy the prepared splits to s3://bucket/prefix")
-    p.add_argument("--shard-size", type=_int, default=0,
-                   help="also write WebDataset-style tar shards of N images (for `train --stream`)")
-    p.add_argument("--anonymous", type=_optional_bool, default=None,
-                   help="read S3 without credentials (default: only for ABID's public bucket)")
-    p.add_argument("--replace", action="store_true",
-                   help="--out holds a dataset of another source: replace it (without this, prepare refuses)")
+    add_config_options(p, PrepareConfig, parsers={"split": parse_split})
     p.set_defaults(func=cmd_prepare)
 
 
 def cmd_prepare(args) -> None:
-    from bin_counter.config import PrepareConfig
-    from bin_counter.prepare import parse_split, run
+    import dataclasses
 
-    cfg = PrepareConfig(source=args.source, out=args.out, file_list=args.file_list, classes=args.classes,
-                        top_bucket=args.top_bucket, split=parse_split(args.split), seed=args.seed,
-                        limit_per_class=args.limit_per_class, workers=args.workers, upload=args.upload,
-                        anonymous=args.anonymous, shard_size=args.shard_size, replace=args.replace)
-    run(cfg)
+    from bin_counter.config import PrepareConfig
+    from bin_counter.prepare import run
+
+    names = {f.name for f in dataclasses.fields(PrepareConfig)}
+    run(PrepareConfig(**{k: v for k, v in vars(args).items() if k in names and v is not None and v != ""}))
 
 
 class BoolOption(argparse.BooleanOptionalAction):
@@ -79,7 +65,7 @@ class BoolOption(argparse.BooleanOptionalAction):
             setattr(namespace, self.dest, True if values is None else _optional_bool(values))
 
 
-def add_config_options(p, config_class, skip: tuple[str, ...] = ()) -> None:
+def add_config_options(p, config_class, skip: tuple[str, ...] = (), parsers: dict | None = None) -> None:
     """An option per field of a config dataclass: name, type, default and help all come from the field. Nothing
     is filled in that the user did not give (argparse.SUPPRESS), so a recipe's switches can still apply."""
     import dataclasses
@@ -89,9 +75,12 @@ def add_config_options(p, config_class, skip: tuple[str, ...] = ()) -> None:
             continue
         flag = "--" + f.name.replace("_", "-")
         kind = str(f.type)
-        shown = "" if f.default is None else f" (default: {f.default})"
+        default = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+        shown = "" if default is None else f" (default: {default})"
         options = dict(default=argparse.SUPPRESS, help=(f.metadata.get("help", "") + shown).replace("%", "%%"))
-        if kind.startswith("bool"):
+        if f.name in (parsers or {}):
+            p.add_argument(flag, type=parsers[f.name], **options)
+        elif kind.startswith("bool"):
             p.add_argument(flag, action=BoolOption, **options)
         else:
             parse_value = _int if kind.startswith("int") else _float if kind.startswith("float") else str

@@ -11,26 +11,28 @@ import yaml
 from bin_counter import BinCounterError
 
 
-@dataclass
-class PrepareConfig:
-    source: str = "sample"  # `sample`, a local dir in ABID's layout, or s3://bucket[/prefix]
-    out: str = "data"
-    file_list: str | None = None
-    classes: str = "1-5"  # the study's counts
-    top_bucket: bool = False  # fold counts above the top class into it instead of dropping them
-    split: tuple[float, float, float] = (0.8, 0.1, 0.1)
-    seed: int = 0
-    limit_per_class: int | None = None
-    workers: int = 8
-    upload: str | None = None
-    anonymous: bool | None = None  # None: anonymous only for ABID's public bucket
-    shard_size: int = 0  # > 0: also write WebDataset-style tar shards of this many images
-    replace: bool = False  # an `out` holding another source's dataset is replaced instead of refused
-
-
 def setting(default: Any, help: str) -> Any:
     """A config field with its command-line help: the CLI's options are built from these (cli.add_config_options)."""
     return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class PrepareConfig:
+    source: str = setting("sample", "`sample` (bundled), a directory in ABID's layout, or s3://bucket[/prefix] "
+                                    "(ABID's public bucket: s3://aft-vbi-pds)")
+    out: str = setting("data", "DATA_DIR to write")
+    file_list: str | None = setting(None, "the study's file_list.json or a JSON list of ids")
+    classes: str = setting("1-5", "counts kept, e.g. 1-5 (the study's), 0-5, 1-10")
+    top_bucket: bool = setting(False, "fold counts above the top class into it instead of dropping them")
+    split: tuple[float, float, float] = setting((0.8, 0.1, 0.1), "train,val,test ratios")
+    seed: int = setting(0, "seeds the split")
+    limit_per_class: int | None = setting(None, "keep at most N images per count")
+    workers: int = setting(8, "parallel downloads/validations")
+    upload: str | None = setting(None, "copy the prepared splits to s3://bucket/prefix")
+    anonymous: bool | None = setting(None, "read S3 without credentials (default: only for ABID's public bucket)")
+    shard_size: int = setting(0, "also write WebDataset-style tar shards of N images (for `train --stream`)")
+    replace: bool = setting(False, "--out holds a dataset of another source: replace it (without this, prepare "
+                                   "refuses)")
 
 
 @dataclass

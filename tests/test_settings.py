@@ -68,3 +68,14 @@ def test_train_only_settings_are_not_options_of_pipelines():
     compare = next(a for a in parser._subparsers._group_actions).choices["compare"]
     dests = {action.dest for action in compare._actions}
     assert not (set(TRAIN_ONLY) - {"register_as"}) & dests
+
+
+def test_prepare_options_are_prepare_configs_fields():
+    from bin_counter.config import PrepareConfig
+
+    parser = build_parser()
+    prepare = next(a for a in parser._subparsers._group_actions).choices["prepare"]
+    dests = {action.dest for action in prepare._actions}
+    assert {f.name for f in dataclasses.fields(PrepareConfig)} <= dests
+    args = parse(["prepare", "--split", "0.6,0.2,0.2", "--top-bucket", "--seed", "3.0"])
+    assert (args.split, args.top_bucket, args.seed) == ((0.6, 0.2, 0.2), True, 3)

@@ -213,3 +213,22 @@ def test_tune_storage_waits_out_a_postgres_restart(team, monkeypatch):
     server.start_postgres(bindir, server.state()["pg_port"])
     thread.join(120)
     assert outcome.get("trial") is not None and outcome["trial"].number == 1, outcome
+
+
+def test_stop_leaves_alone_a_recorded_pid_that_is_now_another_program(tmp_path):
+    """A pid file outlives its process; if the pid is reused, stop must not kill the newcomer."""
+    server = TeamServer(tmp_path / "server")
+    server.pids.mkdir(parents=True)
+    stranger = subprocess.Popen(["sleep", "60"])
+    try:
+        for name in ("mlflow", "moto", "postgres"):
+            (server.pids / f"{name}.pid").write_text(f"{stranger.pid}\n")
+        assert server.running() == {"mlflow": None, "moto": None, "postgres": None}
+        assert server.stop() == []
+        assert stranger.poll() is None, "stop killed a process it did not start"
+        assert not list(server.pids.iterdir())
+        status = subprocess.run([*SCRIPT, "status", "--dir", str(server.dir)], capture_output=True, text=True)
+        assert status.returncode == 1 and "not running" in status.stdout
+    finally:
+        stranger.kill()
+        stranger.wait()

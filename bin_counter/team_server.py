@@ -119,7 +119,11 @@ class TeamServer:
             check_traversable(self.pg_dir)
             import pwd
 
-            entry = pwd.getpwnam(PG_USER)
+            try:
+                entry = pwd.getpwnam(PG_USER)
+            except KeyError:
+                raise BinCounterError(f"PostgreSQL refuses to run as root and there is no `{PG_USER}` user to run "
+                                      "it as (Debian's postgresql package creates it)") from None
             for path in (self.pg_dir, pwfile):
                 os.chown(path, entry.pw_uid, entry.pw_gid)
         try:

@@ -167,7 +167,7 @@ class TeamServer:
         if pid is None:
             return False
         if bindir is not None and self.pg_data.exists():
-            # a fast shutdown ends every backend and flushes; signalling the postmaster alone does the same
+            # pg_ctl's fast shutdown waits for a clean stop; the signal below matters only if pg_ctl could not run
             subprocess.run([str(bindir / "pg_ctl"), "-D", str(self.pg_data), "-m", "fast", "-w", "-t", "60", "stop"],
                            cwd=self.pg_dir, env=self.pg_env(), capture_output=True, **self.as_pg_user())
         stop_pid(pid, group=False)

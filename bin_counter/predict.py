@@ -303,26 +303,22 @@ def flag_for_check(results: pd.DataFrame, min_confidence: float) -> pd.DataFrame
     return results
 
 
-def predict(counter: Counter, source: str, output: str, min_confidence: float = 0.5,
-            batch_size: int = 16) -> pd.DataFrame:
-    """Count every image of `source` into `output`; images that could not be read or counted are listed with
-    their reason, and the results are written even when some requests failed."""
-    with tempfile.TemporaryDirectory() as tmp:
-        images = collect(source, Path(tmp))
-        if images.empty:
-            raise BinCounterError(f"no images in {source}")
-        counted = pd.concat([images.reset_index(drop=True), count_images(counter, list(images["path"]), batch_size)],
-                            axis=1)
-        results = flag_for_check(counted, min_confidence)
-        columns = ["image_id", "predicted_count", "confidence", "expected_quantity", "mismatch", "needs_check",
-                   "check_reason", "error"]
-        results["expected_quantity"] = results["expected_quantity"].astype("Int64")
-        with atomic_path(Path(output)) as path:
-            results[columns].to_csv(path, index=False)
-        check = results[results["needs_check"]]
-        check_path = Path(output).with_name(Path(output).stem + "_manual_check.csv")
-        with atomic_path(check_path) as path:
-            check[columns].to_csv(path, index=False)
+RESULT_COLUMNS = ["image_id", "predicted_count", "confidence", "expected_quantity", "mismatch", "needs_check",
+                  "check_reason", "error"]
+
+
+def write_results(results: pd.DataFrame, output: str, min_confidence: float) -> pd.DataFrame:
+    """The counts as `output` and the bins a person should look at as <output>_manual_check.csv, both written
+    whole or not at all, and a summary for the user; `results` has image_id, expected_quantity, predicted_count,
+    confidence and error. Shared by `predict` and `transform`."""
+    results = flag_for_check(results, min_confidence)
+    results["expected_quantity"] = results["expected_quantity"].astype("Int64")
+    with atomic_path(Path(output)) as path:
+        results[RESULT_COLUMNS].to_csv(path, index=False)
+    check = results[results["needs_check"]]
+    check_path = Path(output).with_name(Path(output).stem + "_manual_check.csv")
+    with atomic_path(check_path) as path:
+        check[RESULT_COLUMNS].to_csv(path, index=False)
     errors = results["error"].fillna("")
     failed = errors.str.startswith(REQUEST_FAILED)
     print(f"counted {int((errors == '').sum())} of {len(results)} images -> {output}")
@@ -334,9 +330,21 @@ def predict(counter: Counter, source: str, output: str, min_confidence: float = 
         print(f"  unreadable {row.image_id}: {row.error}")
     if failed.any():
         print(f"  {int(failed.sum())} images not counted because a request failed, e.g. {errors[failed].iloc[0]}")
-    if (errors != "").all():
+    if len(results) and (errors != "").all():
         raise BinCounterError(f"no image was counted ({errors.iloc[0]}); every image is listed in {check_path}")
     return results
+
+
+def predict(counter: Counter, source: str, output: str, min_confidence: float = 0.5,
+            batch_size: int = 16) -> pd.DataFrame:
+    """Count every image of `source` into `output`; images that could not be read or counted are listed with
+    their reason, and the results are written even when some requests failed."""
+    with tempfile.TemporaryDirectory() as tmp:
+        images = collect(source, Path(tmp))
+        if images.empty:
+            raise BinCounterError(f"no images in {source}")
+        counts = count_images(counter, list(images["path"]), batch_size)
+        return write_results(pd.concat([images.reset_index(drop=True), counts], axis=1), output, min_confidence)
 
 
 def make_counter(model_uri: str | None, endpoint: str | None, url: str | None, region: str | None) -> Counter:

@@ -27,15 +27,13 @@ from pathlib import Path
 import pandas as pd
 
 from bin_counter import BinCounterError, s3
-from bin_counter.files import atomic_path
+from bin_counter.predict import REQUEST_FAILED, collect, write_results
 from bin_counter.tracking import redact_uri
 
 log = logging.getLogger(__name__)
 ROWS_PER_REQUEST = 32
 REQUEST_BYTES = 5_000_000  # under SageMaker's 6 MB default MaxPayloadInMB, with room for the JSON around it
 INDEX = "index.json"
-COLUMNS = ["image_id", "predicted_count", "confidence", "expected_quantity", "mismatch", "needs_check",
-           "check_reason", "error"]  # predict's CSV, column for column
 JOB_NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")  # SageMaker's rule for transform job names
 
 
@@ -126,7 +124,6 @@ def upload_staged(folder: Path, staging: str, index: dict) -> None:
 
 def answers(frame_rows: int, body: bytes, file: str) -> tuple[list[dict] | None, str]:
     """The predictions of one request file, or None and why they cannot be used."""
-    from bin_counter.predict import REQUEST_FAILED
 
     try:
         predictions = json.loads(body)["predictions"]
@@ -145,7 +142,6 @@ def number(value) -> float:
 
 def join(staging: str) -> pd.DataFrame:
     """One row per staged image: the job's answers, or the reason an image has none."""
-    from bin_counter.predict import REQUEST_FAILED
 
     bucket, prefix = s3.parse_s3_uri(staging)
     client = s3.make_client()
@@ -178,37 +174,11 @@ def join(staging: str) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["image_id", "expected_quantity", "predicted_count", "confidence", "error"])
 
 
-def write_results(results: pd.DataFrame, output: str, min_confidence: float) -> pd.DataFrame:
-    """predict's CSV and manual-check list, by predict's own rules."""
-    from bin_counter.predict import REQUEST_FAILED, flag_for_check
-
-    results = flag_for_check(results, min_confidence)
-    results["expected_quantity"] = results["expected_quantity"].astype("Int64")
-    with atomic_path(Path(output)) as path:
-        results[COLUMNS].to_csv(path, index=False)
-    check = results[results["needs_check"]]
-    check_path = Path(output).with_name(Path(output).stem + "_manual_check.csv")
-    with atomic_path(check_path) as path:
-        check[COLUMNS].to_csv(path, index=False)
-    errors = results["error"].fillna("")
-    print(f"counted {int((errors == '').sum())} of {len(results)} images -> {output}")
-    if results["expected_quantity"].notna().any():
-        print(f"{int(results['mismatch'].sum())} disagree with the metadata's EXPECTED_QUANTITY")
-    print(f"{len(check)} bins for a manual check -> {check_path}")
-    failed = errors.str.startswith(REQUEST_FAILED)
-    if failed.any():
-        print(f"  {int(failed.sum())} images not counted, e.g. {errors[failed].iloc[0]}")
-    if len(results) and (errors != "").all():
-        raise BinCounterError(f"no image was counted ({errors.iloc[0]}); every image is listed in {check_path}")
-    return results
-
-
 def transform(model_uri: str, source: str, staging: str, region: str, execution_role_arn: str | None = None,
               image_url: str | None = None, instance_type: str = "ml.m5.large", instance_count: int = 1,
               job_name: str | None = None, output: str = "results.csv", min_confidence: float = 0.5,
               timeout_seconds: int = 3600, dry_run: bool = False) -> pd.DataFrame | dict:
     """Stage `source`'s photos, run the batch transform job, join its output into `output`."""
-    from bin_counter.predict import collect
 
     if not staging.startswith("s3://"):
         raise BinCounterError(f"--staging must be s3://bucket/prefix (SageMaker reads and writes S3), got {staging!r}")

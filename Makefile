@@ -26,10 +26,10 @@ test-fast: $(VENV)/.installed
 # the team setup: PostgreSQL + S3 (a local moto server) + `mlflow server`, in the background.
 # Its last line is `export MLFLOW_TRACKING_URI=...`:  eval "$$(make -s server | tail -1)"
 server: $(VENV)/.installed
-	@$(PY) -m bin_counter.team_server start
+	@$(PY) -m bin_counter.commands.team_server start
 
 server-stop:
-	@$(PY) -m bin_counter.team_server stop
+	@$(PY) -m bin_counter.commands.team_server stop
 
 # ruff, configured in pyproject.toml; CI runs it before the tests
 lint: $(VENV)/.installed

@@ -33,8 +33,8 @@ def _optional_bool(value: str) -> bool:
 
 
 def add_prepare(sub) -> None:
+    from bin_counter.commands.prepare import parse_split
     from bin_counter.config import PrepareConfig
-    from bin_counter.prepare import parse_split
 
     p = sub.add_parser("prepare", help="download/validate/split ABID images into DATA_DIR")
     add_config_options(p, PrepareConfig, parsers={"split": parse_split})
@@ -44,8 +44,8 @@ def add_prepare(sub) -> None:
 def cmd_prepare(args) -> None:
     import dataclasses
 
+    from bin_counter.commands.prepare import run
     from bin_counter.config import PrepareConfig
-    from bin_counter.prepare import run
 
     names = {f.name for f in dataclasses.fields(PrepareConfig)}
     run(PrepareConfig(**{k: v for k, v in vars(args).items() if k in names and v is not None and v != ""}))
@@ -123,7 +123,7 @@ def add_train(sub) -> None:
 
 
 def cmd_train(args) -> None:
-    from bin_counter.train import train
+    from bin_counter.commands.train import train
 
     train(train_config(args))
 
@@ -139,7 +139,7 @@ def add_evaluate(sub) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    from bin_counter.evaluate import evaluate
+    from bin_counter.commands.evaluate import evaluate
 
     evaluate(args.model_uri, args.data, args.split, args.output, args.batch_size)
 
@@ -153,7 +153,7 @@ def add_compare(sub) -> None:
 
 
 def cmd_compare(args) -> None:
-    from bin_counter.compare import compare
+    from bin_counter.commands.compare import compare
 
     compare(train_config(args), [b.strip() for b in args.backbones.split(",") if b.strip()])
 
@@ -167,7 +167,7 @@ def add_main(sub) -> None:
 
 
 def cmd_main(args) -> None:
-    from bin_counter.pipeline import main_pipeline
+    from bin_counter.commands.pipeline import main_pipeline
 
     main_pipeline(args.source, train_config(args))
 
@@ -197,7 +197,7 @@ def add_tune(sub) -> None:
 
 
 def cmd_tune(args) -> None:
-    from bin_counter.tune import SearchSpace, TuneConfig, parse_range, tune
+    from bin_counter.commands.tune import SearchSpace, TuneConfig, parse_range, tune
 
     space = SearchSpace(parse_range(args.batch_size_range, int), parse_range(args.lr_range),
                         parse_range(args.epochs_range, int))
@@ -205,7 +205,7 @@ def cmd_tune(args) -> None:
     cfg = TuneConfig(base=base, space=space, n_trials=args.n_trials, n_jobs=args.n_jobs,
                      storage=args.storage, study_name=args.study_name, seed=base.seed, register_as=args.register_as)
     if args.backend == "sagemaker":
-        from bin_counter.sagemaker_jobs import tuning_job
+        from bin_counter.cloud.sagemaker_jobs import tuning_job
 
         tuning_job(cfg, args)
     else:
@@ -225,7 +225,7 @@ def add_promote(sub) -> None:
 
 
 def cmd_promote(args) -> None:
-    from bin_counter.registry import promote
+    from bin_counter.commands.registry import promote
 
     promote(args.name, args.data, args.version, args.run_id, args.metric, args.min_gain)
 
@@ -245,7 +245,7 @@ def add_predict(sub) -> None:
 
 
 def cmd_predict(args) -> None:
-    from bin_counter.predict import make_counter, predict
+    from bin_counter.commands.predict import make_counter, predict
 
     predict(make_counter(args.model_uri, args.endpoint, args.url, args.region), args.input, args.output,
             args.min_confidence, args.batch_size)
@@ -269,7 +269,7 @@ def add_deploy(sub) -> None:
 
 
 def cmd_deploy(args) -> None:
-    from bin_counter.deploy import deploy
+    from bin_counter.cloud.deploy import deploy
 
     deploy(args.endpoint, args.region, args.model_uri, args.execution_role_arn, args.image_url, args.instance_type,
            args.instance_count, args.bucket, args.update, args.delete, args.dry_run)
@@ -294,7 +294,7 @@ def add_launch(sub) -> None:
 
 
 def cmd_launch(args) -> None:
-    from bin_counter.sagemaker_jobs import training_job
+    from bin_counter.cloud.sagemaker_jobs import training_job
 
     train_args = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
     refused = io.StringIO()
@@ -323,8 +323,8 @@ def add_crossval(sub) -> None:
 
 
 def cmd_crossval(args) -> None:
+    from bin_counter.commands.crossval import crossval
     from bin_counter.config import TrainConfig
-    from bin_counter.crossval import crossval
 
     base = TrainConfig(feature_views=args.feature_views, cache_dir=args.cache_dir, num_workers=args.num_workers)
     crossval(args.source, [r.strip() for r in args.recipes.split(",") if r.strip()], args.folds, args.repeats,
@@ -351,7 +351,7 @@ def add_transform(sub) -> None:
 
 
 def cmd_transform(args) -> None:
-    from bin_counter.transform import join_command, transform
+    from bin_counter.commands.transform import join_command, transform
 
     if args.join:
         join_command(args.join, args.output, args.min_confidence)

@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from bin_counter.abid import read_image
+from bin_counter.core.abid import read_image
 
 
 def subplots(*grid: int, figsize: tuple[float, float], **options):

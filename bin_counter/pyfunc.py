@@ -71,9 +71,9 @@ def signature(classes: list[int]) -> ModelSignature:
 
 class BinCounterModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
-        from bin_counter.data import eval_transform
-        from bin_counter.engine import probability_engine
-        from bin_counter.models import create_model
+        from bin_counter.core.data import eval_transform
+        from bin_counter.core.engine import probability_engine
+        from bin_counter.core.models import create_model
 
         self.config = json.loads(Path(context.artifacts["config"]).read_text())
         self.classes = self.config["classes"]
@@ -100,7 +100,7 @@ class BinCounterModel(mlflow.pyfunc.PythonModel):
         return self._frame(probs, errors)
 
     def _frame(self, probs: np.ndarray, errors: dict[int, str]) -> pd.DataFrame:
-        from bin_counter.metrics import decode
+        from bin_counter.core.metrics import decode
 
         ok = ~np.isnan(probs[:, 0])
         counts = decode(np.nan_to_num(probs), self.classes, **self.decoding)
@@ -160,7 +160,7 @@ def image_column(model_input) -> list:
 
 def decode_image(text):
     """One row's image; its size is checked on the base64 text, before anything is decoded."""
-    from bin_counter.data import decode_base64_image
+    from bin_counter.core.data import decode_base64_image
 
     if isinstance(text, str) and len(text) // 4 * 3 > max_image_bytes():
         raise ValueError(f"image is about {len(text) // 4 * 3:,} bytes, over the limit of {max_image_bytes():,} "
@@ -225,7 +225,7 @@ def encode_image(path: str | Path, max_side: int | None = None) -> str:
     """base64 of an image file; `max_side` shrinks it first (input examples stay small)."""
     if max_side is None:
         return base64.b64encode(Path(path).read_bytes()).decode()
-    from bin_counter.abid import read_image
+    from bin_counter.core.abid import read_image
 
     image = read_image(path)  # the one decoder: JPEG/PNG only, EXIF orientation applied
     image.thumbnail((max_side, max_side))
@@ -245,9 +245,9 @@ def requirements() -> list[str]:
 
 def inference_graph(model, config: dict, calibration_images: list[str]) -> bytes:
     """The ONNX graph that serves the model: fp32, or int8 calibrated on `calibration_images` if config asks."""
-    from bin_counter.abid import read_image
-    from bin_counter.data import eval_transform
-    from bin_counter.engine import ViewAveraged, export_onnx, quantize_int8
+    from bin_counter.core.abid import read_image
+    from bin_counter.core.data import eval_transform
+    from bin_counter.core.engine import ViewAveraged, export_onnx, quantize_int8
 
     graph = export_onnx(ViewAveraged(model, config.get("tta", False)), config["image_size"])
     if not config.get("int8"):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -13,38 +12,10 @@ from typing import Any
 import mlflow
 import pandas as pd
 
+from bin_counter.core.uris import has_credentials, redact_uri  # noqa: F401 (commands use them from here)
+
 DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
 DEFAULT_EXPERIMENT = "bin-counter"
-# user:password@ (or token@) in any URI, up to the last @ of its authority; and secrets passed as query parameters
-_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^\s/?#]*)@")
-_SECRET_QUERY = re.compile(r"(?P<key>[?&](?:password|passwd|pwd|token|access_token|secret|api_key|apikey)=)[^&\s#]*",
-                           re.IGNORECASE)
-
-
-def redact_uri(text: str, drop: bool = False) -> str:
-    """`text` (a URI, or a message quoting URIs) with every password and token masked as ***.
-
-    The one place credentials are taken out of what we log, print, tag or send. `drop=True` removes them
-    instead, leaving a URI that still works for a reader authenticated another way (MLFLOW_TRACKING_USERNAME /
-    MLFLOW_TRACKING_PASSWORD / MLFLOW_TRACKING_TOKEN, or an IAM role).
-    """
-    def userinfo(match: re.Match) -> str:
-        if drop:
-            return match["scheme"]
-        user, has_password, _ = match["userinfo"].partition(":")
-        return f"{match['scheme']}{user}:***@" if has_password else f"{match['scheme']}***@"
-
-    text = _USERINFO.sub(userinfo, str(text))
-    if drop:
-        text = _SECRET_QUERY.sub(lambda match: match["key"][0].replace("&", ""), text)  # keeps a leading ?
-        return re.sub(r"\?(?=[\s#]|$)", "", text.replace("?&", "?"))
-    return _SECRET_QUERY.sub(lambda match: f"{match['key']}***", text)
-
-
-def has_credentials(uri: str) -> bool:
-    return redact_uri(uri) != uri
-
-
 def configure() -> str:
     """Use a local sqlite store in the working directory unless the user chose a tracking server."""
     os.environ.setdefault("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)

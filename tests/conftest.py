@@ -15,8 +15,8 @@ import pytest
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 os.environ.setdefault("TQDM_DISABLE", "1")
 
+from bin_counter.commands.prepare import SAMPLE_DIR, prepare  # noqa: E402
 from bin_counter.config import PrepareConfig  # noqa: E402
-from bin_counter.prepare import SAMPLE_DIR, prepare  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -2,8 +2,9 @@ import json
 
 import pytest
 
-from bin_counter import BinCounterError, abid
-from bin_counter.prepare import SAMPLE_DIR
+from bin_counter import BinCounterError
+from bin_counter.commands.prepare import SAMPLE_DIR
+from bin_counter.core import abid
 
 
 def test_parse_count_accepts_abid_metadata():

@@ -13,9 +13,9 @@ import requests
 import yaml
 
 from bin_counter.cli import build_parser, main, parse, train_config
+from bin_counter.commands.prepare import SAMPLE_DIR
 from bin_counter.config import RECIPES
-from bin_counter.manifest import read_manifest
-from bin_counter.prepare import SAMPLE_DIR
+from bin_counter.core.manifest import read_manifest
 from conftest import LoopbackProxy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,8 +50,8 @@ def test_every_command_has_help(capsys):
 def test_finetune_recipe_fine_tunes_the_last_stages_with_their_own_learning_rate():
     import torch
 
-    from bin_counter.models import create_model, freeze
-    from bin_counter.train import make_optimizer
+    from bin_counter.commands.train import make_optimizer
+    from bin_counter.core.models import create_model, freeze
 
     cfg = train_config(parse(["train", "--recipe", "finetune"]))
     assert {k: getattr(cfg, k) for k in RECIPES["finetune"]} == RECIPES["finetune"]
@@ -97,7 +97,7 @@ def test_compare_experiment_yaml_supplies_defaults_that_flags_override(tmp_path,
     ("accuracy", 0.90, 1.00, 0.0, False),
 ])
 def test_promote_rule_knows_which_metrics_are_lower_is_better(metric, candidate, champion, gain, better):
-    from bin_counter.registry import is_better
+    from bin_counter.commands.registry import is_better
 
     assert is_better(candidate, champion, metric, gain) is better
 

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from bin_counter.debugger import Finding, Rules, Thresholds
+from bin_counter.core.debugger import Finding, Rules, Thresholds
 
 
 def epochs(train_losses, val_losses=None, grad=0.5, **extra) -> list[dict]:

@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 
 from bin_counter import BinCounterError
+from bin_counter.commands.train import train
 from bin_counter.config import RECIPES, TrainConfig
-from bin_counter.train import train
 
 pytestmark = pytest.mark.slow
 

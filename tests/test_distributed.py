@@ -8,9 +8,9 @@ import mlflow
 import pytest
 import torch
 
+from bin_counter.commands.prepare import prepare
+from bin_counter.commands.train import train
 from bin_counter.config import PrepareConfig, TrainConfig
-from bin_counter.prepare import prepare
-from bin_counter.train import train
 
 pytestmark = pytest.mark.slow
 

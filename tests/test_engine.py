@@ -13,10 +13,10 @@ import pandas as pd
 import pytest
 import torch
 
-from bin_counter.data import eval_transform
-from bin_counter.engine import Backbone, OnnxEngine, TorchEngine, ViewAveraged, export_onnx, probability_engine
-from bin_counter.models import create_model
-from bin_counter.prepare import SAMPLE_DIR
+from bin_counter.commands.prepare import SAMPLE_DIR
+from bin_counter.core.data import eval_transform
+from bin_counter.core.engine import Backbone, OnnxEngine, TorchEngine, ViewAveraged, export_onnx, probability_engine
+from bin_counter.core.models import create_model
 from bin_counter.pyfunc import encode_image, log_model
 
 CPU = torch.device("cpu")
@@ -29,7 +29,7 @@ def real_photos(n: int) -> list[Path]:
 
 
 def batch_of(paths: list[Path]) -> torch.Tensor:
-    from bin_counter.abid import read_image
+    from bin_counter.core.abid import read_image
 
     transform = eval_transform("efficientnet-lite0", SIZE)
     return torch.stack([transform(read_image(p)) for p in paths])
@@ -84,7 +84,7 @@ def test_engine_choice_follows_the_variable_and_falls_back_with_a_reason(countin
     with pytest.raises(ValueError, match="BIN_COUNTER_ENGINE='tensorrt': choose one of onnx, torch"):
         probability_engine(counting_model, True, CPU, graph)
     monkeypatch.delenv("BIN_COUNTER_ENGINE")
-    with caplog.at_level(logging.WARNING, logger="bin_counter.engine"):
+    with caplog.at_level(logging.WARNING, logger="bin_counter.core.engine"):
         assert probability_engine(counting_model, True, CPU, tmp_path / "absent.onnx").name == "torch"
         assert "no ONNX graph" in caplog.text
         monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if it were not installed
@@ -92,6 +92,7 @@ def test_engine_choice_follows_the_variable_and_falls_back_with_a_reason(countin
         assert "onnxruntime cannot be imported" in caplog.text
 
 
+@pytest.mark.slow
 def test_logged_model_serves_the_same_counts_through_either_engine_and_without_its_graph(counting_model, tmp_path,
                                                                                          monkeypatch):
     config = {"backbone": "efficientnet-lite0", "classes": CLASSES, "image_size": SIZE, "tta": True,
@@ -136,6 +137,7 @@ def test_bad_rows_are_reported_at_their_row_across_batches(counting_model, tmp_p
     assert all(batch.shape[0] == len(rows) for rows, batch, _ in batches)
 
 
+@pytest.mark.slow
 def test_int8_switch_logs_a_quantised_graph_calibrated_on_training_images(counting_model, tmp_path, monkeypatch):
     import onnx
 

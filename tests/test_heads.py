@@ -12,12 +12,12 @@ import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
 
+from bin_counter.commands.train import train
 from bin_counter.config import RECIPES, TrainConfig
-from bin_counter.heads import fit_logistic, fit_multinomial
-from bin_counter.metrics import decode
-from bin_counter.models import classifier_head
+from bin_counter.core.heads import fit_logistic, fit_multinomial
+from bin_counter.core.metrics import decode
+from bin_counter.core.models import classifier_head
 from bin_counter.pyfunc import encode_image
-from bin_counter.train import train
 
 CLASSES = [1, 2, 3, 4, 5]
 
@@ -43,7 +43,7 @@ def test_balanced_fit_matches_sklearns_class_weight_balanced():
     keep = (y != 0) | (np.arange(len(y)) % 4 == 0)  # make class 0 rare
     x, y = x[keep], y[keep]
     reference = LogisticRegression(C=0.1, tol=1e-10, max_iter=10_000, class_weight="balanced").fit(x, y)
-    from bin_counter.heads import balanced_weights
+    from bin_counter.core.heads import balanced_weights
 
     labels = torch.tensor(y)
     weight, bias = fit_multinomial(torch.tensor(x), labels, 4, 0.1, balanced_weights(labels, 4))

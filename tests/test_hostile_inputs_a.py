@@ -21,10 +21,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from bin_counter import BinCounterError, abid
+from bin_counter import BinCounterError
+from bin_counter.commands.prepare import SAMPLE_DIR, prepare, upload_prepared
 from bin_counter.config import PrepareConfig
-from bin_counter.files import atomic_write_text
-from bin_counter.prepare import SAMPLE_DIR, prepare, upload_prepared
+from bin_counter.core import abid
+from bin_counter.core.files import atomic_write_text
 from conftest import LoopbackProxy, SlowProxy
 
 BUCKET = "hostile-a"
@@ -103,14 +104,14 @@ def refusing(aws, moto_endpoint, monkeypatch):
 
 
 def test_s3_key_with_dotdot_or_absolute_name_cannot_escape_predict_cache(aws, tmp_path, caplog):
-    from bin_counter.predict import images_in_s3
+    from bin_counter.commands.predict import images_in_s3
 
     aws.create_bucket(Bucket=BUCKET)
     absolute = str(tmp_path / "outside" / "abs.jpg")  # a key starting with '/', aimed at a folder we can watch
     for key in ("today/ok.jpg", "today/../../../../X/escaped.jpg", absolute, "today/./dot.jpg", "today//twice.jpg"):
         aws.put_object(Bucket=BUCKET, Key=key, Body=jpeg())
     cache = tmp_path / "deep" / "a" / "b" / "c" / "cache"
-    with caplog.at_level(logging.WARNING, logger="bin_counter.predict"):
+    with caplog.at_level(logging.WARNING, logger="bin_counter.commands.predict"):
         images = images_in_s3(f"s3://{BUCKET}", cache, workers=2)
     assert files_outside(tmp_path, cache) == []
     assert list(images["image_id"]) == ["ok"] and (cache / "today" / "ok.jpg").read_bytes() == jpeg()
@@ -135,7 +136,7 @@ def test_prepare_refuses_file_list_entries_that_climb_out_or_hold_nul(tmp_path):
 
 
 def test_manifest_path_that_climbs_out_of_data_dir_is_refused(tmp_path):
-    from bin_counter.manifest import read_manifest
+    from bin_counter.core.manifest import read_manifest
 
     out = tmp_path / "d"
     prepare(PrepareConfig(out=str(out), limit_per_class=1, workers=2))
@@ -165,8 +166,8 @@ def sharded_dir(root, members: list[tuple[str, bytes]]):
 
 
 def test_absolute_shard_member_name_cannot_escape_train_example_folder(tmp_path, caplog):
+    from bin_counter.commands.train import example_images
     from bin_counter.config import TrainConfig
-    from bin_counter.train import example_images
 
     target = tmp_path / "outside" / "evil"
     (tmp_path / "outside").mkdir()
@@ -176,7 +177,7 @@ def test_absolute_shard_member_name_cannot_escape_train_example_folder(tmp_path,
                                            ("good2.jpg", jpeg(2)), ("good2.cls", b"3")])
     examples = tmp_path / "examples"
     examples.mkdir()
-    with caplog.at_level(logging.WARNING, logger="bin_counter.shards"):
+    with caplog.at_level(logging.WARNING, logger="bin_counter.cloud.shards"):
         paths = example_images(TrainConfig(data=str(data), stream=True), {}, examples)
     assert not list((tmp_path / "outside").iterdir()) and not (tmp_path / "climb.jpg").exists()
     assert [p for p in paths] == [str(examples / "good.jpg"), str(examples / "good2.jpg")]
@@ -184,7 +185,7 @@ def test_absolute_shard_member_name_cannot_escape_train_example_folder(tmp_path,
 
 
 def test_dotted_ids_keep_their_shard_samples_whole(tmp_path):
-    from bin_counter.shards import samples
+    from bin_counter.cloud.shards import samples
 
     write_shard(tmp_path / "s.tar", [("a.b.jpg", jpeg(0)), ("a.b.cls", b"2"), ("a.b.json", b"{}"),
                                      ("c.jpg", jpeg(1)), ("c.cls", b"4")])
@@ -193,15 +194,15 @@ def test_dotted_ids_keep_their_shard_samples_whole(tmp_path):
 
 
 def test_bad_cls_value_and_unknown_count_in_a_shard_are_logged_skips(tmp_path, caplog):
-    from bin_counter.data import eval_transform
-    from bin_counter.shards import ShardStream
+    from bin_counter.cloud.shards import ShardStream
+    from bin_counter.core.data import eval_transform
 
     write_shard(tmp_path / "s.tar", [("x.jpg", jpeg(0)), ("x.cls", b"seven"),
                                      ("y.jpg", jpeg(1)), ("y.cls", b"9"),
                                      ("w.jpg", jpeg(2)), ("w.cls", b"1" * 400),
                                      ("z.jpg", jpeg(3)), ("z.cls", b"3")])
     stream = ShardStream([str(tmp_path / "s.tar")], [1, 2, 3, 4, 5], eval_transform("efficientnet-lite0"))
-    with caplog.at_level(logging.WARNING, logger="bin_counter.shards"):
+    with caplog.at_level(logging.WARNING, logger="bin_counter.cloud.shards"):
         labels = [int(label) for _, label, _ in stream]
     assert labels == [2]  # z: count 3 is class index 2
     assert "'seven'" in caplog.text and "count 9 is not one of the classes" in caplog.text
@@ -391,7 +392,7 @@ def test_non_utf8_file_list_is_one_line_error(tmp_path):
 
 
 def test_threads_writing_the_same_file_do_not_steal_each_others_temporary(tmp_path):
-    from bin_counter.files import atomic_path
+    from bin_counter.core.files import atomic_path
 
     target, writers = tmp_path / "out" / "same.txt", 8
     lined_up = threading.Barrier(writers)
@@ -422,7 +423,7 @@ def test_threads_writing_the_same_file_do_not_steal_each_others_temporary(tmp_pa
 
 
 def test_fatal_download_error_cancels_the_queue_and_keeps_what_finished(aws, moto_endpoint, tmp_path, monkeypatch):
-    from bin_counter import s3
+    from bin_counter.cloud import s3
 
     aws.create_bucket(Bucket=BUCKET)
     keys = [f"k{i:03d}.jpg" for i in range(60)]
@@ -489,7 +490,7 @@ def test_zero_workers_is_one_line_error(tmp_path):
 
 
 def test_s3_listing_of_many_images_is_paired_with_metadata_in_linear_time(tmp_path):
-    from bin_counter.predict import pair_s3_keys
+    from bin_counter.commands.predict import pair_s3_keys
 
     n = 20_000
     keys = [f"p/bin-images/{i:06d}.jpg" for i in range(n)] + [f"p/metadata/{i:06d}.json" for i in range(n)]
@@ -529,7 +530,7 @@ def test_write_only_bucket_that_refuses_head_still_takes_the_upload(aws, refusin
 
 
 def test_predict_input_other_csv_reads_that_csv_not_the_sibling_manifest(tmp_path):
-    from bin_counter.predict import collect
+    from bin_counter.commands.predict import collect
 
     out = small_prepared(tmp_path).out
     manifest = pd.read_csv(out / "manifest.csv", dtype=str)

@@ -22,7 +22,8 @@ import requests
 import torch
 from PIL import Image
 
-from bin_counter import BinCounterError, checkpoint
+from bin_counter import BinCounterError
+from bin_counter.core import checkpoint
 from conftest import LoopbackProxy, free_port
 
 SAMPLE_IMAGES = sorted((Path(__file__).resolve().parents[1] / "bin_counter" / "sample" / "bin-images").glob("*.jpg"))
@@ -134,8 +135,8 @@ def test_checkpoint_renamed_to_another_run_is_refused(tmp_path):
 
 def test_resume_of_a_run_the_tracking_store_lacks_is_one_line(tiny_data, tmp_path):
     """A restarted job whose store lacks the checkpoint's run (a local store left behind) must not crash mid-way."""
+    from bin_counter.commands.train import data_digest, split_frames, train
     from bin_counter.config import TrainConfig, as_params
-    from bin_counter.train import data_digest, split_frames, train
 
     options = dict(data=str(tiny_data), head="sgd", image_size=224, epochs=2, batch_size=8, feature_cache=False,
                    num_workers=0, checkpoint_dir=str(tmp_path / "ckpt"))
@@ -157,7 +158,7 @@ def a_feature_store() -> dict:
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty", "wrong shapes", "os.system pickle"])
 def test_corrupt_feature_cache_is_deleted_with_a_warning_to_be_recomputed(tmp_path, caplog, damage):
-    from bin_counter.feature_store import load_store
+    from bin_counter.core.feature_store import load_store
 
     path = tmp_path / "0123abcd.pt"
     torch.save(a_feature_store(), path)
@@ -180,7 +181,7 @@ def test_corrupt_feature_cache_is_deleted_with_a_warning_to_be_recomputed(tmp_pa
 
 
 def test_sound_feature_cache_is_returned_as_saved(tmp_path):
-    from bin_counter.feature_store import load_store
+    from bin_counter.core.feature_store import load_store
 
     store = a_feature_store()
     torch.save(store, tmp_path / "k.pt")
@@ -195,7 +196,7 @@ def test_sound_feature_cache_is_returned_as_saved(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
     """The real pyfunc (models-from-code, as train logs it) around an untrained ResNet18 at 32 px: fast on a CPU."""
-    from bin_counter.models import create_model
+    from bin_counter.core.models import create_model
     from bin_counter.pyfunc import PACKAGE_DIR, signature
 
     root = tmp_path_factory.mktemp("tiny-model")
@@ -350,7 +351,7 @@ class FlakyModelServer:
 
 
 def test_failed_requests_are_recorded_and_the_rest_counted_in_requests_that_fit(tmp_path, monkeypatch):
-    from bin_counter.predict import RestModel, predict
+    from bin_counter.commands.predict import RestModel, predict
 
     folder = tmp_path / "photos"
     folder.mkdir()
@@ -384,7 +385,7 @@ def test_failed_requests_are_recorded_and_the_rest_counted_in_requests_that_fit(
 
 
 def test_unreachable_model_still_writes_every_image_with_its_error(tmp_path, capsys):
-    from bin_counter.predict import RestModel, predict
+    from bin_counter.commands.predict import RestModel, predict
 
     folder = tmp_path / "photos"
     folder.mkdir()
@@ -510,8 +511,8 @@ def test_relaunch_with_new_s3_data_never_resumes_the_old_jobs_checkpoints(sagema
 
 def test_optuna_storage_password_is_not_logged_or_printed(capsys, tmp_path):
     from bin_counter.cli import main
+    from bin_counter.commands.tune import SearchSpace, TuneConfig, study_params
     from bin_counter.config import TrainConfig
-    from bin_counter.tune import SearchSpace, TuneConfig, study_params
 
     storage = f"postgresql://optuna:{PASSWORD}@127.0.0.1:1/optuna"
     params = study_params(TuneConfig(base=TrainConfig(), space=SearchSpace(), storage=storage))
@@ -524,7 +525,7 @@ def test_optuna_storage_password_is_not_logged_or_printed(capsys, tmp_path):
 
 
 def test_main_prints_where_to_look_without_the_tracking_password(monkeypatch):
-    from bin_counter.pipeline import where_to_look
+    from bin_counter.commands.pipeline import where_to_look
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", TRACKING_WITH_PASSWORD)
     line = where_to_look()

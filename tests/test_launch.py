@@ -112,7 +112,7 @@ def test_entry_script_resumes_a_reclaimed_spot_job(tiny_data, tmp_path):
 
     import mlflow
 
-    from bin_counter.sagemaker_jobs import ENTRY_SCRIPT, stage_source
+    from bin_counter.cloud.sagemaker_jobs import ENTRY_SCRIPT, stage_source
 
     code = stage_source(tmp_path / "code")
     checkpoints = tmp_path / "opt-ml-checkpoints"
@@ -139,11 +139,12 @@ def test_entry_script_resumes_a_reclaimed_spot_job(tiny_data, tmp_path):
 
 
 def test_entry_script_is_a_real_file_that_drops_sagemakers_arguments_and_resumes(tmp_path):
+    from bin_counter.cloud.sagemaker_jobs import ENTRY_SCRIPT, stage_source
     from bin_counter.sagemaker_entry import train_arguments
-    from bin_counter.sagemaker_jobs import ENTRY_SCRIPT, stage_source
 
     staged = stage_source(tmp_path / "code")
-    assert (staged / ENTRY_SCRIPT).read_text() == (Path(bin_counter.__file__).parent / "sagemaker_entry.py").read_text()
+    entry = Path(bin_counter.__file__).parent / "sagemaker_entry.py"
+    assert (staged / ENTRY_SCRIPT).read_text() == entry.read_text()
     environ = {"SM_CHANNEL_TRAINING": "/data", "BIN_COUNTER_CHECKPOINTS": str(tmp_path / "ckpt")}
     argv = ["--epochs", "3", "--sagemaker_program", "x.py", "--head", "sgd"]
     assert train_arguments(argv, environ) == ["train", "--data", "/data", "--cache-dir", "/tmp/feature-cache",
@@ -152,3 +153,23 @@ def test_entry_script_is_a_real_file_that_drops_sagemakers_arguments_and_resumes
     assert train_arguments(argv, environ)[-2:] == ["--checkpoint-dir", str(tmp_path / "ckpt")]
     (tmp_path / "ckpt" / "last.pt").write_bytes(b"")
     assert train_arguments(argv, environ)[-3:] == ["--checkpoint-dir", str(tmp_path / "ckpt"), "--resume"]
+
+
+def test_two_launches_in_the_same_second_are_two_jobs(sagemaker_env, monkeypatch):
+    """sagemaker v3 names a job base + time to the second; with a fixed base the second launch took the first's
+    name (a ResourceInUse on AWS; moto kept one job)."""
+    import datetime as real
+
+    import sagemaker.train.utils as sdk_utils
+
+    class FrozenClock(real.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return real.datetime(2026, 11, 30, 12, 0, 0)
+
+    monkeypatch.setattr(sdk_utils, "datetime", FrozenClock)
+    launch()
+    launch()
+    names = [job["TrainingJobName"] for job in
+             boto3.client("sagemaker", region_name="us-east-1").list_training_jobs()["TrainingJobSummaries"]]
+    assert len(names) == 2 and len(set(names)) == 2 and all(n.endswith("-20261130120000") for n in names)

@@ -3,7 +3,7 @@ import re
 import numpy as np
 from sklearn.metrics import accuracy_score, f1_score, precision_score, recall_score
 
-from bin_counter.metrics import STUDY_REGEXES, classification_metrics, json_ready, majority_baseline, study_lines
+from bin_counter.core.metrics import STUDY_REGEXES, classification_metrics, json_ready, majority_baseline, study_lines
 
 
 def test_metrics_equal_scikit_learn_on_hand_made_predictions():

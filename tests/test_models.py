@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bin_counter import BinCounterError
-from bin_counter.models import BACKBONES, create_model, freeze, hub_checkpoint
+from bin_counter.core.models import BACKBONES, create_model, freeze, hub_checkpoint
 
 
 @pytest.fixture
@@ -61,8 +61,8 @@ def test_missing_weights_is_one_line_naming_the_file(tmp_path):
     env = {"TORCH_HOME": str(tmp_path / "empty"), "PATH": "/usr/bin:/bin", "MLFLOW_DISABLE_TELEMETRY": "true",
            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}", "HTTPS_PROXY": "http://127.0.0.1:9"}
     # prepare a tiny data dir so the failure is the weights, not the data
+    from bin_counter.commands.prepare import prepare
     from bin_counter.config import PrepareConfig
-    from bin_counter.prepare import prepare
 
     prepare(PrepareConfig(out=str(tmp_path / "x"), limit_per_class=2, workers=1, split=(0.5, 0.5, 0)))
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)

@@ -7,10 +7,10 @@ import pandas as pd
 import pytest
 
 from bin_counter import BinCounterError
+from bin_counter.commands.prepare import SAMPLE_DIR, prepare, run
 from bin_counter.config import PrepareConfig
-from bin_counter.files import sha256_of
-from bin_counter.manifest import read_manifest
-from bin_counter.prepare import SAMPLE_DIR, prepare, run
+from bin_counter.core.files import sha256_of
+from bin_counter.core.manifest import read_manifest
 from conftest import make_abid_dir
 
 

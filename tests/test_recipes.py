@@ -9,15 +9,15 @@ import pytest
 import torch
 
 from bin_counter.cli import parse, train_config
+from bin_counter.commands.evaluate import evaluate_model
+from bin_counter.commands.train import CountingLoss, evaluate_epoch, make_criterion, train
 from bin_counter.config import RECIPES, TrainConfig
-from bin_counter.data import dihedral_views, eval_transform
-from bin_counter.evaluate import evaluate_model
-from bin_counter.features import FeatureViews, cached_features
-from bin_counter.manifest import read_manifest
-from bin_counter.metrics import decode
-from bin_counter.models import create_model
+from bin_counter.core.data import dihedral_views, eval_transform
+from bin_counter.core.features import FeatureViews, cached_features
+from bin_counter.core.manifest import read_manifest
+from bin_counter.core.metrics import decode
+from bin_counter.core.models import create_model
 from bin_counter.pyfunc import load_model
-from bin_counter.train import CountingLoss, evaluate_epoch, make_criterion, train
 
 
 def test_decode_argmax_and_expected():
@@ -62,7 +62,7 @@ def test_feature_cache_is_per_image_and_batch_independent(tiny_data, tmp_path):
     frame = read_manifest(tiny_data, "train")
     model = create_model("efficientnet-lite0", 5)
     tf = eval_transform("efficientnet-lite0")
-    from bin_counter.data import train_transform
+    from bin_counter.core.data import train_transform
 
     rot = train_transform("efficientnet-lite0", rotation=180)
     common = dict(views=2, description={"d": 1}, cache_dir=tmp_path, num_workers=0, seed=0,
@@ -107,7 +107,7 @@ def test_counting_recipe_end_to_end_serves_what_it_measured(tiny_data, tmp_path)
 
 @pytest.mark.slow
 def test_crossval_protocol_writes_the_table(tmp_path):
-    from bin_counter.crossval import crossval
+    from bin_counter.commands.crossval import crossval
 
     out = tmp_path / "crossval.md"
     base = TrainConfig(feature_views=1, num_workers=0, cache_dir=str(tmp_path / "cache"), batch_size=8)

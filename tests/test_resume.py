@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from bin_counter import BinCounterError
+from bin_counter.commands.train import train
 from bin_counter.config import TrainConfig
-from bin_counter.train import train
 
 pytestmark = pytest.mark.slow
 OPTIONS = dict(head="sgd", image_size=224, epochs=5, batch_size=8, feature_cache=False, num_workers=0, seed=3)
@@ -58,13 +58,13 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(tiny_data, tmp_path):
 def test_resume_refuses_other_settings_and_missing_checkpoints(tiny_data, tmp_path):
     with pytest.raises(BinCounterError, match="no checkpoint"):
         train(TrainConfig(data=str(tiny_data), checkpoint_dir=str(tmp_path / "none"), resume="latest", **OPTIONS))
-    from bin_counter import checkpoint
+    from bin_counter.core import checkpoint
 
     (tmp_path / "c").mkdir()
     import torch
 
+    from bin_counter.commands.train import data_digest, split_frames
     from bin_counter.config import as_params
-    from bin_counter.train import data_digest, split_frames
 
     digest = data_digest(split_frames(str(tiny_data)))
     saved = {**as_params(TrainConfig(data=str(tiny_data), **OPTIONS)), "lr": 0.5, "data_digest": digest}

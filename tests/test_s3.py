@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 
 from bin_counter import BinCounterError
+from bin_counter.commands.prepare import SAMPLE_DIR, prepare, upload_prepared
 from bin_counter.config import PrepareConfig
-from bin_counter.prepare import SAMPLE_DIR, prepare, upload_prepared
 from conftest import SlowProxy, sample_ids
 
 BUCKET = "abid-test"

@@ -11,7 +11,7 @@ import tarfile
 import pytest
 
 from bin_counter.cli import main
-from bin_counter.metrics import STUDY_REGEXES
+from bin_counter.core.metrics import STUDY_REGEXES
 
 ROLE = "arn:aws:iam::123456789012:role/sagemaker-execution"
 

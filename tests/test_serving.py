@@ -14,11 +14,11 @@ import pytest
 import requests
 from PIL import Image
 
+from bin_counter.commands.predict import LocalModel, predict
+from bin_counter.commands.registry import promote
+from bin_counter.commands.train import train
 from bin_counter.config import TrainConfig
-from bin_counter.manifest import read_manifest
-from bin_counter.predict import LocalModel, predict
-from bin_counter.registry import promote
-from bin_counter.train import train
+from bin_counter.core.manifest import read_manifest
 from conftest import free_port, make_abid_dir
 
 pytestmark = pytest.mark.slow
@@ -200,8 +200,9 @@ def test_served_model_over_http(use_registry, tiny_data, tmp_path):
         # batch prediction through the REST endpoint: same counts, unreadable files listed, not fatal
         folder = make_abid_dir(tmp_path / "abid", per_class=1)
         (folder / "bin-images" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 broken")
-        results = predict(__import__("bin_counter.predict", fromlist=["RestModel"]).RestModel(url), str(folder),
-                          str(tmp_path / "rest.csv"))
+        from bin_counter.commands.predict import RestModel
+
+        results = predict(RestModel(url), str(folder), str(tmp_path / "rest.csv"))
         assert len(results) == 6 and results.set_index("image_id").loc["broken", "needs_check"]
         assert "image" in results.set_index("image_id").loc["broken", "error"]
     finally:

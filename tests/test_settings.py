@@ -54,7 +54,7 @@ def test_a_runs_config_yaml_trains_the_same_again_and_options_still_win(tiny_dat
 
 @pytest.mark.slow
 def test_training_logs_its_config_yaml_artifact(tiny_data, tmp_path):
-    from bin_counter.train import train
+    from bin_counter.commands.train import train
 
     cfg = TrainConfig.from_recipe("study", data=str(tiny_data), epochs=1, batch_size=8, feature_views=1,
                                   num_workers=0, cache_dir=str(tmp_path / "cache"))

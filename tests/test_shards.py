@@ -11,12 +11,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, get_worker_info
 
+from bin_counter.cloud.shards import ShardStream, samples, shard_urls
+from bin_counter.commands.prepare import prepare, upload_prepared
+from bin_counter.commands.train import train
 from bin_counter.config import PrepareConfig, TrainConfig
-from bin_counter.data import eval_transform, open_image
-from bin_counter.manifest import read_manifest
-from bin_counter.prepare import prepare, upload_prepared
-from bin_counter.shards import ShardStream, samples, shard_urls
-from bin_counter.train import train
+from bin_counter.core.data import eval_transform, open_image
+from bin_counter.core.manifest import read_manifest
 from conftest import free_port
 
 
@@ -94,8 +94,8 @@ RANK = """
 import json, sys, zlib
 import torch
 from torch.utils.data import DataLoader, get_worker_info
-from bin_counter import distributed
-from bin_counter.shards import ShardStream
+from bin_counter.core import distributed
+from bin_counter.cloud.shards import ShardStream
 
 
 def fingerprint(image):

@@ -6,8 +6,8 @@ import sys
 
 import torch
 
-from bin_counter.data import ManifestImages, train_transform
-from bin_counter.manifest import read_manifest
+from bin_counter.core.data import ManifestImages, train_transform
+from bin_counter.core.manifest import read_manifest
 
 IMPORT_EVERYTHING = """
 import importlib, pkgutil, sys, warnings
@@ -17,9 +17,9 @@ import mlflow.pyfunc, mlflow.sagemaker, optuna, sklearn.model_selection, matplot
 import bin_counter
 pixels, filters, threads = PIL.Image.MAX_IMAGE_PIXELS, list(warnings.filters), torch.get_num_threads()
 state = torch.random.get_rng_state()
-for module in pkgutil.iter_modules(bin_counter.__path__):
-    if module.name not in ("__main__", "serving_model"):  # the entry points run when imported, by design
-        importlib.import_module(f"bin_counter.{module.name}")
+for module in pkgutil.walk_packages(bin_counter.__path__, "bin_counter."):
+    if module.name not in ("bin_counter.__main__", "bin_counter.serving_model"):  # entry points: run when imported
+        importlib.import_module(module.name)
 changed = [name for name, same in (
     ("PIL.Image.MAX_IMAGE_PIXELS", PIL.Image.MAX_IMAGE_PIXELS == pixels),
     ("warning filters", warnings.filters == filters),

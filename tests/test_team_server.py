@@ -18,14 +18,14 @@ import pandas as pd
 import pytest
 import requests
 
+from bin_counter.commands.team_server import TeamServer, alive, postgres_bindir
+from bin_counter.commands.tune import SearchSpace, TuneConfig, open_study
 from bin_counter.config import TrainConfig
-from bin_counter.team_server import TeamServer, alive, postgres_bindir
-from bin_counter.tune import SearchSpace, TuneConfig, open_study
 from conftest import free_port
 
 pytestmark = pytest.mark.slow
 
-SCRIPT = [sys.executable, "-m", "bin_counter.team_server"]  # what `make server` / `make server-stop` run
+SCRIPT = [sys.executable, "-m", "bin_counter.commands.team_server"]  # what `make server` / `make server-stop` run
 MODEL = "bins"
 
 

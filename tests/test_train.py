@@ -11,14 +11,14 @@ import numpy as np
 import pytest
 import torch
 
+from bin_counter.commands.evaluate import evaluate
+from bin_counter.commands.train import train
 from bin_counter.config import TrainConfig
-from bin_counter.data import ManifestImages, eval_transform
-from bin_counter.evaluate import evaluate
-from bin_counter.features import cached_features
-from bin_counter.manifest import read_manifest
-from bin_counter.metrics import STUDY_REGEXES
-from bin_counter.models import create_model, freeze
-from bin_counter.train import train
+from bin_counter.core.data import ManifestImages, eval_transform
+from bin_counter.core.features import cached_features
+from bin_counter.core.manifest import read_manifest
+from bin_counter.core.metrics import STUDY_REGEXES
+from bin_counter.core.models import create_model, freeze
 
 pytestmark = pytest.mark.slow
 

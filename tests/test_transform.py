@@ -11,8 +11,8 @@ import mlflow
 import pandas as pd
 import pytest
 
-from bin_counter import transform as transform_module
 from bin_counter.cli import main
+from bin_counter.commands import transform as transform_module
 from conftest import make_abid_dir
 
 ROLE = "arn:aws:iam::123456789012:role/sm"

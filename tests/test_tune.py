@@ -7,8 +7,8 @@ import mlflow
 import optuna
 import pytest
 
+from bin_counter.commands.tune import SearchSpace, TuneConfig, objective_for, open_study, tune
 from bin_counter.config import TrainConfig
-from bin_counter.tune import SearchSpace, TuneConfig, objective_for, open_study, tune
 
 pytestmark = pytest.mark.slow
 

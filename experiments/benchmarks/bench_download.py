@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 
 import boto3  # noqa: E402
 
+from bin_counter.commands.prepare import SAMPLE_DIR, prepare  # noqa: E402
 from bin_counter.config import PrepareConfig  # noqa: E402
-from bin_counter.prepare import SAMPLE_DIR, prepare  # noqa: E402
 from conftest import SlowProxy, start_moto_server  # noqa: E402
 
 

@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
 
-from bin_counter.models import create_model  # noqa: E402
+from bin_counter.core.models import create_model  # noqa: E402
 
 
 def images_per_second(model, batch: torch.Tensor, iterations: int) -> float:

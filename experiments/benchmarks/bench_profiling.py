@@ -22,10 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import mlflow  # noqa: E402
 
+from bin_counter.commands.prepare import prepare  # noqa: E402
+from bin_counter.commands.train import train  # noqa: E402
 from bin_counter.config import PrepareConfig, TrainConfig  # noqa: E402
-from bin_counter.debugger import Rules  # noqa: E402
-from bin_counter.prepare import prepare  # noqa: E402
-from bin_counter.train import train  # noqa: E402
+from bin_counter.core.debugger import Rules  # noqa: E402
 
 
 def timed(cfg: TrainConfig) -> float:

@@ -27,11 +27,11 @@ import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
 import requests  # noqa: E402
 
+from bin_counter.commands.predict import LocalModel, count_images, images_in_manifest  # noqa: E402
+from bin_counter.commands.prepare import prepare  # noqa: E402
+from bin_counter.commands.train import train  # noqa: E402
 from bin_counter.config import PrepareConfig, TrainConfig  # noqa: E402
-from bin_counter.manifest import read_manifest  # noqa: E402
-from bin_counter.predict import LocalModel, count_images, images_in_manifest  # noqa: E402
-from bin_counter.prepare import prepare  # noqa: E402
-from bin_counter.train import train  # noqa: E402
+from bin_counter.core.manifest import read_manifest  # noqa: E402
 
 
 def serve(model_uri: str, port: int) -> subprocess.Popen:

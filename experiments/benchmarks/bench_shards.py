@@ -20,11 +20,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 import boto3  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
+from bin_counter.cloud.shards import ShardStream, shard_urls, stream_collate  # noqa: E402
+from bin_counter.commands.prepare import prepare, upload_prepared  # noqa: E402
 from bin_counter.config import PrepareConfig  # noqa: E402
-from bin_counter.data import ManifestImages, eval_transform, make_loader  # noqa: E402
-from bin_counter.manifest import read_manifest  # noqa: E402
-from bin_counter.prepare import prepare, upload_prepared  # noqa: E402
-from bin_counter.shards import ShardStream, shard_urls, stream_collate  # noqa: E402
+from bin_counter.core.data import ManifestImages, eval_transform, make_loader  # noqa: E402
+from bin_counter.core.manifest import read_manifest  # noqa: E402
 from conftest import start_moto_server  # noqa: E402
 
 

@@ -157,8 +157,8 @@ def restart_mid_run(server, uri: str, steps: int = 40) -> dict:
 def postgres_restart_under_tune(server, uri: str, work: Path, hold_down: float, trials: int = 6) -> dict:
     import optuna
 
+    from bin_counter.commands.prepare import prepare
     from bin_counter.config import PrepareConfig
-    from bin_counter.prepare import prepare
 
     data = work / "data"
     prepare(PrepareConfig(source="sample", out=str(data), split=(0.6, 0.2, 0.2), limit_per_class=12, workers=2))
@@ -179,7 +179,7 @@ def postgres_restart_under_tune(server, uri: str, work: Path, hold_down: float, 
         try:
             study = optuna.load_study(study_name="faults", storage=storage)
             if any(t.state in finished_states for t in study.trials):
-                from bin_counter.team_server import postgres_bindir
+                from bin_counter.commands.team_server import postgres_bindir
 
                 down = time.perf_counter()
                 server.stop_postgres(postgres_bindir())
@@ -229,7 +229,7 @@ def main() -> None:
 
     import logging
 
-    from bin_counter.team_server import TeamServer
+    from bin_counter.commands.team_server import TeamServer
 
     # the sagemaker-mlflow plugin's header provider raises on every non-SageMaker tracking URI; MLflow only warns
     logging.getLogger("mlflow.tracking.request_header.registry").setLevel(logging.ERROR)

@@ -24,10 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import mlflow  # noqa: E402
 import optuna  # noqa: E402
 
+from bin_counter.commands.prepare import prepare  # noqa: E402
+from bin_counter.commands.train import train  # noqa: E402
+from bin_counter.commands.tune import SearchSpace, TuneConfig, tune  # noqa: E402
 from bin_counter.config import PrepareConfig, TrainConfig  # noqa: E402
-from bin_counter.prepare import prepare  # noqa: E402
-from bin_counter.train import train  # noqa: E402
-from bin_counter.tune import SearchSpace, TuneConfig, tune  # noqa: E402
 
 
 def main() -> None:

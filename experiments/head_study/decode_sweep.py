@@ -8,7 +8,7 @@ import numpy as np
 from sklearn.metrics import f1_score, recall_score
 from sklearn.model_selection import RepeatedStratifiedKFold
 
-from bin_counter.metrics import decode
+from bin_counter.core.metrics import decode
 
 data = np.load(f".cache/explore/oof-{sys.argv[1]}.npz")
 probs, y = data["P"], data["y"] + 1

@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bin_counter.commands.prepare import prepare
 from bin_counter.config import PrepareConfig
-from bin_counter.data import eval_transform
-from bin_counter.features import cached_features
-from bin_counter.manifest import read_manifest
-from bin_counter.models import create_model
-from bin_counter.prepare import prepare
+from bin_counter.core.data import eval_transform
+from bin_counter.core.features import cached_features
+from bin_counter.core.manifest import read_manifest
+from bin_counter.core.models import create_model
 
 backbone, size = sys.argv[1], int(sys.argv[2])
 source = sys.argv[3] if len(sys.argv) > 3 else str(Path(__file__).resolve().parents[3] / "shared" / "abid-sample")

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from sklearn.model_selection import RepeatedStratifiedKFold
 
-from bin_counter.heads import fit_logistic
+from bin_counter.core.heads import fit_logistic
 
 names = sys.argv[1].split(",")
 balance = len(sys.argv) > 2 and sys.argv[2] == "balance"

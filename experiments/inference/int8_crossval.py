@@ -13,12 +13,12 @@ import torch
 from sklearn.model_selection import RepeatedStratifiedKFold
 
 from bin_counter.config import TrainConfig
-from bin_counter.data import ManifestImages, dihedral_views, eval_transform
-from bin_counter.engine import Backbone, OnnxEngine, export_onnx, quantize_int8
-from bin_counter.heads import fit_logistic
-from bin_counter.manifest import read_manifest
-from bin_counter.metrics import decode
-from bin_counter.models import create_model
+from bin_counter.core.data import ManifestImages, dihedral_views, eval_transform
+from bin_counter.core.engine import Backbone, OnnxEngine, export_onnx, quantize_int8
+from bin_counter.core.heads import fit_logistic
+from bin_counter.core.manifest import read_manifest
+from bin_counter.core.metrics import decode
+from bin_counter.core.models import create_model
 
 CLASSES = [1, 2, 3, 4, 5]
 cfg = TrainConfig()

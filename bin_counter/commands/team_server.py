@@ -1,8 +1,8 @@
 """team_server: the team setup on one machine — an MLflow tracking server on PostgreSQL with S3 artifacts.
 
-    python -m bin_counter.team_server start [--dir .team-server] [--artifacts-destination s3://bucket/prefix]
-    python -m bin_counter.team_server stop  [--dir .team-server]
-    python -m bin_counter.team_server status [--dir .team-server]
+    python -m bin_counter.commands.team_server start [--dir .team-server] [--artifacts-destination s3://bucket/prefix]
+    python -m bin_counter.commands.team_server stop  [--dir .team-server]
+    python -m bin_counter.commands.team_server status [--dir .team-server]
 
 `start` installs Debian's postgresql if it is missing (apt, as root), runs `initdb` into DIR/pg and PostgreSQL on
 a free loopback port (as the `postgres` user when we are root: PostgreSQL refuses to run as root), creates the
@@ -401,7 +401,7 @@ def alive(pid: int) -> bool:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bin_counter.team_server",
+    parser = argparse.ArgumentParser(prog="python -m bin_counter.commands.team_server",
                                      description="A local MLflow tracking server on PostgreSQL with S3 artifacts.")
     parser.add_argument("command", choices=("start", "stop", "status"))
     parser.add_argument("--dir", default=os.environ.get("TEAM_SERVER_DIR", DEFAULT_DIR),

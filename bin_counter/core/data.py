@@ -12,8 +12,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import transforms
 
-from bin_counter.abid import read_image as open_image  # noqa: F401  (the loaders' and the pyfunc's entry point)
-from bin_counter.models import backbone_spec
+from bin_counter.core.abid import read_image as open_image  # noqa: F401  (the loaders' and the pyfunc's entry point)
+from bin_counter.core.models import backbone_spec
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: i
                 drop_last: bool = False, collate_fn=collate_skipping_bad) -> DataLoader:
     """Seeded shuffling; under torchrun a training loader gives each rank its own share of the data.
     Pinned memory only where it helps: a CUDA device."""
-    from bin_counter import distributed
+    from bin_counter.core import distributed
 
     ctx = distributed.current()
     sampler = None

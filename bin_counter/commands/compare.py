@@ -9,10 +9,10 @@ import mlflow
 import pandas as pd
 
 from bin_counter import plots, tracking
+from bin_counter.commands.evaluate import evaluate_into_run, summary_lines
+from bin_counter.commands.train import train
 from bin_counter.config import TrainConfig
-from bin_counter.evaluate import evaluate_into_run, summary_lines
-from bin_counter.models import backbone_spec
-from bin_counter.train import train
+from bin_counter.core.models import backbone_spec
 
 log = logging.getLogger(__name__)
 TABLE_METRICS = ["accuracy", "precision_macro", "recall_macro", "f1_macro", "mae", "rmse", "within_one"]

@@ -12,8 +12,8 @@ import mlflow
 from mlflow.exceptions import MlflowException
 
 from bin_counter import BinCounterError, tracking
-from bin_counter.evaluate import evaluate_model
-from bin_counter.manifest import read_split
+from bin_counter.commands.evaluate import evaluate_model
+from bin_counter.core.manifest import read_split
 from bin_counter.pyfunc import load_model
 
 log = logging.getLogger(__name__)

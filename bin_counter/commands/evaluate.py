@@ -10,10 +10,11 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 
-from bin_counter import BinCounterError, metrics, plots, tracking
-from bin_counter.files import atomic_write_text
-from bin_counter.manifest import read_manifest, read_split
-from bin_counter.predict import count_images
+from bin_counter import BinCounterError, plots, tracking
+from bin_counter.commands.predict import count_images
+from bin_counter.core import metrics
+from bin_counter.core.files import atomic_write_text
+from bin_counter.core.manifest import read_manifest, read_split
 from bin_counter.pyfunc import load_model, predict_files
 
 log = logging.getLogger(__name__)

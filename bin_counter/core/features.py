@@ -21,12 +21,12 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from bin_counter import distributed
-from bin_counter.data import ManifestImages, dihedral_views, make_loader
-from bin_counter.engine import feature_engine
-from bin_counter.feature_store import load_store
-from bin_counter.files import atomic_path
-from bin_counter.models import CountingModel
+from bin_counter.core import distributed
+from bin_counter.core.data import ManifestImages, dihedral_views, make_loader
+from bin_counter.core.engine import feature_engine
+from bin_counter.core.feature_store import load_store
+from bin_counter.core.files import atomic_path
+from bin_counter.core.models import CountingModel
 
 log = logging.getLogger(__name__)
 

@@ -22,9 +22,9 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from bin_counter import BinCounterError, one_line
-from bin_counter.metrics import STUDY_REGEXES
+from bin_counter.core.metrics import STUDY_REGEXES
+from bin_counter.core.uris import has_credentials, redact_uri
 from bin_counter.pyfunc import PACKAGE_DIR, requirements
-from bin_counter.tracking import has_credentials, redact_uri
 
 log = logging.getLogger(__name__)
 LOOPBACK = {"localhost", "127.0.0.1", "::1", "0.0.0.0"}
@@ -102,7 +102,7 @@ def make_trainer(s3_data: str, role: str, instance_type: str, image_uri: str | N
     from sagemaker.core.training.configs import Compute, SourceCode
     from sagemaker.train import ModelTrainer
 
-    from bin_counter.s3 import parse_s3_uri
+    from bin_counter.cloud.s3 import parse_s3_uri
 
     # Code is staged in the bucket of the outputs (or the data): no SDK-made default bucket, no STS lookup.
     staging_bucket, _ = parse_s3_uri(output_path or s3_data)
@@ -117,7 +117,8 @@ def make_trainer(s3_data: str, role: str, instance_type: str, image_uri: str | N
     return ModelTrainer(
         sagemaker_session=session,
         role=role,
-        base_job_name="bin-counter",
+        # the SDK names a job by base + time to the second: two launches in one second would take one name
+        base_job_name=f"bin-counter-{secrets.token_hex(3)}",
         training_image=image_uri or default_image(region, instance_type),
         source_code=SourceCode(source_dir=str(source_dir), entry_script=ENTRY_SCRIPT, requirements="requirements.txt"),
         compute=Compute(instance_type=instance_type, instance_count=instance_count, volume_size_in_gb=50,
@@ -171,7 +172,7 @@ def request_of(tuner, s3_data: str) -> dict:
 
 def tuning_job(cfg, args) -> dict:
     """`bin-counter tune --backend sagemaker`: submit (or with --dry-run print) the study's tuning job."""
-    from bin_counter.s3 import parse_s3_uri
+    from bin_counter.cloud.s3 import parse_s3_uri
 
     cfg.space.validate()
     if not args.s3_data or not args.role:
@@ -217,7 +218,7 @@ def options_as_hyperparameters(train_args: list[str]) -> dict:
 def training_job(args, train_args: list[str]) -> dict:
     """`bin-counter launch --backend sagemaker ... -- <train options>`: our train as a SageMaker training job.
     `train_args` were checked by the CLI as `train` options."""
-    from bin_counter.s3 import parse_s3_uri
+    from bin_counter.cloud.s3 import parse_s3_uri
 
     if not args.s3_data or not args.role or not args.output_path:
         raise BinCounterError("launch needs --s3-data s3://... (from `prepare --upload`), --role ARN and --output-path")

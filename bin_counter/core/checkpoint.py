@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from bin_counter import BinCounterError, one_line
-from bin_counter.files import atomic_path
+from bin_counter.core.files import atomic_path
 
 
 class TrainingInterrupted(Exception):
@@ -126,22 +126,6 @@ def load(path: Path) -> dict:
         raise BinCounterError(f"--resume: {path} belongs to run {state.get('run_id')}, not {path.stem}; "
                               "a checkpoint only resumes the run it was written for")
     return state
-
-
-def ensure_run_exists(run_id: str, path: Path) -> None:
-    """Resuming continues the MLflow run; a store without it (another MLFLOW_TRACKING_URI, a job's lost local
-    store) must stop here with one line, not halfway through training."""
-    import mlflow
-
-    from bin_counter.tracking import redact_uri
-
-    try:
-        mlflow.MlflowClient().get_run(run_id)
-    except mlflow.exceptions.MlflowException as exc:  # not found, or the server cannot be reached
-        raise BinCounterError(f"--resume: {path} continues run {run_id}, but the tracking store "
-                              f"{redact_uri(mlflow.get_tracking_uri())} has no run {run_id} "
-                              f"({redact_uri(one_line(exc))}); set MLFLOW_TRACKING_URI to the store that started it"
-                              ) from None
 
 
 REQUIRED = ("epoch", "net", "optimizer", "scheduler", "scaler", "rng", "loaders", "progress")

@@ -9,7 +9,7 @@ import json
 import logging
 
 from bin_counter import BinCounterError, one_line
-from bin_counter.tracking import redact_uri
+from bin_counter.core.uris import redact_uri
 
 log = logging.getLogger(__name__)
 

@@ -18,15 +18,18 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
-from bin_counter import BinCounterError, checkpoint, distributed, heads, metrics, plots, s3, tracking
+from bin_counter import BinCounterError, one_line, plots, tracking
+from bin_counter.cloud import s3
 from bin_counter.config import TrainConfig, as_params
-from bin_counter.data import ManifestImages, dihedral_views, eval_transform, make_loader, train_transform
-from bin_counter.debugger import Rules
-from bin_counter.engine import mean_over_views
-from bin_counter.features import FeatureViews, cached_features
-from bin_counter.manifest import read_classes, read_manifest
-from bin_counter.models import CountingModel, backbone_is_frozen, create_model, freeze
-from bin_counter.profiling import NO_PROFILE, Profile, profiler_findings, write_report
+from bin_counter.core import checkpoint, distributed, heads, metrics
+from bin_counter.core.data import ManifestImages, dihedral_views, eval_transform, make_loader, train_transform
+from bin_counter.core.debugger import Rules
+from bin_counter.core.engine import mean_over_views
+from bin_counter.core.features import FeatureViews, cached_features
+from bin_counter.core.manifest import read_classes, read_manifest
+from bin_counter.core.models import CountingModel, backbone_is_frozen, create_model, freeze
+from bin_counter.core.profiling import NO_PROFILE, Profile, profiler_findings, write_report
+from bin_counter.core.uris import redact_uri
 from bin_counter.pyfunc import log_model
 
 log = logging.getLogger(__name__)
@@ -177,7 +180,7 @@ class Loaders:
 def stream_loaders(cfg: TrainConfig, model: CountingModel, frames: dict[str, pd.DataFrame], classes: list[int],
                    eval_tf, train_tf) -> Loaders:
     """Shards read front to back (local or S3): for data larger than the disk; the full forward pass every epoch."""
-    from bin_counter.shards import ShardStream, shard_urls, stream_collate
+    from bin_counter.cloud.shards import ShardStream, shard_urls, stream_collate
 
     loaders = {}
     for split in frames:
@@ -473,8 +476,8 @@ def profiled_fit(cfg: TrainConfig, model, loaders: Loaders, classes, device, on_
 def ensure_data(data: str) -> None:
     """`mlflow run . -e train` on a fresh checkout: with no data directory at all, start from the bundled sample."""
     if not data.startswith("s3://") and not Path(data).exists():
+        from bin_counter.commands.prepare import prepare
         from bin_counter.config import PrepareConfig
-        from bin_counter.prepare import prepare
 
         log.info("no data at %s: preparing the bundled ABID sample there first", data)
         prepare(PrepareConfig(source="sample", out=data))
@@ -503,8 +506,20 @@ def resume_state(cfg: TrainConfig, digest: str) -> dict | None:
     if changed:
         raise BinCounterError(f"--resume: {path} was written with other settings ({', '.join(changed)}); "
                               "rerun with the original options")
-    checkpoint.ensure_run_exists(state["run_id"], path)
+    ensure_run_exists(state["run_id"], path)
     return state
+
+
+def ensure_run_exists(run_id: str, path: Path) -> None:
+    """Resuming continues the MLflow run; a store without it (another MLFLOW_TRACKING_URI, a job's lost local
+    store) must stop here with one line, not halfway through training."""
+    try:
+        mlflow.MlflowClient().get_run(run_id)
+    except mlflow.exceptions.MlflowException as exc:  # not found, or the server cannot be reached
+        raise BinCounterError(f"--resume: {path} continues run {run_id}, but the tracking store "
+                              f"{redact_uri(mlflow.get_tracking_uri())} has no run {run_id} "
+                              f"({redact_uri(one_line(exc))}); set MLFLOW_TRACKING_URI to the store that started it"
+                              ) from None
 
 
 def start_rules(frames: dict[str, pd.DataFrame], classes: list[int], tag_run: bool) -> Rules:
@@ -528,8 +543,8 @@ def example_images(cfg: TrainConfig, frames: dict[str, pd.DataFrame], tmp: Path)
     """Two real images for the model's input example: files of the split, or the first of a shard."""
     if not cfg.stream:
         return list(frames.get("test", frames["val"])["abs_path"][:2])
-    from bin_counter.files import safe_join
-    from bin_counter.shards import samples, shard_urls
+    from bin_counter.cloud.shards import samples, shard_urls
+    from bin_counter.core.files import safe_join
 
     paths = []
     for sample in samples(shard_urls(cfg.data, "val")[0]):

@@ -27,13 +27,22 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
-from bin_counter import BinCounterError, abid, s3
+from bin_counter import BinCounterError
+from bin_counter.cloud import s3
 from bin_counter.config import PrepareConfig
-from bin_counter.files import atomic_write_text, link_or_copy, remove_partial_files, safe_join, sha256_of, unsafe_reason
-from bin_counter.manifest import DATASET_JSON, MANIFEST, REJECTED, SPLITS, write_csv
+from bin_counter.core import abid
+from bin_counter.core.files import (
+    atomic_write_text,
+    link_or_copy,
+    remove_partial_files,
+    safe_join,
+    sha256_of,
+    unsafe_reason,
+)
+from bin_counter.core.manifest import DATASET_JSON, MANIFEST, REJECTED, SPLITS, write_csv
 
 log = logging.getLogger(__name__)
-SAMPLE_DIR = Path(__file__).parent / "sample"
+SAMPLE_DIR = Path(__file__).parents[1] / "sample"
 SHARD_DIR = "shards"  # = shards.SHARD_DIR, not imported from there: that module pulls in torch
 # ABID metadata is a few kB; a document past this is not ABID metadata and is not read into memory.
 MAX_METADATA_BYTES = 1 << 20
@@ -344,7 +353,7 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
     atomic_write_text(out / DATASET_JSON, json.dumps(description, indent=2) + "\n")
     remove_path(out / SHARD_DIR)  # shards of an earlier prepare describe another manifest
     if cfg.shard_size > 0:
-        from bin_counter.shards import write_shards
+        from bin_counter.cloud.shards import write_shards
 
         write_shards(out, manifest, cfg.shard_size)
     return PrepareResult(manifest, rejected, classes, out, stats.transferred, stats.skipped)

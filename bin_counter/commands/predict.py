@@ -16,8 +16,10 @@ from typing import Protocol
 import pandas as pd
 from tqdm.auto import tqdm
 
-from bin_counter import BinCounterError, abid, one_line, s3
-from bin_counter.files import atomic_path, safe_join
+from bin_counter import BinCounterError, one_line
+from bin_counter.cloud import s3
+from bin_counter.core import abid
+from bin_counter.core.files import atomic_path, safe_join
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
@@ -46,7 +48,7 @@ def images_in_folder(folder: Path) -> pd.DataFrame:
 
 def images_in_manifest(path: Path) -> pd.DataFrame:
     """The images a manifest lists: this very csv (not a sibling manifest.csv), or DATA_DIR/manifest.csv."""
-    from bin_counter.manifest import MANIFEST, read_manifest
+    from bin_counter.core.manifest import MANIFEST, read_manifest
 
     data_dir, name = (path.parent, path.name) if path.is_file() else (path, MANIFEST)
     frame = read_manifest(data_dir, name=name)

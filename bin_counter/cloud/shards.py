@@ -18,8 +18,9 @@ import pandas as pd
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from bin_counter import BinCounterError, one_line, s3
-from bin_counter.files import atomic_path, atomic_write_text, unsafe_reason
+from bin_counter import BinCounterError, one_line
+from bin_counter.cloud import s3
+from bin_counter.core.files import atomic_path, atomic_write_text, unsafe_reason
 
 log = logging.getLogger(__name__)
 SHARD_DIR = "shards"
@@ -171,7 +172,7 @@ class ShardStream(IterableDataset):
         self.epoch = epoch
 
     def _my_urls(self) -> list[str]:
-        from bin_counter import distributed
+        from bin_counter.core import distributed
 
         ctx, worker = distributed.current(), get_worker_info()
         urls = list(self.urls)
@@ -182,7 +183,7 @@ class ShardStream(IterableDataset):
         return urls[me::parts]
 
     def _decoded(self) -> Iterator[tuple]:
-        from bin_counter.data import open_image
+        from bin_counter.core.data import open_image
 
         position = 0
         for url in self._my_urls():

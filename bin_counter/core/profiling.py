@@ -199,7 +199,11 @@ def _png(figure) -> str:
 
 
 def report_figures(profile: Profile) -> dict[str, str]:
-    from bin_counter.plots import subplots
+    from matplotlib.figure import Figure  # outside pyplot: no backend, nothing global
+
+    def subplots(*grid, figsize):
+        figure = Figure(figsize=figsize)
+        return figure, figure.subplots(*grid)
 
     steps = profile.step_table()
     figures = {}

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from bin_counter.data import dihedral_views
+from bin_counter.core.data import dihedral_views
 
 log = logging.getLogger(__name__)
 

@@ -17,12 +17,13 @@ import pandas as pd
 from scipy import stats
 from sklearn.model_selection import RepeatedStratifiedKFold, train_test_split
 
-from bin_counter import BinCounterError, metrics, plots, tracking
+from bin_counter import BinCounterError, plots, tracking
+from bin_counter.commands.prepare import prepare
+from bin_counter.commands.train import train
 from bin_counter.config import RECIPES, PrepareConfig, TrainConfig
-from bin_counter.files import atomic_write_text
-from bin_counter.manifest import DATASET_JSON, MANIFEST, classes_of, write_csv
-from bin_counter.prepare import prepare
-from bin_counter.train import train
+from bin_counter.core import metrics
+from bin_counter.core.files import atomic_write_text
+from bin_counter.core.manifest import DATASET_JSON, MANIFEST, classes_of, write_csv
 
 log = logging.getLogger(__name__)
 SHOWN = ["accuracy", "f1_macro", "mae", "rmse", "recall per count", "min per fold"]

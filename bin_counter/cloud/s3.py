@@ -16,9 +16,9 @@ from botocore.exceptions import BotoCoreError, ClientError
 from tqdm.auto import tqdm
 
 from bin_counter import BinCounterError
-from bin_counter.abid import PUBLIC_BUCKET
-from bin_counter.files import atomic_path, safe_join, sha256_of
-from bin_counter.manifest import DATASET_JSON, MANIFEST
+from bin_counter.core.abid import PUBLIC_BUCKET
+from bin_counter.core.files import atomic_path, safe_join, sha256_of
+from bin_counter.core.manifest import DATASET_JSON, MANIFEST
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:

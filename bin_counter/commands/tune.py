@@ -21,10 +21,10 @@ import optuna
 from optuna.trial import TrialState
 
 from bin_counter import BinCounterError, tracking
+from bin_counter.commands.evaluate import evaluate_into_run, summary_lines
+from bin_counter.commands.train import train
 from bin_counter.config import TrainConfig
-from bin_counter.evaluate import evaluate_into_run, summary_lines
-from bin_counter.models import backbone_spec
-from bin_counter.train import train
+from bin_counter.core.models import backbone_spec
 
 log = logging.getLogger(__name__)
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)

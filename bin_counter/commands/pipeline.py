@@ -7,10 +7,10 @@ import time
 import mlflow
 
 from bin_counter import tracking
+from bin_counter.commands.evaluate import evaluate
+from bin_counter.commands.prepare import run as run_prepare
+from bin_counter.commands.train import train
 from bin_counter.config import PrepareConfig, TrainConfig
-from bin_counter.evaluate import evaluate
-from bin_counter.prepare import run as run_prepare
-from bin_counter.train import train
 
 
 def main_pipeline(source: str, cfg: TrainConfig) -> None:

@@ -26,8 +26,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from bin_counter import BinCounterError, s3
-from bin_counter.predict import REQUEST_FAILED, collect, write_results
+from bin_counter import BinCounterError
+from bin_counter.cloud import s3
+from bin_counter.commands.predict import REQUEST_FAILED, collect, write_results
 from bin_counter.tracking import redact_uri
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 
 from bin_counter import BinCounterError, one_line
-from bin_counter.files import atomic_path, unsafe_reason
+from bin_counter.core.files import atomic_path, unsafe_reason
 
 MANIFEST = "manifest.csv"
 REJECTED = "rejected.csv"

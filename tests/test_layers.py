@@ -1,0 +1,67 @@
+"""The layers of ../shared/DESIGN.md, checked on the code: core <- cloud <- commands, arrows only down, no cycle."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "bin_counter"
+TOP = {"cli", "config", "tracking", "plots", "pyfunc", "serving_model", "__main__"}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports_of(path: Path) -> set[str]:
+    """Every bin_counter module `path` imports, at module level or inside a function."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("bin_counter"):
+            for alias in node.names:  # `from bin_counter.core import abid` imports the module bin_counter.core.abid
+                candidate = f"{node.module}.{alias.name}"
+                found.add(candidate if (PACKAGE.parent / Path(*candidate.split("."))).with_suffix(".py").exists()
+                          else node.module)
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("bin_counter")}
+    return found - {"bin_counter"}
+
+
+GRAPH = {module_name(p): imports_of(p) for p in PACKAGE.rglob("*.py")}
+
+
+def layer(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 2 else "top"
+
+
+def test_the_core_imports_only_the_core():
+    upward = {m: sorted(d for d in deps if layer(d) != "core") for m, deps in GRAPH.items() if layer(m) == "core"}
+    assert {m: d for m, d in upward.items() if d} == {}
+
+
+def test_cloud_adapters_import_no_command_and_no_cli():
+    upward = {m: sorted(d for d in deps if layer(d) == "commands" or d == "bin_counter.cli")
+              for m, deps in GRAPH.items() if layer(m) == "cloud"}
+    assert {m: d for m, d in upward.items() if d} == {}
+
+
+def test_nothing_below_the_cli_imports_it_except_the_entry_points():
+    users = sorted(m for m, deps in GRAPH.items() if "bin_counter.cli" in deps)
+    assert users == ["bin_counter.__main__", "bin_counter.sagemaker_entry"]
+
+
+def test_the_import_graph_has_no_cycle():
+    state: dict[str, int] = {}
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = 1
+        for dep in GRAPH.get(module, ()):
+            assert state.get(dep) != 1, " -> ".join([*path, dep])
+            if dep not in state:
+                visit(dep, [*path, dep])
+        state[module] = 2
+
+    for module in GRAPH:
+        if module not in state:
+            visit(module, [module])

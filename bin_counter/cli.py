@@ -192,6 +192,8 @@ def add_tune(sub) -> None:
                    help="sagemaker: PyTorch training image (default: the region's PyTorch 2.x GPU image)")
     p.add_argument("--region", help="sagemaker: AWS region (default AWS_DEFAULT_REGION)")
     p.add_argument("--output-path", help="sagemaker: s3:// prefix for job outputs")
+    p.add_argument("--tracking-secret", metavar="SECRET_ID",
+                   help="sagemaker: Secrets Manager secret with the tracking server's credentials (see launch)")
     p.add_argument("--dry-run", action="store_true", help="sagemaker: print the request without sending it")
     p.set_defaults(func=cmd_tune)
 
@@ -284,6 +286,9 @@ def add_launch(sub) -> None:
     p.add_argument("--instance-type", default="ml.g4dn.xlarge")
     p.add_argument("--instance-count", type=_int, default=1, help="more than 1: torchrun across instances (DDP)")
     p.add_argument("--spot", action="store_true", help="managed spot training; resumes from checkpoints in S3")
+    p.add_argument("--tracking-secret", metavar="SECRET_ID",
+                   help="AWS Secrets Manager secret holding the tracking server's credentials as JSON "
+                        "({\"username\", \"password\"} or {\"token\"}); the job reads it with its role")
     p.add_argument("--checkpoints", action="store_true", help="sync checkpoints to S3 without spot")
     p.add_argument("--image-uri", help="training image (default: the region's PyTorch 2.5 GPU image)")
     p.add_argument("--region")

@@ -13,6 +13,30 @@ def our_arguments(argv: list[str]) -> list[str]:
     return [item for name, value in pairs if not name.startswith("--sagemaker_") for item in (name, value)]
 
 
+def tracking_credentials(environ: dict[str, str]) -> dict[str, str]:
+    """MLFLOW_TRACKING_USERNAME/PASSWORD or _TOKEN from the Secrets Manager secret the launch named, read with the
+    job's role: the secret itself never appears in the job's description."""
+    secret_id = environ.get("BIN_COUNTER_TRACKING_SECRET")
+    if not secret_id:
+        return {}
+    import json
+
+    import boto3
+
+    from bin_counter import BinCounterError, one_line
+
+    try:
+        value = json.loads(boto3.client("secretsmanager").get_secret_value(SecretId=secret_id)["SecretString"])
+    except Exception as exc:  # denied, missing, not JSON: the job must stop before training unlogged
+        raise BinCounterError(f"tracking secret {secret_id}: {one_line(exc)}") from None
+    names = {"username": "MLFLOW_TRACKING_USERNAME", "password": "MLFLOW_TRACKING_PASSWORD",
+             "token": "MLFLOW_TRACKING_TOKEN"}
+    found = {names[k]: str(v) for k, v in value.items() if k in names} if isinstance(value, dict) else {}
+    if not found:
+        raise BinCounterError(f"tracking secret {secret_id} holds none of username/password/token")
+    return found
+
+
 def train_arguments(argv: list[str], environ: dict[str, str]) -> list[str]:
     data = environ.get("SM_CHANNEL_TRAINING", "/opt/ml/input/data/training")
     args = ["train", "--data", data, "--cache-dir", "/tmp/feature-cache", *our_arguments(argv)]
@@ -26,6 +50,11 @@ def train_arguments(argv: list[str], environ: dict[str, str]) -> list[str]:
 
 
 if __name__ == "__main__":
+    from bin_counter import BinCounterError
     from bin_counter.cli import main
 
+    try:
+        os.environ.update(tracking_credentials(dict(os.environ)))
+    except BinCounterError as exc:
+        sys.exit(f"error: {exc}")
     main(train_arguments(sys.argv[1:], dict(os.environ)))

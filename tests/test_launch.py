@@ -173,3 +173,26 @@ def test_two_launches_in_the_same_second_are_two_jobs(sagemaker_env, monkeypatch
     names = [job["TrainingJobName"] for job in
              boto3.client("sagemaker", region_name="us-east-1").list_training_jobs()["TrainingJobSummaries"]]
     assert len(names) == 2 and len(set(names)) == 2 and all(n.endswith("-20261130120000") for n in names)
+
+
+def test_tracking_credentials_travel_as_a_secret_name_and_the_job_reads_them(sagemaker_env, monkeypatch, capsys):
+    from bin_counter import BinCounterError
+    from bin_counter.sagemaker_entry import tracking_credentials
+
+    secrets = boto3.client("secretsmanager", region_name="us-east-1")
+    secrets.create_secret(Name="mlflow-team", SecretString=json.dumps({"username": "ci", "password": "s3cr3t-pw"}))
+    secrets.create_secret(Name="empty", SecretString=json.dumps({"user": "x"}))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://ci:s3cr3t-pw@mlflow.example.com")
+    launch("--dry-run", "--tracking-secret", "mlflow-team")
+    out = capsys.readouterr().out
+    environment = json.loads(out)["Environment"]
+    assert environment["BIN_COUNTER_TRACKING_SECRET"] == "mlflow-team"
+    assert environment["MLFLOW_TRACKING_URI"] == "https://mlflow.example.com" and "s3cr3t-pw" not in out
+    # in the job: its role reads the secret into the variables MLflow's client reads
+    assert tracking_credentials({"BIN_COUNTER_TRACKING_SECRET": "mlflow-team"}) == {
+        "MLFLOW_TRACKING_USERNAME": "ci", "MLFLOW_TRACKING_PASSWORD": "s3cr3t-pw"}
+    assert tracking_credentials({}) == {}
+    with pytest.raises(BinCounterError, match="holds none of username/password/token"):
+        tracking_credentials({"BIN_COUNTER_TRACKING_SECRET": "empty"})
+    with pytest.raises(BinCounterError, match=r"^tracking secret missing: .*ResourceNotFound"):
+        tracking_credentials({"BIN_COUNTER_TRACKING_SECRET": "missing"})

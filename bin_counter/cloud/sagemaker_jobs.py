@@ -60,6 +60,9 @@ def default_image(region: str, instance_type: str) -> str:
                                instance_type=instance_type, image_scope="training")
 
 
+TRACKING_SECRET = "BIN_COUNTER_TRACKING_SECRET"
+
+
 def is_local_store(uri: str) -> bool:
     """A store that only this machine reaches: a file, an sqlite database, a server on loopback."""
     parsed = urlparse(uri)
@@ -67,9 +70,11 @@ def is_local_store(uri: str) -> bool:
             or (parsed.hostname or "") in LOOPBACK)
 
 
-def tracking_environment(dry_run: bool = False) -> dict:
+def tracking_environment(dry_run: bool = False, secret: str | None = None) -> dict:
     """MLFLOW_TRACKING_URI for the job, without credentials. A local store is refused: the job would log nowhere,
-    and a restarted spot job would resume a run its new container does not have (a dry run only warns)."""
+    and a restarted spot job would resume a run its new container does not have (a dry run only warns).
+    `secret` names an AWS Secrets Manager secret with the server's credentials: only its name travels in the job's
+    environment, and the job reads it with its own role (sagemaker_entry.tracking_credentials)."""
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
     if is_local_store(uri):
         message = (f"MLFLOW_TRACKING_URI={redact_uri(uri) or '(unset)'} is a store on this machine, which a SageMaker "
@@ -78,10 +83,10 @@ def tracking_environment(dry_run: bool = False) -> dict:
             raise BinCounterError(message)
         print(f"warning: {message}; a real launch is refused", file=sys.stderr)
         return {}
-    if has_credentials(uri):
+    if has_credentials(uri) and not secret:
         log.warning("the job gets MLFLOW_TRACKING_URI without its credentials (a job's environment is visible in "
-                    "DescribeTrainingJob): it must reach the server with its role, not a password")
-    return {"MLFLOW_TRACKING_URI": redact_uri(uri, drop=True)}
+                    "DescribeTrainingJob): give --tracking-secret, or let it reach the server with its role")
+    return {"MLFLOW_TRACKING_URI": redact_uri(uri, drop=True), **({TRACKING_SECRET: secret} if secret else {})}
 
 
 def checkpoint_prefix(output_path: str, s3_data: str, hyperparameters: dict) -> str:
@@ -179,7 +184,7 @@ def tuning_job(cfg, args) -> dict:
         raise BinCounterError("--backend sagemaker needs --s3-data s3://... (from `prepare --upload`) and --role ARN")
     parse_s3_uri(args.s3_data)
     region = region_of(args.region)
-    environment = tracking_environment(args.dry_run)
+    environment = tracking_environment(args.dry_run, getattr(args, "tracking_secret", None))
     with tempfile.TemporaryDirectory() as tmp:
         try:
             tuner = build_tuner(cfg, args.s3_data, args.role, args.instance_type, args.image_uri, region,
@@ -225,7 +230,7 @@ def training_job(args, train_args: list[str]) -> dict:
     parse_s3_uri(args.s3_data)
     hyperparameters = options_as_hyperparameters(train_args)
     region = region_of(args.region)
-    environment = tracking_environment(args.dry_run)
+    environment = tracking_environment(args.dry_run, getattr(args, "tracking_secret", None))
     checkpoint_s3 = checkpoint_prefix(args.output_path, args.s3_data, hyperparameters) \
         if args.spot or args.checkpoints else None
     with tempfile.TemporaryDirectory() as tmp:

@@ -163,3 +163,12 @@ def test_int8_switch_logs_a_quantised_graph_calibrated_on_training_images(counti
     columns = [f"prob_{c}" for c in CLASSES]
     difference = np.abs(int8[columns].to_numpy() - fp32[columns].to_numpy())
     assert 0 < difference.mean() < 0.03  # quantised (not the fp32 graph) yet close to it
+
+
+def test_exports_from_parallel_threads_do_not_collide(counting_model):
+    """tune runs trials as threads (n_jobs > 1), and each extracts features through its own export."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(3) as pool:
+        graphs = list(pool.map(lambda _: export_onnx(Backbone(counting_model), 64), range(3)))
+    assert len(set(map(len, graphs))) == 1 and len(graphs[0]) > 1_000_000

@@ -49,3 +49,43 @@ def test_the_study_definition_yaml_is_the_study_recipe():
     """compare --experiment experiments/efficientnet_vs_resnet50.yaml must train the study, whatever the default."""
     cfg = train_config(parse(["compare", "--experiment", str(ROOT / "experiments" / "efficientnet_vs_resnet50.yaml")]))
     assert {key: getattr(cfg, key) for key in RECIPES["study"]} == RECIPES["study"]
+
+
+@pytest.mark.slow
+def test_mlflow_run_prepare_train_evaluate_on_a_tiny_split(tmp_path, mlflow_store):
+    """The entry points as a user runs them: `mlflow run . -e NAME -P ... --env-manager local`, one after another."""
+    import os
+    import subprocess
+    import sys
+
+    import mlflow
+
+    from conftest import make_abid_dir
+
+    source = make_abid_dir(tmp_path / "abid", per_class=4)
+    data = tmp_path / "data"
+    path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_store, "PATH": path}
+
+    def mlflow_run(entry: str, **parameters) -> None:
+        argv = [str(Path(sys.executable).parent / "mlflow"), "run", str(ROOT), "-e", entry, "--env-manager", "local",
+                "--experiment-name", "entry-points"]
+        for key, value in parameters.items():
+            argv += ["-P", f"{key}={value}"]
+        done = subprocess.run(argv, env=env, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+
+    mlflow_run("prepare", source=source, out=data, split="0.5,0.25,0.25")
+    assert (data / "manifest.csv").exists()
+    mlflow_run("train", data=data, recipe="study", epochs=1, image_size=64, batch_size=4)
+    runs = mlflow.search_runs(experiment_names=["entry-points"],
+                              filter_string="tags.mlflow.project.entryPoint = 'train'")
+    (run_id,) = runs["run_id"]
+    params = mlflow.MlflowClient().get_run(run_id).data.params
+    assert (params["head"], params["epochs"], params["image_size"], params["rotation_degrees"]) == ("sgd", "1", "64",
+                                                                                                     "30.0")
+    model_uri = f"runs:/{run_id}/model"
+    mlflow_run("evaluate", model_uri=model_uri, data=data)
+    evaluations = mlflow.search_runs(experiment_names=["entry-points"],
+                                     filter_string="tags.mlflow.project.entryPoint = 'evaluate'")
+    assert len(evaluations) == 1 and 0 <= evaluations["metrics.accuracy"].iloc[0] <= 1

@@ -75,7 +75,7 @@ def test_tuning_job_is_created_on_moto_and_its_code_runs_our_train(sagemaker_env
     with tarfile.open(fileobj=io.BytesIO(body)) as archive:
         archive.extractall(tmp_path / "code", filter="data")
     code = tmp_path / "code"
-    assert (code / "bin_counter" / "train.py").exists() and not (code / "bin_counter" / "sample").exists()
+    assert (code / "bin_counter" / "commands" / "train.py").exists() and not (code / "bin_counter" / "sample").exists()
     assert "mlflow==" in (code / "requirements.txt").read_text()
     hyperparameters = {**{k: v for k, v in static.items()}, "batch-size": "8", "lr": "0.001", "epochs": "1",
                        "feature-views": "1"}

@@ -17,6 +17,7 @@ import io
 import logging
 import os
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 from typing import Protocol
@@ -67,13 +68,17 @@ class Backbone(nn.Module):
         return self.model.features(images)
 
 
+_EXPORTING = threading.Lock()  # the TorchScript exporter keeps global state: one export at a time per process
+
+
 def export_onnx(module: nn.Module, image_size: int) -> bytes:
     """`module` (square images of `image_size` -> one output) as an ONNX graph with a free batch size."""
     module = copy.deepcopy(module).eval().cpu()  # the caller's model stays where it is, in the mode it is in
     example = torch.zeros(2, 3, image_size, image_size)
     graph = io.BytesIO()
     # the TorchScript exporter: seconds on CPU and no onnxscript; its deprecation warning is not the user's business
-    with warnings.catch_warnings(), torch.no_grad():
+    # (tune's parallel trials are threads: without the lock, two exports fail "in_onnx_export must be False")
+    with _EXPORTING, warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(module, (example,), graph, input_names=[INPUT], output_names=[OUTPUT],
                           dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}}, opset_version=OPSET,

@@ -6,6 +6,7 @@ import contextlib
 import io
 import logging
 import os
+import re
 import sys
 import traceback
 
@@ -388,6 +389,9 @@ def parse(argv: list[str] | None):
     """Parse. A settings file (compare's --experiment YAML, train's --config) supplies values that explicit options
     override; the recipe is applied under both by train_config (TrainConfig.from_recipe)."""
     parser = build_parser()
+    # MLflow passes an undeclared `-P batch_size=64` on as `--batch_size 64`: the same option as --batch-size
+    argv = [re.sub(r"^--[a-z0-9_-]+", lambda m: m[0].replace("_", "-"), a) for a in
+            (sys.argv[1:] if argv is None else argv)]
     args = parser.parse_args(argv)
     for option in ("experiment", "config"):
         path = getattr(args, option, None)

@@ -54,7 +54,11 @@ def git_commit() -> str:
 
 
 def log_params(params: dict[str, Any]) -> None:
-    mlflow.log_params({key: value for key, value in params.items()})
+    """`params` into the active run, except those it already has: under `mlflow run` the project logged what the
+    user passed (`-P lr=1e-2`), and MLflow refuses a second value even when it is the same number spelt `0.01`."""
+    run = mlflow.active_run()
+    logged = mlflow.MlflowClient().get_run(run.info.run_id).data.params if run else {}
+    mlflow.log_params({key: value for key, value in params.items() if key not in logged})
 
 
 def log_figure(figure, name: str) -> None:

@@ -39,8 +39,10 @@ def test_mlproject_main_resolves_to_the_cli_config(recipe):
 
 
 def test_mlproject_parameters_the_user_sets_still_win_over_the_recipe():
-    cfg = resolved(entry_command("train", recipe="study", epochs="3", lr="0.01"))
+    cfg = resolved(entry_command("train", recipe="study", epochs="3", lr="0.01", image_size="160",
+                                 decode_tail_boost="1.5"))
     assert (cfg.epochs, cfg.lr, cfg.head, cfg.rotation_degrees) == (3, 0.01, "sgd", 30.0)
+    assert (cfg.image_size, cfg.decode_tail_boost) == (160, 1.5)  # passed on by MLflow as --image_size 160
     finetune = resolved(entry_command("train", recipe="finetune"))
     assert finetune.unfreeze_last == RECIPES["finetune"]["unfreeze_last"] and finetune.image_size == 320
 
@@ -65,7 +67,8 @@ def test_mlflow_run_prepare_train_evaluate_on_a_tiny_split(tmp_path, mlflow_stor
     source = make_abid_dir(tmp_path / "abid", per_class=4)
     data = tmp_path / "data"
     path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_store, "PATH": path}
+    env = {**{k: v for k, v in os.environ.items() if k not in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID")},
+           "MLFLOW_TRACKING_URI": mlflow_store, "PATH": path}
 
     def mlflow_run(entry: str, **parameters) -> None:
         argv = [str(Path(sys.executable).parent / "mlflow"), "run", str(ROOT), "-e", entry, "--env-manager", "local",

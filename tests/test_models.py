@@ -1,6 +1,4 @@
 """Backbone registry, weight loading (pre-seeded caches, weights files, the clear error) and the freeze policy."""
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -56,18 +54,20 @@ def test_weights_file_is_loaded_strictly(tmp_path, seeded_hub):
         create_model("resnet50", 5, weights=str(tmp_path / "nope.pth"))
 
 
-def test_missing_weights_is_one_line_naming_the_file(tmp_path):
-    code = "from bin_counter.cli import main; main(['train', '--backbone', 'resnet50', '--data', 'x'])"
-    env = {"TORCH_HOME": str(tmp_path / "empty"), "PATH": "/usr/bin:/bin", "MLFLOW_DISABLE_TELEMETRY": "true",
-           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}", "HTTPS_PROXY": "http://127.0.0.1:9"}
-    # prepare a tiny data dir so the failure is the weights, not the data
+def test_missing_weights_is_one_line_naming_the_file(tmp_path, monkeypatch, capsys):
+    from bin_counter.cli import main
     from bin_counter.commands.prepare import prepare
     from bin_counter.config import PrepareConfig
 
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))  # no cached weights
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")  # and no way to download them
+    # a tiny data dir, so the failure is the weights, not the data
     prepare(PrepareConfig(out=str(tmp_path / "x"), limit_per_class=2, workers=1, split=(0.5, 0.5, 0)))
-    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    line = [text for text in result.stderr.splitlines() if text.startswith("error:")][0]
+    with pytest.raises(SystemExit) as ended:
+        main(["train", "--backbone", "resnet50", "--data", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert ended.value.code == 2 and "Traceback" not in err
+    line = [text for text in err.splitlines() if text.startswith("error:")][0]
     assert "resnet50-11ad3fa6.pth" in line and "--weights FILE" in line
 
 

@@ -121,12 +121,15 @@ def test_missing_bucket_is_one_clear_line(aws, tmp_path):
         prepare(PrepareConfig(source="s3://no-such-bucket", out=str(tmp_path / "d"), workers=1))
 
 
-def test_unreachable_endpoint_is_one_clear_line(tmp_path):
+def test_unreachable_endpoint_is_one_clear_line(tmp_path, monkeypatch, capsys):
+    from bin_counter.cli import main
     from conftest import free_port
 
-    env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}", "AWS_ACCESS_KEY_ID": "x",
-           "AWS_SECRET_ACCESS_KEY": "x", "AWS_DEFAULT_REGION": "us-east-1", "AWS_MAX_ATTEMPTS": "1"}
-    result = subprocess.run([sys.executable, "-m", "bin_counter", "prepare", "--source", "s3://abid", "--out",
-                             str(tmp_path / "d")], env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "cannot reach S3" in result.stderr
+    unreachable = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}", "AWS_ACCESS_KEY_ID": "x",
+                   "AWS_SECRET_ACCESS_KEY": "x", "AWS_DEFAULT_REGION": "us-east-1", "AWS_MAX_ATTEMPTS": "1"}
+    for name, value in unreachable.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as ended:
+        main(["prepare", "--source", "s3://abid", "--out", str(tmp_path / "d")])
+    err = capsys.readouterr().err
+    assert ended.value.code == 2 and "Traceback" not in err and "cannot reach S3" in err

@@ -37,4 +37,5 @@ for name, values in rows.items():
     print(f"{name}: accuracy {r[:, 0].mean():.3f} ± {r[:, 0].std():.3f}, MAE {r[:, 1].mean():.3f}, "
           f"lowest per-count recall {r[:, 2].mean():.2f}")
 gap = 100 * (np.array(rows["4 views"])[:, 0] - np.array(rows["1 view"])[:, 0])
-print(f"4 views - 1 view: {gap.mean():+.1f} points of accuracy (paired folds ± {gap.std():.1f}), {time.time() - start:.0f} s")
+print(f"4 views - 1 view: {gap.mean():+.1f} points of accuracy (paired folds ± {gap.std():.1f}), "
+      f"{time.time() - start:.0f} s")

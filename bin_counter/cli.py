@@ -433,6 +433,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     for noisy in ("botocore", "urllib3", "alembic", "mlflow.store", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # the sagemaker-mlflow plugin's header provider fails on every request to a server that is not a SageMaker
+    # managed MLflow ("list index out of range", 200+ lines per run); MLflow skips it and carries on
+    logging.getLogger("mlflow.tracking.request_header.registry").setLevel(logging.ERROR)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     from bin_counter import tracking
 

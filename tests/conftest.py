@@ -230,3 +230,20 @@ class SlowProxy(LoopbackProxy):
         if handler.command == "GET" and "list-type" not in handler.path and handler.path.count("/") > 1:
             self.gets.append(handler.path.split("?")[0])
             time.sleep(self.delay)
+
+
+def wait_for(url: str, process, seconds: float = 240) -> None:
+    """Until a model server started as `process` answers /ping; its stderr if it exits first."""
+    import requests
+
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"model server exited: {process.stderr.read()[-3000:]}")
+        try:
+            if requests.get(url + "/ping", timeout=2).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"model server did not answer {url}/ping in {seconds} s")

@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlflow
@@ -19,7 +18,7 @@ from bin_counter.commands.registry import promote
 from bin_counter.commands.train import train
 from bin_counter.config import TrainConfig
 from bin_counter.core.manifest import read_manifest
-from conftest import free_port, make_abid_dir
+from conftest import free_port, make_abid_dir, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -133,20 +132,6 @@ def test_registered_version_holds_the_best_epoch(use_registry):
     history = [m.value for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, "val_loss")]
     config = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/model/artifacts/config.json")
     assert config["best_epoch"] == 1 + history.index(min(history))
-
-
-def wait_for(url: str, process, seconds: float = 180) -> None:
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited: {process.stderr.read()[-3000:]}")
-        try:
-            if requests.get(url + "/ping", timeout=2).status_code == 200:
-                return
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(url)
 
 
 def test_served_model_over_http(use_registry, tiny_data, tmp_path):

@@ -12,7 +12,6 @@ import threading
 import time
 from pathlib import Path
 
-import boto3
 import optuna
 import pandas as pd
 import pytest
@@ -21,7 +20,7 @@ import requests
 from bin_counter.commands.team_server import TeamServer, alive, postgres_bindir
 from bin_counter.commands.tune import SearchSpace, TuneConfig, open_study
 from bin_counter.config import TrainConfig
-from conftest import free_port
+from conftest import free_port, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -77,30 +76,6 @@ def train_options(tiny_data: Path, cache: Path) -> list[str]:
             "--num-workers", "0", "--batch-size", "8", "--cache-dir", str(cache)]
 
 
-def wait_for(url: str, process: subprocess.Popen, seconds: float = 240) -> None:
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"model server exited: {process.stderr.read()[-3000:]}")
-        try:
-            if requests.get(url + "/ping", timeout=2).status_code == 200:
-                return
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"model server did not answer {url}/ping in {seconds} s")
-
-
-def bucket_keys(server: TeamServer) -> list[str]:
-    state = server.state()
-    s3 = boto3.client("s3", endpoint_url=state["s3_endpoint"], region_name="us-east-1",
-                      aws_access_key_id="testing", aws_secret_access_key="testing")
-    keys = []
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=state["bucket"]):
-        keys += [o["Key"] for o in page.get("Contents", [])]
-    return keys
-
-
 def test_train_promote_serve_predict_through_the_server(team, tiny_data, tmp_path_factory):
     server, uri = team
     work = tmp_path_factory.mktemp("client")
@@ -118,7 +93,7 @@ def test_train_promote_serve_predict_through_the_server(team, tiny_data, tmp_pat
     assert row[1].startswith("mlflow-artifacts:/"), "artifacts must go through the server's proxy"
 
     # its artifacts, the model included, are objects in the S3 bucket
-    keys = bucket_keys(server)
+    keys = server.artifact_keys()
     assert any(run_id in k for k in keys), keys[:20]
     assert any(k.endswith("/MLmodel") for k in keys) and any(k.endswith("test_predictions.csv") for k in keys)
     assert all(k.startswith("artifacts/") for k in keys)

@@ -88,6 +88,16 @@ class TeamServer:
         """A libpq URL without a password: libpq reads it from PGPASSFILE (see `client_env`)."""
         return f"postgresql://{PG_USER}@127.0.0.1:{self.state()['pg_port']}/{database}"
 
+    def artifact_keys(self) -> list[str]:
+        """Every object in the artifact bucket: where runs and models really landed."""
+        import boto3
+
+        state = self.state()
+        s3 = boto3.client("s3", endpoint_url=state["s3_endpoint"], region_name="us-east-1",
+                          aws_access_key_id="testing", aws_secret_access_key="testing")  # moto's, not AWS's
+        pages = s3.get_paginator("list_objects_v2").paginate(Bucket=state["bucket"])
+        return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
     def client_env(self) -> dict[str, str]:
         """What a client (tune workers, a benchmark) needs besides MLFLOW_TRACKING_URI: the password file."""
         return {"PGPASSFILE": str(self.pgpass), "MLFLOW_TRACKING_URI": self.tracking_uri()}

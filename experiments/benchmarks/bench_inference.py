@@ -18,8 +18,6 @@ import base64
 import logging
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,6 +35,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import requests  # noqa: E402
 import torch  # noqa: E402
+from served import served  # noqa: E402
 from torch import nn  # noqa: E402
 
 from bin_counter.commands.predict import LocalModel, predict  # noqa: E402
@@ -192,22 +191,7 @@ def serve_table(model_dir: Path, photos: list[Path], requests_per_engine: int) -
     bodies = [{"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(p.read_bytes()).decode()]]}}
               for p in photos[:requests_per_engine]]
     for name in ("torch", "onnx"):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        env = {**os.environ, "BIN_COUNTER_ENGINE": name, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-        server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m",
-                                   str(model_dir), "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port),
-                                   "-w", "1"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                  start_new_session=True)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            for _ in range(600):
-                try:
-                    if requests.get(url + "/ping", timeout=1).status_code == 200:
-                        break
-                except requests.ConnectionError:
-                    time.sleep(0.3)
+        with served(str(model_dir), BIN_COUNTER_ENGINE=name) as url:
             session = requests.Session()
             session.post(url + "/invocations", json=bodies[0], timeout=120).raise_for_status()  # warm-up
             times = []
@@ -215,9 +199,6 @@ def serve_table(model_dir: Path, photos: list[Path], requests_per_engine: int) -
                 start = time.perf_counter()
                 session.post(url + "/invocations", json=body, timeout=120).raise_for_status()
                 times.append(time.perf_counter() - start)
-        finally:
-            os.killpg(server.pid, 15)
-            server.wait()
         p50, p95 = np.percentile(times, [50, 95]) * 1000
         print(f"| {name} | {p50:.0f} | {p95:.0f} |")
 

@@ -10,8 +10,6 @@ import argparse
 import base64
 import logging
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,20 +24,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
 import requests  # noqa: E402
+from served import served  # noqa: E402
 
 from bin_counter.commands.predict import LocalModel, count_images, images_in_manifest  # noqa: E402
 from bin_counter.commands.prepare import prepare  # noqa: E402
 from bin_counter.commands.train import train  # noqa: E402
 from bin_counter.config import PrepareConfig, TrainConfig  # noqa: E402
 from bin_counter.core.manifest import read_manifest  # noqa: E402
-
-
-def serve(model_uri: str, port: int) -> subprocess.Popen:
-    mlflow_bin = str(Path(sys.executable).parent / "mlflow")
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    return subprocess.Popen([mlflow_bin, "models", "serve", "-m", model_uri, "--env-manager", "local", "-h",
-                             "127.0.0.1", "-p", str(port), "-w", "1"], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
 
 
 def main() -> None:
@@ -61,18 +52,7 @@ def main() -> None:
     paths = list(read_manifest(data)["abs_path"])
     images = [base64.b64encode(Path(p).read_bytes()).decode() for p in paths]
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = serve(model_uri, port)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(600):
-            try:
-                if requests.get(url + "/ping", timeout=1).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                time.sleep(0.3)
+    with served(model_uri) as url:
         session = requests.Session()
         print(f"served {model_uri} on {url}, {os.cpu_count()} CPU cores, {args.requests} requests per batch size")
         for batch in (1, 16):
@@ -87,9 +67,6 @@ def main() -> None:
             p50, p95 = np.percentile(latencies, [50, 95]) * 1000
             print(f"batch {batch:2d}: p50 {p50:.0f} ms, p95 {p95:.0f} ms, "
                   f"{batch * len(latencies) / sum(latencies):.1f} images/s, errors {errors}")
-    finally:
-        os.killpg(server.pid, 15)
-        server.wait()
 
     frame = images_in_manifest(data).head(64)
     model = LocalModel(model_uri)

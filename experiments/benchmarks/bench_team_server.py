@@ -79,18 +79,6 @@ def summary_of(process: subprocess.Popen, timeout: float) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def bucket_keys(server) -> list[str]:
-    import boto3
-
-    state = server.state()
-    s3 = boto3.client("s3", endpoint_url=state["s3_endpoint"], region_name="us-east-1",
-                      aws_access_key_id="testing", aws_secret_access_key="testing")
-    keys = []
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=state["bucket"]):
-        keys += [o["Key"] for o in page.get("Contents", [])]
-    return keys
-
-
 def check_runs(client, run_ids: list[str], steps: int, keys: list[str]) -> dict:
     """Lost or doubled points, runs not finished, artifacts missing: each counted."""
     lost = doubled = wrong = unfinished = no_artifact = 0
@@ -127,7 +115,7 @@ def load(server, uri: str, clients: int, runs: int, steps: int) -> dict:
             "metric_calls": calls, "seconds": seconds, "calls_per_s": calls / seconds,
             "slowest_call_s": max((s.get("slowest_call_s", 0) for s in summaries), default=0),
             "calls_over_1s": sum(s.get("calls_over_1s", 0) for s in summaries),
-            **check_runs(client, run_ids, steps, bucket_keys(server))}
+            **check_runs(client, run_ids, steps, server.artifact_keys())}
 
 
 def restart_mid_run(server, uri: str, steps: int = 40) -> dict:
@@ -151,7 +139,7 @@ def restart_mid_run(server, uri: str, steps: int = 40) -> dict:
     return {"outage_s": outage, "stop_s": stopped, "client_exit": process.returncode,
             "calls_over_1s": summary["calls_over_1s"],
             "slowest_call_s": summary["slowest_call_s"], "steps": steps,
-            **check_runs(client, summary["run_ids"], steps, bucket_keys(server))}
+            **check_runs(client, summary["run_ids"], steps, server.artifact_keys())}
 
 
 def postgres_restart_under_tune(server, uri: str, work: Path, hold_down: float, trials: int = 6) -> dict:

@@ -16,7 +16,7 @@ def setting(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
-@dataclass
+@dataclass(frozen=True)
 class PrepareConfig:
     source: str = setting("sample", "`sample` (bundled), a directory in ABID's layout, or s3://bucket[/prefix] "
                                     "(ABID's public bucket: s3://aft-vbi-pds)")
@@ -35,7 +35,7 @@ class PrepareConfig:
                                    "refuses)")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     """Every training setting, defined once. The defaults are the `counting` recipe, chosen on experiments/crossval.md;
     `--recipe study` restores the reference study's switches, `--recipe probe` is the plain logistic-regression

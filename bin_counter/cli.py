@@ -10,7 +10,7 @@ import re
 import sys
 import traceback
 
-from bin_counter import BinCounterError
+from bin_counter import BinCounterError, one_line
 
 log = logging.getLogger("bin_counter")
 
@@ -30,7 +30,19 @@ def _float(value: str) -> float | None:
 
 
 def _optional_bool(value: str) -> bool:
-    return value.lower() in ("1", "true", "yes")
+    word = str(value).strip().lower()
+    if word in ("1", "true", "yes", "on"):
+        return True
+    if word in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def _positive_int(value: str) -> int | None:
+    number = _int(value)
+    if number is not None and number < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return number
 
 
 def add_prepare(sub) -> None:
@@ -63,7 +75,10 @@ class BoolOption(argparse.BooleanOptionalAction):
         if option_string.startswith("--no-"):
             setattr(namespace, self.dest, False)
         elif values is None or values != "":
-            setattr(namespace, self.dest, True if values is None else _optional_bool(values))
+            try:
+                setattr(namespace, self.dest, True if values is None else _optional_bool(values))
+            except argparse.ArgumentTypeError as exc:
+                raise argparse.ArgumentError(self, str(exc)) from None
 
 
 def add_config_options(p, config_class, skip: tuple[str, ...] = (), parsers: dict | None = None) -> None:
@@ -135,7 +150,7 @@ def add_evaluate(sub) -> None:
     p.add_argument("--data", default="data")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--output", help="also write the metrics as JSON to this file")
-    p.add_argument("--batch-size", type=_int, default=64)
+    p.add_argument("--batch-size", type=_positive_int, default=64)
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -242,7 +257,7 @@ def add_predict(sub) -> None:
     p.add_argument("--input", required=True, help="a folder, a prepare manifest/DATA_DIR, an image, or s3://bucket/prefix")
     p.add_argument("--output", default="results.csv")
     p.add_argument("--min-confidence", type=float, default=0.5, help="below this a bin is listed for a manual check")
-    p.add_argument("--batch-size", type=_int, default=16)
+    p.add_argument("--batch-size", type=_positive_int, default=16)
     p.add_argument("--region", help="AWS region of --endpoint")
     p.set_defaults(func=cmd_predict)
 
@@ -306,7 +321,7 @@ def cmd_launch(args) -> None:
     refused = io.StringIO()
     try:  # the options must be valid `train` options before anything is sent; argparse's usage is not printed
         with contextlib.redirect_stderr(refused):
-            parse(["train", *train_args])
+            train_config(parse(["train", *train_args])).validate()  # recipe names and values too
     except SystemExit:
         reason = (refused.getvalue().strip().splitlines() or [""])[-1].split("error: ", 1)[-1]
         raise BinCounterError(f"launch: not valid train options: {' '.join(train_args)} ({reason})") from None
@@ -400,14 +415,30 @@ def parse(argv: list[str] | None):
         from bin_counter.config import load_yaml
 
         doc = load_yaml(path)
+        if not isinstance(doc, dict):
+            raise BinCounterError(f"{path}: expected a mapping of option: value, got {type(doc).__name__}")
         subparser = next(a for a in parser._subparsers._group_actions).choices[args.command]
-        known = {action.dest for action in subparser._actions}
-        unknown = set(doc) - known
+        actions = {action.dest: action for action in subparser._actions}
+        unknown = set(doc) - set(actions)
         if unknown:
-            raise BinCounterError(f"{path}: unknown keys {sorted(unknown)}")
-        subparser.set_defaults(**{k: ",".join(v) if isinstance(v, list) else v for k, v in doc.items()})
+            raise BinCounterError(f"{path}: unknown keys {sorted(unknown, key=str)}")
+        subparser.set_defaults(**{k: file_value(actions[k], v, path) for k, v in doc.items()})
         args = parser.parse_args(argv)
     return not_given_is_default(args, parser)
+
+
+def file_value(action, value, path):
+    """A value from a settings file, converted as the same option on the command line would be."""
+    if isinstance(value, list):
+        value = ",".join(map(str, value))
+    if value is None:
+        return None
+    try:
+        if isinstance(action, BoolOption):
+            return _optional_bool(value)
+        return action.type(str(value)) if action.type else value
+    except (argparse.ArgumentTypeError, ValueError, BinCounterError) as exc:
+        raise BinCounterError(f"{path}: {action.dest}: {exc}") from None
 
 
 def not_given_is_default(args, parser):
@@ -437,15 +468,18 @@ def main(argv: list[str] | None = None) -> None:
     # managed MLflow ("list index out of range", 200+ lines per run); MLflow skips it and carries on
     logging.getLogger("mlflow.tracking.request_header.registry").setLevel(logging.ERROR)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from mlflow.exceptions import MlflowException
+
     from bin_counter import tracking
 
     try:
         tracking.configure()
         args.func(args)
-    except BinCounterError as exc:
-        if args.verbose:  # where the one line came from, for a bug report
-            traceback.print_exc()
-        print(f"error: {tracking.redact_uri(str(exc))}", file=sys.stderr)  # the last guard against a leaked password
+    except (BinCounterError, MlflowException) as exc:  # MLflow's: a server down, a run or model not found
+        if args.verbose:  # where the one line came from, for a bug report; passwords masked there too
+            print(tracking.redact_uri("".join(traceback.format_exception(exc))), file=sys.stderr)
+        message = str(exc) if isinstance(exc, BinCounterError) else one_line(exc)
+        print(f"error: {tracking.redact_uri(message)}", file=sys.stderr)  # the last guard against a leaked password
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

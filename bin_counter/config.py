@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from bin_counter import BinCounterError
+from bin_counter import BinCounterError, one_line
 
 
 def setting(default: Any, help: str) -> Any:
@@ -133,9 +133,11 @@ def load_yaml(path: Path) -> dict[str, Any]:
     try:
         doc = yaml.safe_load(Path(path).read_text()) or {}
     except FileNotFoundError:
-        raise BinCounterError(f"experiment file not found: {path}") from None
+        raise BinCounterError(f"settings file not found: {path}") from None
+    except (OSError, UnicodeError) as exc:
+        raise BinCounterError(f"settings file {path} cannot be read: {exc}") from None
     except yaml.YAMLError as exc:
-        raise BinCounterError(f"experiment file {path} is not valid YAML: {exc}") from None
+        raise BinCounterError(f"settings file {path} is not valid YAML: {one_line(exc)}") from None
     return doc
 
 

@@ -15,8 +15,10 @@ transformed BATCH at a time, just before their forward pass, so memory does not 
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
+import logging
 import os
 import shutil
 import stat
@@ -33,6 +35,9 @@ from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
+from bin_counter import BinCounterError, one_line
+
+log = logging.getLogger(__name__)
 PACKAGE_DIR = Path(__file__).parent
 BATCH = 32
 DEFAULT_MAX_ROWS = 64
@@ -80,7 +85,8 @@ class BinCounterModel(mlflow.pyfunc.PythonModel):
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model = create_model(self.config["backbone"], len(self.classes), pretrained=False)
         model.load_state_dict(torch.load(context.artifacts["weights"], map_location="cpu", weights_only=True))
-        self.engine = probability_engine(model, self.config.get("tta", False), device, context.artifacts.get("onnx"))
+        self.engine = probability_engine(model, self.config.get("tta", False), device, context.artifacts.get("onnx"),
+                                         int8=self.config.get("int8", False))
         self.transform = eval_transform(self.config["backbone"], self.config["image_size"])
         # models logged before `decoding` stored only the decode's name
         self.decoding = self.config.get("decoding", {"how": self.config.get("decode", "argmax")})
@@ -90,13 +96,14 @@ class BinCounterModel(mlflow.pyfunc.PythonModel):
         images = image_column(model_input)
         probs = np.full((len(images), len(self.classes)), np.nan)
         errors = {}
-        for rows, batch, failed in prepared_batches(images, self.transform):
-            if failed and on_error != "skip":
-                i = min(failed)
-                raise MlflowException(f"row {i}: {failed[i]}", INVALID_PARAMETER_VALUE)
-            errors.update(failed)
-            if rows:
-                probs[rows] = self.engine(batch).numpy()
+        with contextlib.closing(prepared_batches(images, self.transform)) as batches:
+            for rows, batch, failed in batches:
+                if failed and on_error != "skip":
+                    i = min(failed)
+                    raise MlflowException(f"row {i}: {failed[i]}", INVALID_PARAMETER_VALUE)
+                errors.update(failed)
+                if rows:
+                    probs[rows] = self.engine(batch).numpy()
         return self._frame(probs, errors)
 
     def _frame(self, probs: np.ndarray, errors: dict[int, str]) -> pd.DataFrame:
@@ -126,7 +133,8 @@ def prepared_batches(images: list, transform, batch_size: int = BATCH):
             return None, str(exc)
 
     starts = range(0, len(images), batch_size)
-    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+    pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1))
+    try:
         ahead = pool.map(prepare, images[:batch_size])
         for start in starts:
             current = ahead  # the next batch decodes while this one runs
@@ -136,6 +144,8 @@ def prepared_batches(images: list, transform, batch_size: int = BATCH):
             failed = {start + i: reason for i, (_, reason) in enumerate(results) if reason is not None}
             batch = torch.stack([tensor for tensor, _ in results if tensor is not None]) if rows else None
             yield rows, batch, failed
+    finally:  # also when the caller stops early (a bad row answered 400): the batch decoding ahead is dropped
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def refuse(reason: str) -> MlflowException:
@@ -199,8 +209,6 @@ def encode_files(paths: list[str]) -> tuple[list[str], dict[int, str]]:
 
 def load_model(model_uri: str):
     """A logged model through stock MLflow, or one line saying why not."""
-    from bin_counter import BinCounterError, one_line
-
     try:
         return mlflow.pyfunc.load_model(model_uri)
     except Exception as exc:  # MlflowException, OSError... one line is what the user needs
@@ -255,7 +263,14 @@ def inference_graph(model, config: dict, calibration_images: list[str]) -> bytes
     if not calibration_images:
         raise ValueError("an int8 graph needs training images to calibrate on (not available when streaming)")
     transform = eval_transform(config["backbone"], config["image_size"])
-    images = [transform(read_image(path)) for path in calibration_images]
+    images = []
+    for path in calibration_images:
+        try:
+            images.append(transform(read_image(path)))
+        except ValueError as exc:  # as in training: an unreadable image is skipped, not the model lost
+            log.warning("int8 calibration skips %s: %s", path, exc)
+    if not images:
+        raise BinCounterError("no readable training image to calibrate the int8 graph on")
     return quantize_int8(graph, [torch.stack(images[k:k + 16]) for k in range(0, len(images), 16)])
 
 

@@ -85,7 +85,7 @@ def test_compare_experiment_yaml_supplies_defaults_that_flags_override(tmp_path,
     assert exit_info.value.code == 2 and "unknown keys ['epochz']" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         main(["compare", "--experiment", str(tmp_path / "missing.yaml")])
-    assert exit_info.value.code == 2 and "experiment file not found" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "settings file not found" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("metric, candidate, champion, gain, better", [

@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
+from bin_counter import BinCounterError
 from bin_counter.commands.prepare import SAMPLE_DIR
 from bin_counter.core.data import eval_transform
 from bin_counter.core.engine import Backbone, OnnxEngine, TorchEngine, ViewAveraged, export_onnx, probability_engine
@@ -81,7 +82,7 @@ def test_engine_choice_follows_the_variable_and_falls_back_with_a_reason(countin
     monkeypatch.setenv("BIN_COUNTER_ENGINE", "torch")
     assert probability_engine(counting_model, True, CPU, graph).name == "torch"
     monkeypatch.setenv("BIN_COUNTER_ENGINE", "tensorrt")
-    with pytest.raises(ValueError, match="BIN_COUNTER_ENGINE='tensorrt': choose one of onnx, torch"):
+    with pytest.raises(BinCounterError, match="BIN_COUNTER_ENGINE='tensorrt': choose one of onnx, torch"):
         probability_engine(counting_model, True, CPU, graph)
     monkeypatch.delenv("BIN_COUNTER_ENGINE")
     with caplog.at_level(logging.WARNING, logger="bin_counter.core.engine"):

@@ -92,3 +92,12 @@ def test_mlflow_run_prepare_train_evaluate_on_a_tiny_split(tmp_path, mlflow_stor
     evaluations = mlflow.search_runs(experiment_names=["entry-points"],
                                      filter_string="tags.mlflow.project.entryPoint = 'evaluate'")
     assert len(evaluations) == 1 and 0 <= evaluations["metrics.accuracy"].iloc[0] <= 1
+
+
+def test_mlproject_compare_lets_the_study_yaml_and_recipes_decide():
+    """compare declared --backbones and --epochs 5 with defaults, which beat the --experiment file and recipes."""
+    yaml_path = ROOT / "experiments" / "efficientnet_vs_resnet50.yaml"
+    argv = shlex.split(entry_command("compare", experiment=str(yaml_path)))[3:]
+    assert parse(argv).backbones == parse(["compare", "--experiment", str(yaml_path)]).backbones
+    finetune = resolved(entry_command("compare", recipe="finetune"))
+    assert finetune.epochs == RECIPES["finetune"]["epochs"]

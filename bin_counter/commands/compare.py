@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-import mlflow
 import pandas as pd
 
 from bin_counter import plots, tracking
@@ -23,7 +22,7 @@ def compare(base: TrainConfig, backbones: list[str]) -> pd.DataFrame:
         backbone_spec(name)  # an unknown name fails before any training
     rows = []
     with tracking.run("compare") as parent:
-        mlflow.log_params({"backbones": ",".join(backbones), "data": base.data, "seed": base.seed})
+        tracking.log_params({"backbones": ",".join(backbones), "data": base.data, "seed": base.seed})
         for name in backbones:
             cfg = dataclasses.replace(base, backbone=name, run_name=f"compare-{name}")
             result = train(cfg)

@@ -88,7 +88,7 @@ def crossval(source: str, recipes: list[str], folds: int = 5, repeats: int = 1, 
                   .split(manifest, manifest["count"]))
     rows = []
     with tracking.run("crossval", source=source):
-        mlflow.log_params({"source": source, "recipes": ",".join(recipes), "folds": folds, "repeats": repeats,
+        tracking.log_params({"source": source, "recipes": ",".join(recipes), "folds": folds, "repeats": repeats,
                            "seed": seed, "images": len(manifest)})
         for i, (train_idx, test_idx) in enumerate(splits):
             truth = manifest["count"].iloc[test_idx]

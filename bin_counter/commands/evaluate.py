@@ -83,7 +83,7 @@ def evaluate(model_uri: str, data: str, split: str = "test", output: str | None 
     frame, classes = read_split(Path(data), split)
     model = load_model(model_uri)
     with tracking.run("evaluate", model_uri=model_uri, split=split):
-        mlflow.log_params({"model_uri": model_uri, "data": str(data), "split": split})
+        tracking.log_params({"model_uri": model_uri, "data": str(data), "split": split})
         tracking.log_dataset(frame, str(Path(data).resolve()), "abid", context=split)
         report = evaluate_model(model, frame, classes, batch_size)
         full = read_manifest(Path(data))

@@ -86,7 +86,7 @@ def promote(name: str, data: str, version: str | None = None, run_id: str | None
             tags.update({f"champion_{metric}": f"{champion_score:.4f}", "compared_with_version": str(champion.version)})
         for key, value in tags.items():
             client.set_model_version_tag(name, candidate.version, key, value)
-        mlflow.log_params({"model": name, "candidate_version": candidate.version, "metric": metric,
+        tracking.log_params({"model": name, "candidate_version": candidate.version, "metric": metric,
                            "min_gain": min_gain, "champion_version": str(champion.version) if champion else ""})
         mlflow.log_metrics({f"candidate_{metric}": candidate_score,
                             **({f"champion_{metric}": champion_score} if champion_score is not None else {})})

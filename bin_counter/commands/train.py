@@ -502,7 +502,8 @@ def resume_state(cfg: TrainConfig, digest: str) -> dict | None:
     if theirs.get("data_digest") != digest:
         raise BinCounterError(f"--resume: {path} was trained on other data than {cfg.data} holds now (dataset "
                               f"digest {theirs.get('data_digest') or 'unknown'} vs {digest}); start a new run")
-    changed = sorted(k for k in mine if mine[k] != theirs.get(k))
+    defaults = as_params(TrainConfig())  # a setting added since the checkpoint was written had its default then
+    changed = sorted(k for k in mine if mine[k] != theirs.get(k, defaults.get(k)))
     if changed:
         raise BinCounterError(f"--resume: {path} was written with other settings ({', '.join(changed)}); "
                               "rerun with the original options")

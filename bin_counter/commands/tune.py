@@ -220,7 +220,7 @@ def tune(cfg: TuneConfig) -> dict:
     study = open_study(cfg)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with tracking.run("tune", study=cfg.study_name) as parent:
-        mlflow.log_params(study_params(cfg))
+        tracking.log_params(study_params(cfg))
         done = len(study.get_trials(deepcopy=False, states=FINISHED))
         if done:
             log.info("resuming study %r: %d of %d trials already finished", cfg.study_name, done, cfg.n_trials)

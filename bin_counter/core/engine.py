@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from bin_counter import BinCounterError, one_line
 from bin_counter.core.data import dihedral_views
 
 log = logging.getLogger(__name__)
@@ -126,7 +127,7 @@ def requested_engine() -> str | None:
     """The engine BIN_COUNTER_ENGINE asks for, or None for the default; an unknown name is an error."""
     value = os.environ.get(ENGINE_VARIABLE, "").strip().lower()
     if value and value not in ENGINES:
-        raise ValueError(f"{ENGINE_VARIABLE}={value!r}: choose one of {', '.join(ENGINES)}")
+        raise BinCounterError(f"{ENGINE_VARIABLE}={value!r}: choose one of {', '.join(ENGINES)}")
     return value or None
 
 
@@ -152,10 +153,17 @@ def use_onnx(device: torch.device, graph: Path | None = None, graph_needed: bool
     return True
 
 
-def probability_engine(model: nn.Module, tta: bool, device: torch.device, graph: str | Path | None) -> Engine:
+def probability_engine(model: nn.Module, tta: bool, device: torch.device, graph: str | Path | None,
+                       int8: bool = False) -> Engine:
     """The engine of a logged model: its ONNX graph, or its weights in eager PyTorch."""
     if use_onnx(device, Path(graph) if graph else None):
-        return OnnxEngine(graph)
+        try:
+            return OnnxEngine(graph)
+        except Exception as exc:  # a corrupt or unsupported graph: the weights still count
+            log.warning("running eager PyTorch: ONNX Runtime cannot load %s (%s)", graph, one_line(exc))
+    if int8:  # the int8 graph is what was asked for; these are the fp32 weights it was made from
+        log.warning("running the fp32 weights in eager PyTorch, not the model's int8 graph: counts can differ "
+                    "from the int8 model's")
     return TorchEngine(ViewAveraged(model, tta), device)
 
 

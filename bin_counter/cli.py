@@ -177,7 +177,6 @@ def cmd_compare(args) -> None:
 def add_main(sub) -> None:
     p = sub.add_parser("main", help="the embedded default: prepare the bundled sample, train, evaluate")
     p.add_argument("--source", default="sample")
-    p.add_argument("--out", default="data")
     add_train_options(p)
     p.set_defaults(func=cmd_main)
 

@@ -34,7 +34,7 @@ def test_mlproject_train_resolves_to_the_cli_config(recipe):
 @pytest.mark.parametrize("recipe", [None, "study", "counting"])
 def test_mlproject_main_resolves_to_the_cli_config(recipe):
     given = {"recipe": recipe} if recipe else {}
-    cli = ["main", "--out", "data", "--data", "data", *(["--recipe", recipe] if recipe else [])]
+    cli = ["main", "--data", "data", *(["--recipe", recipe] if recipe else [])]
     assert resolved(entry_command("main", **given)) == train_config(parse(cli))
 
 
@@ -101,3 +101,11 @@ def test_mlproject_compare_lets_the_study_yaml_and_recipes_decide():
     assert parse(argv).backbones == parse(["compare", "--experiment", str(yaml_path)]).backbones
     finetune = resolved(entry_command("compare", recipe="finetune"))
     assert finetune.epochs == RECIPES["finetune"]["epochs"]
+
+
+def test_main_has_no_option_it_would_ignore(capsys):
+    """`main --out foo` was parsed and ignored: prepare wrote to --data (default data)."""
+    with pytest.raises(SystemExit):
+        parse(["main", "--out", "elsewhere"])
+    assert "unrecognized arguments: --out" in capsys.readouterr().err
+    assert train_config(parse(["main", "--data", "elsewhere"])).data == "elsewhere"

@@ -66,6 +66,7 @@ def test_file_list_selects_pairs_and_missing_objects_are_rejected(aws, tmp_path)
     assert result.rejected.set_index("image_id").loc["77777", "reason"] == "missing metadata"
 
 
+@pytest.mark.slow  # > 5 s: a fresh interpreter or network timeouts
 def test_interrupted_download_resumes_without_refetching(aws, moto_endpoint, tmp_path, monkeypatch):
     fill_bucket(aws, per_class=6, bad=False)
     clean = prepare(PrepareConfig(source=f"s3://{BUCKET}", out=str(tmp_path / "clean"), workers=2)).manifest
@@ -121,6 +122,7 @@ def test_missing_bucket_is_one_clear_line(aws, tmp_path):
         prepare(PrepareConfig(source="s3://no-such-bucket", out=str(tmp_path / "d"), workers=1))
 
 
+@pytest.mark.slow  # > 5 s: a fresh interpreter or network timeouts
 def test_unreachable_endpoint_is_one_clear_line(tmp_path, monkeypatch, capsys):
     from bin_counter.cli import main
     from conftest import free_port

@@ -4,6 +4,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from bin_counter.core.data import ManifestImages, train_transform
@@ -31,6 +32,7 @@ print(changed)
 """
 
 
+@pytest.mark.slow  # > 5 s: a fresh interpreter or network timeouts
 def test_importing_every_module_changes_no_global_state():
     out = subprocess.run([sys.executable, "-c", IMPORT_EVERYTHING], capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr

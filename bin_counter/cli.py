@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import logging
 import os
@@ -55,13 +56,10 @@ def add_prepare(sub) -> None:
 
 
 def cmd_prepare(args) -> None:
-    import dataclasses
-
     from bin_counter.commands.prepare import run
     from bin_counter.config import PrepareConfig
 
-    names = {f.name for f in dataclasses.fields(PrepareConfig)}
-    run(PrepareConfig(**{k: v for k, v in vars(args).items() if k in names and v is not None and v != ""}))
+    run(PrepareConfig(**given_settings(args, PrepareConfig)))
 
 
 class BoolOption(argparse.BooleanOptionalAction):
@@ -84,8 +82,6 @@ class BoolOption(argparse.BooleanOptionalAction):
 def add_config_options(p, config_class, skip: tuple[str, ...] = (), parsers: dict | None = None) -> None:
     """An option per field of a config dataclass: name, type, default and help all come from the field. Nothing
     is filled in that the user did not give (argparse.SUPPRESS), so a recipe's switches can still apply."""
-    import dataclasses
-
     for f in dataclasses.fields(config_class):
         if f.name in skip:
             continue
@@ -106,31 +102,29 @@ def add_config_options(p, config_class, skip: tuple[str, ...] = (), parsers: dic
 TRAIN_ONLY = ("register_as", "run_name", "resume", "profile")  # one training run's, not a study's or a pipeline's
 
 
-def add_train_options(p) -> None:
+def add_train_options(p, skip: tuple[str, ...] = TRAIN_ONLY) -> None:
     from bin_counter.config import RECIPES, TrainConfig
 
-    add_config_options(p, TrainConfig, skip=TRAIN_ONLY)
+    add_config_options(p, TrainConfig, skip=skip)
     p.add_argument("--recipe", help=f"a named set of switches ({', '.join(RECIPES)}); explicit options win")
+
+
+def given_settings(args, config_class) -> dict:
+    """The fields of `config_class` the user gave (options, a settings file); MLproject's empty values are not."""
+    names = {f.name for f in dataclasses.fields(config_class)}
+    return {k: v for k, v in vars(args).items() if k in names and v is not None and v != ""}
 
 
 def train_config(args):
     """The TrainConfig of parsed arguments: the recipe's switches, then every option that was given."""
-    import dataclasses
-
     from bin_counter.config import TrainConfig
 
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    given = {k: v for k, v in vars(args).items() if k in names and v is not None and v != ""}
-    return TrainConfig.from_recipe(getattr(args, "recipe", None) or None, **given)
+    return TrainConfig.from_recipe(getattr(args, "recipe", None) or None, **given_settings(args, TrainConfig))
 
 
 def add_train(sub) -> None:
-    from bin_counter.config import TrainConfig
-
     p = sub.add_parser("train", help="train a counting model and log it to MLflow")
-    add_train_options(p)
-    add_config_options(p, TrainConfig, skip=tuple(f for f in TrainConfig.__dataclass_fields__ if f not in TRAIN_ONLY
-                                                  or f == "resume"))
+    add_train_options(p, skip=("resume",))  # every setting; --resume takes an optional RUN_ID
     p.add_argument("--resume", nargs="?", const="latest", metavar="RUN_ID", default=argparse.SUPPRESS,
                    help="continue an interrupted run (the newest checkpoint, or RUN_ID's) in the same MLflow run")
     p.add_argument("--config", metavar="FILE",

@@ -10,7 +10,8 @@ Limits, read from the serving process's environment at every request:
   BIN_COUNTER_MAX_ROWS         rows per request (default 64)
   BIN_COUNTER_MAX_IMAGE_BYTES  bytes of one image after base64 decoding (default 6 MB, a SageMaker endpoint's payload)
 More rows than that is a 400 before anything is decoded; a larger image is a bad row. Rows are decoded and
-transformed BATCH at a time, just before their forward pass, so memory does not grow with the number of rows.
+transformed BATCH at a time, by threads one batch ahead of the forward pass, so memory does not grow with the
+number of rows.
 """
 from __future__ import annotations
 
@@ -277,7 +278,6 @@ def inference_graph(model, config: dict, calibration_images: list[str]) -> bytes
 def log_model(model, config: dict, example_images: list[str], registered_name: str | None = None,
               calibration_images: list[str] = ()):
     """Log (and optionally register) the model under `model/` of the active run; returns ModelInfo."""
-
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         torch.save({k: v.cpu() for k, v in model.state_dict().items()}, tmp / "weights.pt")

@@ -134,11 +134,9 @@ def evaluate_epoch(net, criterion, loader, device, tta: bool = False) -> dict:
         inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         if tta and inputs.dim() == 4:  # images: make the views here
             inputs = torch.stack(dihedral_views(inputs), 1)
+        views = inputs if inputs.dim() in (3, 5) else inputs[:, None]  # (B, V, ...): the views of each sample
         with torch.autocast(device.type, enabled=device.type == "cuda"):
-            if inputs.dim() in (3, 5):  # (B, V, ...) views of each sample
-                p = mean_over_views(net, inputs)
-            else:
-                p = torch.softmax(net(inputs).float(), 1)
+            p = mean_over_views(net, views)
         # log-probabilities as logits: softmax(log p) = p, so the training criterion applies unchanged
         total_loss += criterion(torch.log(p.clamp_min(1e-12)), labels).item() * len(labels)
         seen += len(labels)

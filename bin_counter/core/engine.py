@@ -53,9 +53,8 @@ class ViewAveraged(nn.Module):
         self.model, self.tta = model, tta
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if not self.tta:
-            return torch.softmax(self.model(images).float(), dim=1)
-        return mean_over_views(self.model, torch.stack(dihedral_views(images), dim=1))
+        views = torch.stack(dihedral_views(images), dim=1) if self.tta else images[:, None]
+        return mean_over_views(self.model, views)
 
 
 class Backbone(nn.Module):

@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 run: $(VENV)/.installed
-	PATH="$(abspath $(VENV))/bin:$$PATH" mlflow run . -e main --env-manager local
+	PATH="$(abspath $(VENV))/bin:$$PATH" mlflow run . -e main --env-manager local --experiment-name bin-counter
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -p no:cacheprovider --durations=15

@@ -102,11 +102,15 @@ def add_config_options(p, config_class, skip: tuple[str, ...] = (), parsers: dic
 TRAIN_ONLY = ("register_as", "run_name", "resume", "profile")  # one training run's, not a study's or a pipeline's
 
 
-def add_train_options(p, skip: tuple[str, ...] = TRAIN_ONLY) -> None:
-    from bin_counter.config import RECIPES, TrainConfig
+def recipe_name(value: str) -> str:
+    """A recipe's name; empty means the default recipe. TrainConfig.from_recipe says which names exist."""
+    return value.strip().strip("'\"")  # an older MLproject passed its empty default as a quoted ''
 
-    add_config_options(p, TrainConfig, skip=skip)
-    p.add_argument("--recipe", help=f"a named set of switches ({', '.join(RECIPES)}); explicit options win")
+
+def add_train_options(p, skip: tuple[str, ...] = TRAIN_ONLY) -> None:
+    from bin_counter.config import TrainConfig
+
+    add_config_options(p, TrainConfig, skip=skip, parsers={"recipe": recipe_name})
 
 
 def given_settings(args, config_class) -> dict:
@@ -119,7 +123,8 @@ def train_config(args):
     """The TrainConfig of parsed arguments: the recipe's switches, then every option that was given."""
     from bin_counter.config import TrainConfig
 
-    return TrainConfig.from_recipe(getattr(args, "recipe", None) or None, **given_settings(args, TrainConfig))
+    settings = given_settings(args, TrainConfig)
+    return TrainConfig.from_recipe(settings.pop("recipe", None), **settings)
 
 
 def add_train(sub) -> None:
@@ -230,7 +235,9 @@ def add_promote(sub) -> None:
     group.add_argument("--version", help="candidate version (default: the newest)")
     group.add_argument("--run-id", help="candidate: the model of this run (registered if it is not yet)")
     p.add_argument("--data", default="data", help="DATA_DIR whose test split both models are scored on")
-    p.add_argument("--metric", default="f1_macro", help="f1_macro (default), accuracy, mae, rmse, ...")
+    p.add_argument("--metric", default="f1_macro", help="the test-split figure compared: f1_macro (default), "
+                                                        "accuracy, mae, rmse, ... (test/f1_macro and the older "
+                                                        "test_f1_macro say the same)")
     p.add_argument("--min-gain", type=float, default=0.0, help="improvement needed to take the champion alias")
     p.set_defaults(func=cmd_promote)
 
@@ -249,17 +256,67 @@ def add_predict(sub) -> None:
     source.add_argument("--url", help="a served model, e.g. http://127.0.0.1:5001")
     p.add_argument("--input", required=True, help="a folder, a prepare manifest/DATA_DIR, an image, or s3://bucket/prefix")
     p.add_argument("--output", default="results.csv")
-    p.add_argument("--min-confidence", type=float, default=0.5, help="below this a bin is listed for a manual check")
+    add_check_options(p)
     p.add_argument("--batch-size", type=_positive_int, default=16)
     p.add_argument("--region", help="AWS region of --endpoint")
     p.set_defaults(func=cmd_predict)
+
+
+def _share(value: str) -> float | None:
+    number = _float(value)
+    if number is not None and not 0.0 < number < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {value}")
+    return number
+
+
+def _check_share(value: str) -> float | None:
+    number = _float(value)
+    if number is not None and not 0.0 <= number <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a share from 0 to 1, got {value}")
+    return number
+
+
+class Replaced(argparse.Action):
+    """An option that is gone: a one-line error naming what replaced it."""
+
+    def __init__(self, *args, replacement: str, **kwargs):
+        self.replacement = replacement
+        super().__init__(*args, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        raise BinCounterError(f"{option_string} is gone: {self.replacement}")
+
+
+def add_check_options(p) -> None:
+    """What predict and transform add to each count: count sets, the record check, the manual-check budget."""
+    from bin_counter.commands.predict import DEFAULT_CHECK_SHARE
+
+    p.add_argument("--coverage", type=_share, help="count sets hold the true count with this probability "
+                                                   "(default: the coverage the model was logged with, 0.9)")
+    p.add_argument("--false-alarm", type=_share, help="a recorded quantity is `suspect` when its conformal p-value "
+                                                      "is below this: the share of correct records questioned "
+                                                      "(default: the model's, 0.05)")
+    p.add_argument("--records", metavar="FILE.csv", help="recorded quantities to check: columns expected_quantity "
+                                                         "and image_id or path (path where ids repeat); over ABID "
+                                                         "metadata beside the photos")
+    p.add_argument("--check-share", type=_check_share, default=DEFAULT_CHECK_SHARE,
+                   help="of the bins without a record, the share people can look at: the least certain go on the "
+                        f"manual-check list (default {DEFAULT_CHECK_SHARE})")
+    p.add_argument("--min-confidence", nargs="?", action=Replaced, help="gone in 0.2: see --false-alarm and "
+                                                                         "--check-share",
+                   replacement="records are questioned by --false-alarm, bins without one by --check-share")
+
+
+def check_options(args) -> dict:
+    return {"coverage": args.coverage, "false_alarm": args.false_alarm, "records": args.records,
+            "check_share": args.check_share}
 
 
 def cmd_predict(args) -> None:
     from bin_counter.commands.predict import make_counter, predict
 
     predict(make_counter(args.model_uri, args.endpoint, args.url, args.region), args.input, args.output,
-            args.min_confidence, args.batch_size)
+            args.batch_size, **check_options(args))
 
 
 def add_deploy(sub) -> None:
@@ -358,7 +415,7 @@ def add_transform(sub) -> None:
     p.add_argument("--instance-count", type=_int, default=1)
     p.add_argument("--job-name", help="default bin-counter-YYYYMMDD-HHMMSS")
     p.add_argument("--output", default="results.csv")
-    p.add_argument("--min-confidence", type=float, default=0.5, help="below this a bin is listed for a manual check")
+    add_check_options(p)
     p.add_argument("--timeout", type=_int, default=3600, help="seconds to wait for the job")
     p.add_argument("--dry-run", action="store_true", help="stage locally and print the request; send nothing")
     p.set_defaults(func=cmd_transform)
@@ -368,21 +425,24 @@ def cmd_transform(args) -> None:
     from bin_counter.commands.transform import join_command, transform
 
     if args.join:
-        join_command(args.join, args.output, args.min_confidence)
+        join_command(args.join, args.output, args.check_share)
         return
     missing = [flag for flag, value in (("--model-uri", args.model_uri), ("--input", args.input),
                                         ("--staging", args.staging)) if not value]
     if missing:
         raise BinCounterError(f"transform needs {', '.join(missing)} (or --join S3_JOB_PREFIX)")
     transform(args.model_uri, args.input, args.staging, args.region, args.execution_role_arn, args.image_url,
-              args.instance_type, args.instance_count, args.job_name, args.output, args.min_confidence, args.timeout,
-              args.dry_run)
+              args.instance_type, args.instance_count, args.job_name, args.output, args.timeout, args.dry_run,
+              **check_options(args))
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bin-counter",
                                      description="Count objects in Amazon bin photos (ABID), tracked with MLflow.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--experiment-name", help="the MLflow experiment to log to (default: MLFLOW_EXPERIMENT_NAME, "
+                                                  "else bin-counter); with `mlflow run`, pass `--experiment-name` "
+                                                  "to mlflow run itself")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in COMMANDS:
         add(sub)
@@ -466,7 +526,7 @@ def main(argv: list[str] | None = None) -> None:
     from bin_counter import tracking
 
     try:
-        tracking.configure()
+        tracking.configure(args.experiment_name)
         args.func(args)
     except (BinCounterError, MlflowException) as exc:  # MLflow's: a server down, a run or model not found
         if args.verbose:  # where the one line came from, for a bug report; passwords masked there too

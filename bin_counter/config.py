@@ -42,6 +42,8 @@ class TrainConfig:
     baseline (RECIPES below)."""
 
     data: str = setting("data", "DATA_DIR written by `prepare`, or s3://... with --stream")
+    recipe: str = setting("counting", "the named set of switches the other settings start from (RECIPES below); "
+                                      "explicit options win")
     backbone: str = setting("efficientnet-lite0", "backbone name")
     weights: str | None = setting(None, "pretrained backbone weights file instead of the library's cache")
     batch_size: int = setting(32, "images (or cached features) per step")
@@ -72,6 +74,9 @@ class TrainConfig:
     decode_tail_boost: float = setting(0.5, "ordinal: log-odds added to the lowest and highest count, so the "
                                             "middle counts do not absorb them")
     balance: bool = setting(True, "weigh every count equally (inverse class frequency of the training split)")
+    coverage: float = setting(0.9, "the served count sets' default coverage (conformal, calibrated on held-out "
+                                   "images)")
+    false_alarm: float = setting(0.05, "the served record check's default share of correct records called suspect")
     tta: bool = setting(True, "average predictions over flips/transposes: a bin has no up or down")
     # 2.4x the fp32 graph's speed, -0.3 points of accuracy and +0.02 MAE on the 5-fold protocol
     # (experiments/inference), 88% of counts identical: a switch, not the default
@@ -90,11 +95,22 @@ class TrainConfig:
         unknown = set(explicit) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise BinCounterError(f"unknown training settings: {', '.join(sorted(unknown))}")
-        return cls(**{**RECIPES.get(recipe or "", {}), **explicit})
+        explicit.pop("recipe", None)
+        return cls(**{**RECIPES.get(recipe or "", {}), **explicit, "recipe": recipe or DEFAULT_RECIPE})
 
     def reproducible(self) -> dict[str, Any]:
         """The settings that made a run, as its config.yaml artifact; `train --config` reads it back."""
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("resume", "register_as", "run_name")}
+
+    def result_settings(self) -> dict[str, Any]:
+        """The resolved settings that shape this run's result, as its MLflow params: no paths of caches, worker
+        counts or run bookkeeping, no empty values, and no switch of a head or decoding this run does not use."""
+        unused = set(RUN_BOOKKEEPING)
+        if self.head == "logistic":
+            unused |= SGD_ONLY
+        if self.decode != "ordinal":
+            unused |= {"decode_cost", "decode_tail_boost"}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in unused and v is not None}
 
     @property
     def decoding(self) -> dict[str, Any]:
@@ -107,6 +123,8 @@ class TrainConfig:
             "lr must be > 0": self.lr > 0,
             "epochs must be >= 1": self.epochs >= 1,
             "feature_views must be >= 1": self.feature_views >= 1,
+            "coverage must be between 0 and 1": 0 < self.coverage < 1,
+            "false_alarm must be between 0 and 1": 0 < self.false_alarm < 1,
             "unfreeze_last must be >= 0": self.unfreeze_last >= 0,
             "an S3 DATA_DIR is read as shards: add --stream": self.stream or not self.data.startswith("s3://"),
             "loss must be ce or ce+expected": self.loss in ("ce", "ce+expected"),
@@ -123,6 +141,13 @@ class TrainConfig:
 
 
 DECODES = ("argmax", "expected", "ordinal")
+DEFAULT_RECIPE = "counting"
+# where and how a run works, not what it learns
+RUN_BOOKKEEPING = ("cache_dir", "num_workers", "resume", "register_as", "run_name", "checkpoint_dir", "profile",
+                   "feature_cache")
+# what only the SGD head reads: a solved head has no batches, epochs or random training views
+SGD_ONLY = {"batch_size", "lr", "epochs", "weight_decay", "loss", "expected_weight", "backbone_lr", "feature_views",
+            "rotation_degrees", "hflip", "unfreeze_last"}
 
 
 def as_params(config: Any) -> dict[str, Any]:

@@ -94,3 +94,33 @@ def comparison_bars(table: pd.DataFrame, metrics: list[str], label: str = "backb
         ax.bar_label(container, fmt="%.2f", fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def reliability_diagram(table: pd.DataFrame, ece: float):
+    """Accuracy against confidence per bin: on the diagonal, a count said with 60% is right 60% of the time."""
+    fig, ax = subplots(figsize=(5.5, 5))
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", label="perfect calibration")
+    ax.bar(table["confidence"], table["accuracy"], width=0.08, alpha=0.7, label="accuracy per bin")
+    for row in table.itertuples():
+        ax.annotate(str(row.images), (row.confidence, row.accuracy), ha="center", va="bottom", fontsize=8)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence of the most likely count")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"Reliability (top-label ECE {ece:.3f}; labels: images per bin)")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    return fig
+
+
+def risk_coverage(table: pd.DataFrame):
+    """Accuracy of the bins accepted without a check, against the share accepted (least certain sent first)."""
+    fig, ax = subplots(figsize=(6, 4.5))
+    ax.plot(table["coverage"], table["accuracy"], marker="o")
+    ax.axhline(table["accuracy"].iloc[-1], color="grey", linestyle="--", label="accept every bin")
+    ax.set_xlabel("share of bins accepted without a check")
+    ax.set_ylabel("accuracy of the accepted bins")
+    ax.set_title("Risk-coverage: the least certain bins go to people first")
+    ax.legend()
+    fig.tight_layout()
+    return fig

@@ -62,21 +62,24 @@ def max_image_bytes() -> int:
     return limit("BIN_COUNTER_MAX_IMAGE_BYTES", DEFAULT_MAX_IMAGE_BYTES)
 
 
-def output_columns(classes: list[int]) -> list[str]:
-    return ["predicted_count", "confidence", *[f"prob_{c}" for c in classes], "error"]
-
-
-def signature(classes: list[int]) -> ModelSignature:
+def signature(classes: list[int], calibration: dict | None = None) -> ModelSignature:
     # `path` stays in the schema only so that a client still sending it hears why it is refused
-    inputs = Schema([ColSpec("string", "image", required=False), ColSpec("string", "path", required=False)])
+    inputs = Schema([ColSpec("string", "image", required=False), ColSpec("string", "path", required=False),
+                     ColSpec("double", "expected_quantity", required=False)])
     outputs = Schema([ColSpec("long", "predicted_count"), ColSpec("double", "confidence"),
-                      *[ColSpec("double", f"prob_{c}") for c in classes], ColSpec("string", "error")])
-    params = ParamSchema([ParamSpec("on_error", "string", "raise")])
+                      *[ColSpec("double", f"prob_{c}") for c in classes], ColSpec("double", "uncertainty"),
+                      ColSpec("string", "count_set"), ColSpec("double", "record_p"), ColSpec("string", "record_check"),
+                      ColSpec("string", "error")])
+    calibration = calibration or {"coverage": 0.9, "false_alarm": 0.05}
+    params = ParamSchema([ParamSpec("on_error", "string", "raise"),
+                          ParamSpec("coverage", "double", float(calibration["coverage"])),
+                          ParamSpec("false_alarm", "double", float(calibration["false_alarm"]))])
     return ModelSignature(inputs=inputs, outputs=outputs, params=params)
 
 
 class BinCounterModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
+        from bin_counter.core.calibration import CountCalibration
         from bin_counter.core.data import eval_transform
         from bin_counter.core.engine import probability_engine
         from bin_counter.core.models import create_model
@@ -91,9 +94,12 @@ class BinCounterModel(mlflow.pyfunc.PythonModel):
         self.transform = eval_transform(self.config["backbone"], self.config["image_size"])
         # models logged before `decoding` stored only the decode's name
         self.decoding = self.config.get("decoding", {"how": self.config.get("decode", "argmax")})
+        self.calibration = CountCalibration.from_dict(self.config.get("calibration"))
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        on_error = (params or {}).get("on_error", "raise")
+        """Counts, count sets and, where a row carries `expected_quantity`, the check of that record."""
+        params = params or {}
+        on_error = params.get("on_error", "raise")
         images = image_column(model_input)
         probs = np.full((len(images), len(self.classes)), np.nan)
         errors = {}
@@ -105,22 +111,36 @@ class BinCounterModel(mlflow.pyfunc.PythonModel):
                 errors.update(failed)
                 if rows:
                     probs[rows] = self.engine(batch).numpy()
-        return self._frame(probs, errors)
+        return self._frame(probs, errors, record_column(model_input), params)
 
-    def _frame(self, probs: np.ndarray, errors: dict[int, str]) -> pd.DataFrame:
-        from bin_counter.core.metrics import decode
+    def _frame(self, probs: np.ndarray, errors: dict[int, str], records, params: dict) -> pd.DataFrame:
+        from bin_counter.core.answers import answer_frame
 
-        ok = ~np.isnan(probs[:, 0])
-        counts = decode(np.nan_to_num(probs), self.classes, **self.decoding)
-        chosen = np.nan_to_num(probs)[np.arange(len(probs)), np.searchsorted(self.classes, counts)]
-        frame = pd.DataFrame({
-            "predicted_count": np.where(ok, counts, -1).astype("int64"),
-            "confidence": np.where(ok, chosen, np.nan),  # the probability of the count returned
-        })
-        for j, count in enumerate(self.classes):
-            frame[f"prob_{count}"] = probs[:, j]
+        frame = answer_frame(probs, self.classes, self.decoding, self.calibration, records,
+                             coverage=number_param(params, "coverage"), false_alarm=number_param(params, "false_alarm"))
         frame["error"] = [errors.get(i, "") for i in range(len(probs))]
         return frame
+
+
+def record_column(model_input):
+    """The recorded quantities a request carries (`expected_quantity`), or None."""
+    if isinstance(model_input, pd.DataFrame) and "expected_quantity" in model_input.columns:
+        return model_input["expected_quantity"]
+    return None
+
+
+def number_param(params: dict, name: str) -> float | None:
+    """A coverage or false-alarm rate from the request; it must lie strictly between 0 and 1."""
+    value = params.get(name)
+    if value is None:
+        return None
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise refuse(f"{name} must be a number between 0 and 1, got {value!r}") from None
+    if not 0.0 < value < 1.0:
+        raise refuse(f"{name} must be between 0 and 1 (exclusive), got {value}")
+    return value
 
 
 def prepared_batches(images: list, transform, batch_size: int = BATCH):
@@ -216,11 +236,22 @@ def load_model(model_uri: str):
         raise BinCounterError(f"cannot load model {model_uri}: {one_line(exc)}") from None
 
 
-def predict_files(model, paths: list[str]) -> pd.DataFrame:
+def request_frame(images: list[str], records=None) -> pd.DataFrame:
+    """The model's input: base64 images and, where known, each photo's recorded quantity."""
+    frame = pd.DataFrame({"image": images})
+    if records is not None:
+        frame["expected_quantity"] = pd.to_numeric(pd.Series(list(records)), errors="coerce").astype(float)
+    return frame
+
+
+def predict_files(model, paths: list[str], records=None, params: dict | None = None) -> pd.DataFrame:
     """In-process batch use: the files are read here and sent as base64, as any client would, in requests within
-    the row limit; unreadable files come back with `error` set, never a crash."""
+    the row limit; unreadable files come back with `error` set, never a crash. `records` are the photos' recorded
+    quantities (NaN where unknown), `params` the request's coverage / false_alarm."""
     images, read_errors = encode_files(paths)
-    parts = [model.predict(pd.DataFrame({"image": images[start:start + max_rows()]}), params={"on_error": "skip"})
+    frame = request_frame(images, records)
+    params = {**(params or {}), "on_error": "skip"}
+    parts = [model.predict(frame.iloc[start:start + max_rows()].reset_index(drop=True), params=params)
              for start in range(0, len(images), max_rows())]
     if not parts:
         return pd.DataFrame(columns=["predicted_count", "confidence", "error"])
@@ -276,7 +307,7 @@ def inference_graph(model, config: dict, calibration_images: list[str]) -> bytes
 
 
 def log_model(model, config: dict, example_images: list[str], registered_name: str | None = None,
-              calibration_images: list[str] = ()):
+              calibration_images: list[str] = (), model_type: str | None = None, tags: dict | None = None):
     """Log (and optionally register) the model under `model/` of the active run; returns ModelInfo."""
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -294,8 +325,10 @@ def log_model(model, config: dict, example_images: list[str], registered_name: s
             artifacts={"weights": str(tmp / "weights.pt"), "config": str(tmp / "config.json"),
                        "onnx": str(tmp / "model.onnx")},
             code_paths=[str(code)],
-            signature=signature(config["classes"]),
+            signature=signature(config["classes"], config.get("calibration")),
             input_example=example,
             pip_requirements=requirements(),
             registered_model_name=registered_name,
+            model_type=model_type,
+            tags=tags,
         )

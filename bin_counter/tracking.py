@@ -1,6 +1,7 @@
 """MLflow set-up and the logging helpers shared by the commands."""
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import tempfile
@@ -16,33 +17,77 @@ from bin_counter.core.uris import has_credentials, redact_uri  # noqa: F401 (com
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
 DEFAULT_EXPERIMENT = "bin-counter"
-def configure() -> str:
-    """Use a local sqlite store in the working directory unless the user chose a tracking server."""
+EXPERIMENT_DESCRIPTION = (
+    "Counting the objects in Amazon Bin Image Dataset photos (bin_counter). Each `main` run holds its prepare, "
+    "train and evaluate runs; compare runs on `test/accuracy`, `test/f1_macro` and `test/mae` beside "
+    "`test/majority_accuracy`. Models: the Models tab (one per training run, tagged with backbone and recipe) and "
+    "the registry (`bin-counter-sample@champion` after `make run`).")
+
+
+def configure(experiment_name: str | None = None) -> str:
+    """Use a local sqlite store in the working directory unless the user chose a tracking server, and log to the
+    project's experiment (or `experiment_name` / MLFLOW_EXPERIMENT_NAME) rather than MLflow's "Default"."""
     os.environ.setdefault("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
-    # `mlflow run` passes the experiment and run through the environment; keep them.
-    if not any(os.environ.get(var) for var in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID")):
-        mlflow.set_experiment(DEFAULT_EXPERIMENT)
+    if experiment_name:
+        os.environ["MLFLOW_EXPERIMENT_NAME"] = experiment_name
+    # `mlflow run` creates its run in the experiment it was given before our code starts: keep it
+    if os.environ.get("MLFLOW_RUN_ID"):
+        describe_experiment(lambda: mlflow.get_experiment(
+            mlflow.MlflowClient().get_run(os.environ["MLFLOW_RUN_ID"]).info.experiment_id))
+    elif not os.environ.get("MLFLOW_EXPERIMENT_ID"):
+        experiment = mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT)
+        describe_experiment(lambda: experiment)
     return os.environ["MLFLOW_TRACKING_URI"]
 
 
+def describe_experiment(experiment_of) -> None:
+    """A description and the classic ML view (not the GenAI one) for the experiment; a user's own are kept."""
+    wanted = {"mlflow.note.content": EXPERIMENT_DESCRIPTION, "mlflow.experimentKind": "custom_model_development"}
+    try:
+        experiment = experiment_of()
+        for key, value in wanted.items():
+            if key not in experiment.tags:
+                mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, key, value)
+    except mlflow.exceptions.MlflowException as exc:  # a read-only user, an old server: the runs matter, not this
+        logging.getLogger(__name__).debug("experiment not described: %s", exc)
+
+
+def run_title(*parts: str | None) -> str:
+    """`train efficientnet-lite0 counting 1a2b3c4`: what the run did and from which commit, as its name."""
+    commit = git_commit()
+    return " ".join([*(p for p in parts if p), *([commit[:7]] if commit != "unknown" else [])])
+
+
 @contextmanager
-def run(name: str, parent_run_id: str | None = None, run_id: str | None = None,
+def run(name: str, parent_run_id: str | None = None, run_id: str | None = None, title: str | None = None,
         **tags: str) -> Iterator[mlflow.ActiveRun]:
     """A run of its own, or a child of the active one (so `main` shows prepare/train/evaluate beneath it).
 
-    `parent_run_id` makes a child from another thread (Optuna's n_jobs), where no run is active; `run_id`
-    continues an existing run (a resumed training).
+    `name` is the command; the run is called `title` (default: the command and the commit). `parent_run_id`
+    makes a child from another thread (Optuna's n_jobs), where no run is active; `run_id` continues an existing
+    run (a resumed training).
     """
     nested = mlflow.active_run() is not None
-    run_name = None if os.environ.get("MLFLOW_RUN_ID") and not nested and not parent_run_id else name
+    project_run = bool(os.environ.get("MLFLOW_RUN_ID")) and not nested and not parent_run_id and not run_id
     # System metrics (CPU, memory, disk, network; GPU through nvidia-ml-py) show as charts in the MLflow UI.
     # Our runs can be short: the default 10 s sampling would miss most of them.
     mlflow.set_system_metrics_sampling_interval(1)
-    with mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, nested=nested,
+    title = title or run_title(name)
+    with mlflow.start_run(run_id=run_id, run_name=None if run_id else title, nested=nested,
                           parent_run_id=None if run_id else parent_run_id, log_system_metrics=True) as active:
-        mlflow.set_tags({"bin_counter.command": name, "git_commit": git_commit(), **tags})
+        run_tags = {"bin_counter.command": name, "git_commit": git_commit(), **tags}
+        if not run_id:
+            run_tags["mlflow.runName"] = title  # also the run `mlflow run` created with a random name
+        if not project_run:  # `mlflow run` records the project and entry point itself; ours would say __main__.py
+            run_tags["mlflow.source.name"] = f"bin-counter {name}"
+        mlflow.set_tags(run_tags)
         yield active
+
+
+def runs_link(experiment_id: str, run_id: str | None = None) -> str:
+    """Where `mlflow ui` (its default address) shows an experiment's runs, or one run."""
+    return f"http://127.0.0.1:5000/#/experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
 
 
 def git_commit() -> str:
@@ -97,17 +142,20 @@ def dataset_digest(manifest: pd.DataFrame) -> str:
         return dataset_of(manifest).digest
 
 
-def log_dataset(manifest: pd.DataFrame, source: str, name: str, context: str) -> str:
-    """Log the manifest as an MLflow dataset input; returns its digest (also tagged on the run)."""
+def log_dataset(manifest: pd.DataFrame, source: str, name: str, context: str, model_id: str | None = None):
+    """Log the manifest as an MLflow dataset input (`count` its target), linked to the logged model it feeds or
+    evaluates when `model_id` is given; returns the dataset."""
+    from mlflow.entities import LoggedModelInput
+
     with quiet_dataset_hints():
-        dataset = dataset_of(manifest, source=source, name=name)
+        dataset = dataset_of(manifest, source=source, name=name, targets="count")
+        model = LoggedModelInput(model_id) if model_id else None
         try:
-            mlflow.log_input(dataset, context=context)
+            mlflow.log_input(dataset, context=context, model=model)
         except mlflow.exceptions.MlflowException as exc:
             # Two runs logging the same new dataset at once (tune's workers) race on its insert; the loser
             # retries and links to the row the winner wrote.
             if "UNIQUE constraint" not in str(exc):
                 raise
-            mlflow.log_input(dataset, context=context)
-    mlflow.set_tag("dataset_digest", dataset.digest)
-    return dataset.digest
+            mlflow.log_input(dataset, context=context, model=model)
+    return dataset

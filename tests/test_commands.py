@@ -132,11 +132,11 @@ def test_predict_endpoint_sends_the_images_and_writes_the_answers(endpoint, tmp_
     images = sorted((SAMPLE_DIR / "bin-images").glob("*.jpg"))[:3]
     for path in images:
         (folder / path.name).write_bytes(path.read_bytes())
-    answer = {"predictions": [{"predicted_count": c, "confidence": p, "error": ""}
-                              for c, p in ((2, 0.9), (4, 0.3), (1, 0.8))]}
+    answer = {"predictions": [{"predicted_count": c, "confidence": p, "uncertainty": u, "count_set": s, "error": ""}
+                              for c, p, u, s in ((2, 0.9, 0.3, "2"), (4, 0.3, 1.5, "3|4|5"), (1, 0.8, 0.6, "1|2"))]}
     queue_answers(moto_endpoint, answer)
     main(["predict", "--endpoint", "bins", "--region", "us-east-1", "--input", str(folder),
-          "--output", str(tmp_path / "results.csv")])
+          "--output", str(tmp_path / "results.csv"), "--check-share", "0.3"])
     (path, content_type, body) = sent[0]
     assert len(sent) == 1 and path == "/endpoints/bins/invocations" and content_type == "application/json"
     rows = json.loads(body)["dataframe_split"]["data"]
@@ -144,7 +144,9 @@ def test_predict_endpoint_sends_the_images_and_writes_the_answers(endpoint, tmp_
     written = pd.read_csv(tmp_path / "results.csv", dtype={"image_id": str}).set_index("image_id")
     assert list(written.loc[[p.stem for p in images], "predicted_count"]) == [2, 4, 1]
     check = pd.read_csv(tmp_path / "results_manual_check.csv", dtype={"image_id": str})
-    assert list(check["image_id"]) == [images[1].stem]  # confidence 0.3 < the default 0.5
+    # no records: the 30% least certain of three bins is one, the one of highest uncertainty
+    assert list(check["image_id"]) == [images[1].stem] and check["check_reason"][0] == "least certain, no record"
+    assert written.loc[images[1].stem, "count_set"] == "3|4|5"
 
 
 def test_predict_endpoint_answer_that_does_not_fit_marks_the_images(endpoint, tmp_path):

@@ -528,5 +528,5 @@ def test_main_prints_where_to_look_without_the_tracking_password(monkeypatch):
     from bin_counter.commands.pipeline import where_to_look
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", TRACKING_WITH_PASSWORD)
-    line = where_to_look()
+    line = where_to_look("1", "0123abcd", "bin-counter-sample")
     assert PASSWORD not in line and "https://alice:***@mlflow.example.com:5443/" in line

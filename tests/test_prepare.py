@@ -30,7 +30,7 @@ def test_prepare_bundled_sample_offline(tmp_path):
     # MLflow: params, dataset input with a digest, histogram and rejected count
     client = mlflow.MlflowClient()
     logged = client.get_run(mlflow.last_active_run().info.run_id)
-    assert logged.data.metrics["images"] == 500 and logged.data.metrics["rejected"] == 0
+    assert logged.data.metrics["prepare/images"] == 500 and logged.data.metrics["prepare/rejected"] == 0
     assert logged.inputs.dataset_inputs[0].dataset.digest
     artifacts = {a.path for a in client.list_artifacts(logged.info.run_id)}
     assert {"class_histogram.png", "class_histogram.csv"} <= artifacts

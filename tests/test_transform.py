@@ -17,8 +17,8 @@ from conftest import make_abid_dir
 
 ROLE = "arn:aws:iam::123456789012:role/sm"
 IMAGE = f"123456789012.dkr.ecr.us-east-1.amazonaws.com/mlflow-pyfunc:{mlflow.__version__}"
-CSV_COLUMNS = ["image_id", "predicted_count", "confidence", "expected_quantity", "mismatch", "needs_check",
-               "check_reason", "error"]  # README: what `predict` writes
+CSV_COLUMNS = ["image_id", "predicted_count", "confidence", "count_set", "expected_quantity", "record_p",
+               "record_check", "needs_check", "check_reason", "uncertainty", "error"]  # README: what `predict` writes
 
 
 class Echo(mlflow.pyfunc.PythonModel):
@@ -85,11 +85,13 @@ def test_transform_job_on_moto_then_join_staged_output(aws, photos, model_uri, t
     staged = {}
     for part, key in zip(index["parts"], requests_):
         body = json.loads(aws.get_object(Bucket="bins", Key=key)["Body"].read())
-        assert body["params"] == {"on_error": "skip"} and body["dataframe_split"]["columns"] == ["image"]
+        # the recorded quantities travel with the photos: the served model checks them
+        assert body["params"] == {"on_error": "skip"}
+        assert body["dataframe_split"]["columns"] == ["image", "expected_quantity"]
         assert len(body["dataframe_split"]["data"]) == len(part["rows"]) <= 4
-        for row, (b64,) in zip(part["rows"], body["dataframe_split"]["data"]):
+        for row, (b64, sent) in zip(part["rows"], body["dataframe_split"]["data"]):
             staged[row["image_id"]] = base64.b64decode(b64)
-            assert row["expected_quantity"] == expected.get(row["image_id"])
+            assert row["expected_quantity"] == sent == expected.get(row["image_id"])
     assert set(staged) == set(expected) | {"notes"}
     assert all(staged[i] == (folder / "bin-images" / f"{i}.jpg").read_bytes() for i in expected)
 
@@ -102,8 +104,11 @@ def test_transform_job_on_moto_then_join_staged_output(aws, photos, model_uri, t
             if row["image_id"] == "notes":
                 predictions.append({"predicted_count": None, "confidence": None, "error": "cannot identify image file"})
             else:
-                count = row["expected_quantity"] + (1 if row["image_id"] == wrong else 0)
-                predictions.append({"predicted_count": count, "confidence": 0.9, "prob_1": 0.1, "error": ""})
+                suspect = row["image_id"] == wrong
+                count = row["expected_quantity"] + (2 if suspect else 0)
+                predictions.append({"predicted_count": count, "confidence": 0.9, "prob_1": 0.1, "count_set": str(count),
+                                    "record_p": 0.01 if suspect else 0.6, "uncertainty": 0.4,
+                                    "record_check": "suspect" if suspect else "consistent", "error": ""})
         aws.put_object(Bucket="bins", Key=f"transform/count-today/output/{part['file']}.out",
                        Body=json.dumps({"predictions": predictions}).encode())
     main(["transform", "--join", "s3://bins/transform/count-today", "--output", str(out)])
@@ -112,7 +117,8 @@ def test_transform_job_on_moto_then_join_staged_output(aws, photos, model_uri, t
     table = table.set_index("image_id")
     answered = [r["image_id"] for p in index["parts"][::2] for r in p["rows"] if r["image_id"] != "notes"]
     missing = [r["image_id"] for r in index["parts"][1]["rows"]]
-    assert table.loc[wrong, "mismatch"] and table.loc[wrong, "check_reason"] == "count differs from metadata"
+    assert table.loc[wrong, "record_check"] == "suspect" and table.loc[wrong, "record_p"] == 0.01
+    assert table.loc[wrong, "check_reason"] == "record suspect: the photo contradicts the recorded quantity"
     good = [i for i in answered if i != wrong]
     assert (table.loc[good, "predicted_count"] == table.loc[good, "expected_quantity"]).all()
     assert not table.loc[good, "needs_check"].any()

@@ -1,13 +1,16 @@
 """predict: count every image of a folder, a `prepare` manifest or an S3 prefix with a logged model, a served
-model (REST) or a SageMaker endpoint, and list the bins a person should check.
+model (REST) or a SageMaker endpoint, check the recorded quantities, and list the bins a person should check.
 
-Output CSV: image_id, predicted_count, confidence, expected_quantity and mismatch (where ABID metadata is known),
-needs_check, error. Unreadable images get their reason in `error`; the run always finishes.
+Output CSV (RESULT_COLUMNS): image_id, predicted_count, confidence (calibrated), count_set (the counts that hold
+the true count with the chosen coverage), expected_quantity (ABID metadata beside the photo, or --records),
+record_p and record_check (suspect / consistent / outside), needs_check and check_reason, uncertainty, error.
+Unreadable images get their reason in `error`; the run always finishes.
 """
 from __future__ import annotations
 
 import json
 import logging
+import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -19,10 +22,12 @@ from tqdm.auto import tqdm
 from bin_counter import BinCounterError, one_line
 from bin_counter.cloud import s3
 from bin_counter.core import abid
+from bin_counter.core.answers import CONSISTENT, OUTSIDE, SUSPECT
 from bin_counter.core.files import atomic_path, safe_join
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
+DEFAULT_CHECK_SHARE = 0.1  # of the bins without a record, the share people look at
 
 
 # ---- where the images come from --------------------------------------------------------------------------
@@ -124,7 +129,15 @@ def collect(source: str, cache: Path) -> pd.DataFrame:
 
 
 class Counter(Protocol):
-    def __call__(self, paths: list[str]) -> pd.DataFrame: ...
+    def __call__(self, paths: list[str], records=None, params: dict | None = None) -> pd.DataFrame: ...
+
+
+ANSWER_COLUMNS = {"predicted_count": -1, "confidence": float("nan"), "count_set": "", "uncertainty": float("nan"),
+                  "record_p": float("nan"), "record_check": "", "error": ""}  # with what a row has without them
+
+
+def unanswered(rows: int, error: str = "") -> pd.DataFrame:
+    return pd.DataFrame({name: [error if name == "error" else empty] * rows for name, empty in ANSWER_COLUMNS.items()})
 
 
 DEFAULT_MAX_REQUEST_BYTES = 6_000_000  # a SageMaker endpoint's payload limit (6 MB)
@@ -141,10 +154,15 @@ def max_request_bytes() -> int:
     return limit("BIN_COUNTER_MAX_REQUEST_BYTES", DEFAULT_MAX_REQUEST_BYTES)
 
 
-def payload(images: list[str]) -> bytes:
-    """What a REST client sends to /invocations: base64 images, bad rows reported instead of failing the batch."""
-    return json.dumps({"dataframe_split": {"columns": ["image"], "data": [[b] for b in images]},
-                       "params": {"on_error": "skip"}}).encode()
+def payload(images: list[str], records: list[float | None] | None = None, params: dict | None = None) -> bytes:
+    """What a REST client sends to /invocations: base64 images (and their recorded quantities), bad rows reported
+    instead of failing the batch."""
+    if records is None or all(r is None or pd.isna(r) for r in records):  # as a model before 0.2 reads it
+        split = {"columns": ["image"], "data": [[b] for b in images]}
+    else:  # JSON has no NaN: an unknown record is null
+        split = {"columns": ["image", "expected_quantity"],
+                 "data": [[b, None if r is None or pd.isna(r) else float(r)] for b, r in zip(images, records)]}
+    return json.dumps({"dataframe_split": split, "params": {**(params or {}), "on_error": "skip"}}).encode()
 
 
 def request_groups(images: list[str], skip: set[int], max_bytes: int,
@@ -178,7 +196,9 @@ def from_response(body: bytes, rows: int) -> pd.DataFrame:
         raise RequestFailed(f"{REQUEST_FAILED}: the answer is not the model's JSON ({body[:100]!r})") from None
     if len(frame) != rows or not {"predicted_count", "confidence", "error"} <= set(frame.columns):
         raise RequestFailed(f"{REQUEST_FAILED}: the answer has {len(frame)} predictions for {rows} images")
-    return frame
+    for name, empty in ANSWER_COLUMNS.items():  # a model logged before count sets answers without them
+        frame[name] = frame[name].fillna(empty) if name in frame else empty
+    return frame[list(ANSWER_COLUMNS)]
 
 
 class RemoteModel:
@@ -188,26 +208,28 @@ class RemoteModel:
     def send(self, body: bytes) -> bytes:
         raise NotImplementedError
 
-    def __call__(self, paths: list[str]) -> pd.DataFrame:
+    def __call__(self, paths: list[str], records=None, params: dict | None = None) -> pd.DataFrame:
         from bin_counter.pyfunc import encode_files, max_rows
 
         images, errors = encode_files(paths)
+        records = None if records is None else list(records)
         groups, too_big = request_groups(images, set(errors), max_request_bytes(), max_rows())
         errors.update(too_big)
-        counts, confidences = [-1] * len(paths), [float("nan")] * len(paths)
+        result = unanswered(len(paths))
         for group in groups:
+            body = payload([images[i] for i in group], None if records is None else [records[i] for i in group],
+                           params)
             try:
-                answer = from_response(self.send(payload([images[i] for i in group])), len(group))
+                answer = from_response(self.send(body), len(group))
             except RequestFailed as exc:
                 log.warning("%s (%d images)", exc, len(group))
                 errors.update({i: str(exc) for i in group})
                 continue
-            for i, row in zip(group, answer.itertuples()):
-                counts[i], confidences[i] = int(row.predicted_count), float(row.confidence)
-                if isinstance(row.error, str) and row.error:
-                    errors[i] = row.error
-        return pd.DataFrame({"predicted_count": counts, "confidence": confidences,
-                             "error": [errors.get(i, "") for i in range(len(paths))]})
+            result.loc[group, list(ANSWER_COLUMNS)] = answer.to_numpy()
+        for i, reason in errors.items():
+            result.loc[i, "error"] = reason
+        return result.astype({"predicted_count": "int64", "confidence": float, "uncertainty": float,
+                              "record_p": float})
 
 
 @dataclass
@@ -219,10 +241,15 @@ class LocalModel:
 
         self.model = load_model(self.model_uri)
 
-    def __call__(self, paths: list[str]) -> pd.DataFrame:
+    def __call__(self, paths: list[str], records=None, params: dict | None = None) -> pd.DataFrame:
         from bin_counter.pyfunc import predict_files
 
-        return predict_files(self.model, paths)  # read and sent as base64 here: the model itself opens no files
+        # read and sent as base64 here: the model itself opens no files
+        answer = predict_files(self.model, paths, records, params)
+        for name, empty in ANSWER_COLUMNS.items():  # a model logged before count sets answers without them
+            if name not in answer:
+                answer[name] = empty
+        return answer
 
 
 @dataclass
@@ -273,61 +300,94 @@ class SageMakerEndpoint(RemoteModel):
 # ---- the command -----------------------------------------------------------------------------------------
 
 
-def count_images(counter: Counter, paths: list[str], batch_size: int, desc: str = "count") -> pd.DataFrame:
+def count_images(counter: Counter, paths: list[str], batch_size: int, desc: str = "count", records=None,
+                 params: dict | None = None) -> pd.DataFrame:
     """The batch-predict loop of `predict` and `evaluate`: a row per path, in order, with every column the counter
     answers; a batch the counter fails on is recorded with the reason and counting goes on."""
     parts = []
+    records = None if records is None else list(records)
     for start in tqdm(range(0, len(paths), batch_size), desc=desc, unit="batch"):
         batch = paths[start:start + batch_size]
         try:
-            parts.append(counter(batch).reset_index(drop=True))
+            part = counter(batch, None if records is None else records[start:start + batch_size], params)
+            parts.append(part.reset_index(drop=True))
         except (BinCounterError, RequestFailed) as exc:
             log.warning("batch of %d images not counted: %s", len(batch), exc)
-            parts.append(pd.DataFrame({"predicted_count": [-1] * len(batch), "confidence": [float("nan")] * len(batch),
-                                       "error": [f"{REQUEST_FAILED}: {exc}"] * len(batch)}))
+            parts.append(unanswered(len(batch), f"{REQUEST_FAILED}: {exc}"))
     if not parts:
-        return pd.DataFrame(columns=["predicted_count", "confidence", "error"])
+        return unanswered(0)
     return pd.concat(parts, ignore_index=True)
 
 
-def flag_for_check(results: pd.DataFrame, min_confidence: float) -> pd.DataFrame:
-    known = results["expected_quantity"].notna()
+def least_certain(results: pd.DataFrame, among: pd.Series, share: float) -> pd.Series:
+    """The `share` of the rows in `among` that the model is least sure of (highest uncertainty): the bins a
+    limited human budget is best spent on (the risk-coverage curve in the runs shows the ranking works)."""
+    candidates = results.loc[among, "uncertainty"].dropna()
+    take = int(math.ceil(share * len(candidates))) if share > 0 else 0
+    chosen = candidates.sort_values(ascending=False, kind="stable").index[:take]
+    return results.index.isin(chosen)
+
+
+def flag_for_check(results: pd.DataFrame, check_share: float) -> pd.DataFrame:
+    """needs_check and check_reason: unreadable or not counted; a suspect record; a record the model cannot
+    judge; and, among the bins without a record, the `check_share` least certain."""
     errors = results["error"].fillna("")
     readable = errors == ""
-    results["mismatch"] = known & readable & (results["predicted_count"] != results["expected_quantity"])
-    low = readable & (results["confidence"] < min_confidence)
-    results["needs_check"] = results["mismatch"] | low | ~readable
-    results["check_reason"] = [
-        ("not counted: the request failed" if error.startswith(REQUEST_FAILED) else "unreadable image") if error
-        else "count differs from metadata" if mis else "low confidence" if lo else ""
-        for error, mis, lo in zip(errors, results["mismatch"], low)
-    ]
+    verdict = results["record_check"].fillna("")
+    no_record = readable & results["expected_quantity"].isna()
+    unsure = least_certain(results, no_record, check_share)
+    reasons = []
+    for error, check, low in zip(errors, verdict, unsure):
+        if error:
+            reasons.append("not counted: the request failed" if error.startswith(REQUEST_FAILED) else
+                           "unreadable image")
+        elif check == SUSPECT:
+            reasons.append("record suspect: the photo contradicts the recorded quantity")
+        elif check == OUTSIDE:
+            reasons.append("record outside the counts the model knows")
+        elif low:
+            reasons.append("least certain, no record")
+        else:
+            reasons.append("")
+    results["check_reason"] = reasons
+    results["needs_check"] = results["check_reason"] != ""
     return results
 
 
-RESULT_COLUMNS = ["image_id", "predicted_count", "confidence", "expected_quantity", "mismatch", "needs_check",
-                  "check_reason", "error"]
+RESULT_COLUMNS = ["image_id", "predicted_count", "confidence", "count_set", "expected_quantity", "record_p",
+                  "record_check", "needs_check", "check_reason", "uncertainty", "error"]
 
 
-def write_results(results: pd.DataFrame, output: str, min_confidence: float) -> pd.DataFrame:
+def spreadsheet_safe(value):
+    """A cell a spreadsheet would run as a formula (=, +, -, @ first) is quoted with a leading apostrophe."""
+    return f"'{value}" if isinstance(value, str) and value[:1] in ("=", "+", "-", "@") else value
+
+
+def write_results(results: pd.DataFrame, output: str, check_share: float = DEFAULT_CHECK_SHARE) -> pd.DataFrame:
     """The counts as `output` and the bins a person should look at as <output>_manual_check.csv, both written
-    whole or not at all, and a summary for the user; `results` has image_id, expected_quantity, predicted_count,
-    confidence and error. Shared by `predict` and `transform`."""
-    results = flag_for_check(results, min_confidence)
-    results["expected_quantity"] = results["expected_quantity"].astype("Int64")
+    whole or not at all, and a summary for the user; `results` has image_id, expected_quantity and the model's
+    answer columns. Shared by `predict` and `transform`."""
+    results = flag_for_check(results, check_share)
+    results["expected_quantity"] = pd.to_numeric(results["expected_quantity"], errors="coerce").astype("Int64")
+    table = results[RESULT_COLUMNS].copy()
+    table["image_id"] = table["image_id"].map(spreadsheet_safe)
     with atomic_path(Path(output)) as path:
-        results[RESULT_COLUMNS].to_csv(path, index=False)
-    check = results[results["needs_check"]]
+        table.to_csv(path, index=False)
+    check = table[results["needs_check"].to_numpy()]
     check_path = Path(output).with_name(Path(output).stem + "_manual_check.csv")
     with atomic_path(check_path) as path:
-        check[RESULT_COLUMNS].to_csv(path, index=False)
+        check.to_csv(path, index=False)
     errors = results["error"].fillna("")
     failed = errors.str.startswith(REQUEST_FAILED)
     print(f"counted {int((errors == '').sum())} of {len(results)} images -> {output}")
-    if results["expected_quantity"].notna().any():
-        print(f"{int(results['mismatch'].sum())} disagree with the metadata's EXPECTED_QUANTITY")
-    print(f"{len(check)} bins for a manual check (confidence < {min_confidence}, mismatch, unreadable, not counted) "
-          f"-> {check_path}")
+    known = results["expected_quantity"].notna()
+    if known.any():
+        verdicts = results.loc[known, "record_check"].value_counts()
+        print(f"{int(known.sum())} recorded quantities checked: {int(verdicts.get(SUSPECT, 0))} suspect, "
+              f"{int(verdicts.get(CONSISTENT, 0))} consistent, {int(verdicts.get(OUTSIDE, 0))} outside the counts "
+              "the model knows")
+    print(f"{len(check)} bins for a manual check (suspect or unjudgeable records, the {check_share:.0%} least certain "
+          f"bins without a record, unreadable, not counted) -> {check_path}")
     for row in results[(errors != "") & ~failed].itertuples():
         print(f"  unreadable {row.image_id}: {row.error}")
     if failed.any():
@@ -337,16 +397,56 @@ def write_results(results: pd.DataFrame, output: str, min_confidence: float) -> 
     return results
 
 
-def predict(counter: Counter, source: str, output: str, min_confidence: float = 0.5,
-            batch_size: int = 16) -> pd.DataFrame:
-    """Count every image of `source` into `output`; images that could not be read or counted are listed with
-    their reason, and the results are written even when some requests failed."""
+def read_records(path: str) -> pd.DataFrame:
+    """--records FILE.csv: `expected_quantity` with `image_id` or `path` (path wins: ids repeat across days)."""
+    try:
+        frame = pd.read_csv(path, dtype={"image_id": str, "path": str})
+    except FileNotFoundError:
+        raise BinCounterError(f"--records: no such file: {path}") from None
+    except (OSError, ValueError, UnicodeError) as exc:
+        raise BinCounterError(f"--records: {path} is not a readable CSV: {one_line(exc)}") from None
+    keys = [k for k in ("path", "image_id") if k in frame.columns]
+    if "expected_quantity" not in frame.columns or not keys:
+        raise BinCounterError(f"--records: {path} needs an expected_quantity column and image_id or path")
+    quantities = pd.to_numeric(frame["expected_quantity"], errors="coerce")
+    if quantities.isna().any():
+        row = int(quantities.isna().to_numpy().argmax()) + 2
+        raise BinCounterError(f"--records: {path} line {row}: expected_quantity is not a number")
+    return frame.assign(expected_quantity=quantities)[[*keys, "expected_quantity"]]
+
+
+def attach_records(images: pd.DataFrame, records: pd.DataFrame) -> pd.DataFrame:
+    """Each image's recorded quantity from --records, over the metadata's; matched by path, else by image_id."""
+    images = images.copy()
+    given = pd.Series(float("nan"), index=images.index)
+    if "path" in records:
+        by_path = records.dropna(subset=["path"]).drop_duplicates("path", keep="last").set_index("path")
+        resolved = {str(Path(p).resolve()): q for p, q in by_path["expected_quantity"].items()}
+        given = images["path"].map(lambda p: resolved.get(str(Path(p).resolve()), float("nan")))
+    if "image_id" in records:
+        by_id = records.dropna(subset=["image_id"]).drop_duplicates("image_id", keep="last").set_index("image_id")
+        given = given.fillna(images["image_id"].astype(str).map(by_id["expected_quantity"]))
+    images["expected_quantity"] = given.fillna(pd.to_numeric(images["expected_quantity"], errors="coerce"))
+    return images
+
+
+def predict(counter: Counter, source: str, output: str, batch_size: int = 16, coverage: float | None = None,
+            false_alarm: float | None = None, records: str | None = None,
+            check_share: float = DEFAULT_CHECK_SHARE) -> pd.DataFrame:
+    """Count every image of `source` into `output`, with count sets and the check of each recorded quantity;
+    images that could not be read or counted are listed with their reason, and the results are written even
+    when some requests failed."""
+    params = {k: v for k, v in (("coverage", coverage), ("false_alarm", false_alarm)) if v is not None}
+    record_table = read_records(records) if records else None
     with tempfile.TemporaryDirectory() as tmp:
         images = collect(source, Path(tmp))
         if images.empty:
             raise BinCounterError(f"no images in {source}")
-        counts = count_images(counter, list(images["path"]), batch_size)
-        return write_results(pd.concat([images.reset_index(drop=True), counts], axis=1), output, min_confidence)
+        if record_table is not None:
+            images = attach_records(images, record_table)
+        counts = count_images(counter, list(images["path"]), batch_size, records=images["expected_quantity"],
+                              params=params)
+        return write_results(pd.concat([images.reset_index(drop=True), counts], axis=1), output, check_share)
 
 
 def make_counter(model_uri: str | None, endpoint: str | None, url: str | None, region: str | None) -> Counter:

@@ -394,16 +394,17 @@ def run(cfg: PrepareConfig) -> PrepareResult:
     from bin_counter.config import as_params
 
     with tracking.run("prepare"):
-        tracking.log_params({f"prepare.{k}": v for k, v in as_params(cfg).items()})
+        tracking.log_params({f"prepare.{k}": v for k, v in as_params(cfg).items() if v != ""})
         result = prepare(cfg)
         log.info(summary(result))
         if cfg.upload:
             stats = upload_prepared(result, cfg.upload, cfg.workers, cfg.anonymous)
             log.info("uploaded %d files to %s, %d already there", stats.transferred, cfg.upload, stats.skipped)
-            mlflow.log_metrics({"uploaded": stats.transferred, "upload_skipped": stats.skipped})
-        tracking.log_dataset(result.manifest, str(Path(cfg.out).resolve()), "abid", context="prepare")
-        mlflow.log_metrics({"images": len(result.manifest), "rejected": len(result.rejected),
-                            "downloaded": result.downloaded})
+            mlflow.log_metrics({"prepare/uploaded": stats.transferred, "prepare/upload_skipped": stats.skipped})
+        dataset = tracking.log_dataset(result.manifest, str(Path(cfg.out).resolve()), "abid", context="prepare")
+        mlflow.set_tag("dataset_digest", dataset.digest)
+        mlflow.log_metrics({"prepare/images": len(result.manifest), "prepare/rejected": len(result.rejected),
+                            "prepare/downloaded": result.downloaded})
         table = result.manifest.groupby(["count", "split"]).size().unstack(fill_value=0).reset_index()
         tracking.log_frame(table, "class_histogram")
         tracking.log_figure(plots.class_histogram(result.manifest, result.classes), "class_histogram.png")

@@ -13,11 +13,13 @@ from mlflow.exceptions import MlflowException
 
 from bin_counter import BinCounterError, tracking
 from bin_counter.commands.evaluate import evaluate_model
+from bin_counter.core import metrics
 from bin_counter.core.manifest import read_split
 from bin_counter.pyfunc import load_model
 
 log = logging.getLogger(__name__)
 LOWER_IS_BETTER = {"mae", "rmse"}
+PROMOTABLE = ("f1_macro", "accuracy", "mae", "rmse", "within_one", "precision_macro", "recall_macro", "f1_weighted")
 CHAMPION, CHALLENGER = "champion", "challenger"
 
 
@@ -46,11 +48,21 @@ def current_champion(client: mlflow.MlflowClient, name: str):
         return None
 
 
-def score(name: str, version, frame, classes, metric: str) -> float:
-    report = evaluate_model(load_model(f"models:/{name}/{version.version}"), frame, classes)
-    if metric not in report.metrics:
-        raise BinCounterError(f"unknown metric {metric!r}; use accuracy, f1_macro, precision_macro, mae, rmse, ...")
-    return float(report.metrics[metric])
+def score(name: str, version, frame, classes, metric: str, role: str, dataset) -> float:
+    """The version's `metric` on the split, logged as `<role>/<metric>` and linked to the version's model."""
+    model = load_model(f"models:/{name}/{version.version}")
+    report = evaluate_model(model, frame, classes)
+    value = float(report.metrics[metric])
+    mlflow.log_metric(metrics.metric_key(role, metric), value, model_id=model.model_id, dataset=dataset)
+    return value
+
+
+def metric_name(metric: str) -> str:
+    """The quantity a promotion compares; `test/f1_macro` and the names before 0.2 (`test_f1_macro`) say the same."""
+    name = metrics.bare_metric_name(metric)
+    if name not in PROMOTABLE:
+        raise BinCounterError(f"unknown metric {metric!r}; use one of {', '.join(PROMOTABLE)}")
+    return name
 
 
 def is_better(candidate: float, champion: float, metric: str, min_gain: float) -> bool:
@@ -61,13 +73,15 @@ def is_better(candidate: float, champion: float, metric: str, min_gain: float) -
 def promote(name: str, data: str, version: str | None = None, run_id: str | None = None, metric: str = "f1_macro",
             min_gain: float = 0.0, split: str = "test") -> dict:
     """`bin-counter promote`; returns the decision and both scores."""
+    metric = metric_name(metric)
     client = mlflow.MlflowClient()
     frame, classes = read_split(Path(data), split)
-    digest = tracking.dataset_digest(frame)
     candidate = candidate_version(client, name, version, run_id)
     champion = current_champion(client, name)
-    with tracking.run("promote", model=name):
-        candidate_score = score(name, candidate, frame, classes, metric)
+    with tracking.run("promote", title=tracking.run_title("promote", name, f"v{candidate.version}"), model=name):
+        dataset = tracking.log_dataset(frame, str(Path(data).resolve()), f"abid-{split}", context=split)
+        digest = dataset.digest
+        candidate_score = score(name, candidate, frame, classes, metric, "candidate", dataset)
         champion_score = None
         if champion is None:
             decision, alias = "first champion", CHAMPION
@@ -75,21 +89,19 @@ def promote(name: str, data: str, version: str | None = None, run_id: str | None
             decision, alias = "already champion", CHAMPION
             champion_score = candidate_score
         else:
-            champion_score = score(name, champion, frame, classes, metric)
+            champion_score = score(name, champion, frame, classes, metric, "champion", dataset)
             better = is_better(candidate_score, champion_score, metric, min_gain)
             decision, alias = ("better than champion", CHAMPION) if better else ("not better than champion", CHALLENGER)
         client.set_registered_model_alias(name, alias, candidate.version)
         tags = {"promotion_decision": decision, "promotion_metric": metric,
-                f"candidate_{metric}": f"{candidate_score:.4f}",
+                f"candidate/{metric}": f"{candidate_score:.4f}",
                 "data_digest": digest, "promotion_split": split}
         if champion is not None:
-            tags.update({f"champion_{metric}": f"{champion_score:.4f}", "compared_with_version": str(champion.version)})
+            tags.update({f"champion/{metric}": f"{champion_score:.4f}", "compared_with_version": str(champion.version)})
         for key, value in tags.items():
             client.set_model_version_tag(name, candidate.version, key, value)
         tracking.log_params({"model": name, "candidate_version": candidate.version, "metric": metric,
-                           "min_gain": min_gain, "champion_version": str(champion.version) if champion else ""})
-        mlflow.log_metrics({f"candidate_{metric}": candidate_score,
-                            **({f"champion_{metric}": champion_score} if champion_score is not None else {})})
+                             "min_gain": min_gain, **({"champion_version": str(champion.version)} if champion else {})})
     versus = f" vs champion v{champion.version} {champion_score:.4f}" if champion is not None else ""
     print(f"{name} v{candidate.version}: {metric} {candidate_score:.4f}{versus} -> {decision}; alias @{alias}")
     return {"decision": decision, "alias": alias, "candidate": candidate_score, "champion": champion_score,

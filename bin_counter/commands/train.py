@@ -18,10 +18,12 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
-from bin_counter import BinCounterError, one_line, plots, tracking
+from bin_counter import BinCounterError, one_line, plots, reports, tracking
 from bin_counter.cloud import s3
 from bin_counter.config import TrainConfig, as_params
 from bin_counter.core import checkpoint, distributed, heads, metrics
+from bin_counter.core.answers import answer_frame
+from bin_counter.core.calibration import CountCalibration
 from bin_counter.core.data import ManifestImages, dihedral_views, eval_transform, make_loader, train_transform
 from bin_counter.core.debugger import Rules
 from bin_counter.core.engine import mean_over_views
@@ -240,9 +242,18 @@ def epoch_row(epoch: int, train_stats: dict, val: dict, val_metrics: dict) -> di
             "images_per_s": train_stats["images_per_s"]}
 
 
+# the history's columns under the metric vocabulary (metrics.metric_key): the split first
+EPOCH_METRICS = {"train_loss": "train/loss", "train_accuracy": "train/accuracy", "val_loss": "val/loss",
+                 "val_accuracy": "val/accuracy", "val_precision": "val/precision_macro",
+                 "val_recall": "val/recall_macro", "val_f1": "val/f1_macro", "val_mae": "val/mae",
+                 "grad_norm": "train/grad_norm", "grad_norm_max": "train/grad_norm_max",
+                 "epoch_seconds": "train/epoch_seconds", "images_per_s": "train/images_per_s", "head_c": "train/head_c"}
+
+
 def log_epoch_to_run(epoch: int, row: dict, findings: list) -> None:
     """The command's epoch callback: the epoch's metrics and the debugger's findings into the MLflow run."""
-    mlflow.log_metrics({k: v for k, v in row.items() if k != "epoch" and np.isfinite(v)}, step=epoch)
+    mlflow.log_metrics({EPOCH_METRICS.get(k, f"train/{k}"): v for k, v in row.items()
+                        if k != "epoch" and np.isfinite(v)}, step=epoch)
     for finding in findings:
         mlflow.set_tag(*finding.as_tag())
 
@@ -254,6 +265,7 @@ class FitResult:
     best_val: dict
     findings: list = field(default_factory=list)
     stopped: str | None = None  # why training stopped early (NaN loss), if it did
+    held_out: tuple[np.ndarray, np.ndarray] | None = None  # a solved head's out-of-fold (probabilities, labels)
 
 
 @dataclass
@@ -410,7 +422,7 @@ def solve_head(cfg: TrainConfig, model: CountingModel, loaders: Loaders, classes
         log_epoch(1, row, [])
     if on_epoch is not None:
         on_epoch(1, row)
-    return FitResult(pd.DataFrame([row]), 1, row)
+    return FitResult(pd.DataFrame([row]), 1, row, held_out=(fitted.oof_probs, labels.numpy()))
 
 
 @dataclass
@@ -433,24 +445,40 @@ def split_frames(data: str) -> dict[str, pd.DataFrame]:
     return frames
 
 
-def test_split_metrics(cfg: TrainConfig, loaders: Loaders, classes: list[int], device: torch.device) -> dict | None:
-    """The best epoch's model on the test split, through the same (cached) inputs as training."""
+def held_out_probabilities(loaders: Loaders, result: FitResult, criterion, device, tta: bool):
+    """(probabilities, class indices) no head saw when fitting: out of fold for the solved head, else the
+    validation split. The calibration is fitted on these."""
+    if result.held_out is not None:
+        return result.held_out
+    val = evaluate_epoch(loaders.net, criterion, loaders.val, device, tta)
+    return val["probs"], val["y_true"]
+
+
+def fit_calibration(cfg: TrainConfig, loaders: Loaders, result: FitResult, classes: list[int],
+                    device: torch.device) -> CountCalibration:
+    criterion = make_criterion(cfg, classes, loaders.train_counts).to(device)
+    probs, labels = held_out_probabilities(loaders, result, criterion, device, cfg.tta)
+    fitted = CountCalibration.fit(probs, labels, cfg.coverage, cfg.false_alarm)
+    log.info("calibration: temperature %.3f fitted on %d held-out images", fitted.temperature, len(labels))
+    return fitted
+
+
+def test_split_report(cfg: TrainConfig, loaders: Loaders, frames: dict[str, pd.DataFrame], classes: list[int],
+                      device: torch.device, calibration: CountCalibration) -> reports.Report | None:
+    """The best epoch's model on the test split, through the same (cached) inputs as training and the same
+    answers as the served model (answers.answer_frame)."""
     if loaders.test is None:
         return None
     test = evaluate_epoch(loaders.net, make_criterion(cfg, classes, loaders.train_counts).to(device), loaders.test,
                           device, cfg.tta)
-    result = split_metrics(test, classes, cfg.decoding)
-    result["loss"] = test["loss"]
-    result["rows"], result["probs"] = test["rows"], test["probs"]
-    return result
-
-
-def test_predictions(frame: pd.DataFrame, test: dict, classes: list[int]) -> pd.DataFrame:
-    """Each test image's probabilities as training measured them: what the served model must reproduce."""
-    table = frame.iloc[test["rows"]][["image_id", "count"]].reset_index(drop=True)
-    for j, count in enumerate(classes):
-        table[f"prob_{count}"] = test["probs"][:, j]
-    return table
+    rows = frames["test"].iloc[test["rows"]] if not cfg.stream else \
+        pd.DataFrame({"image_id": test["rows"].astype(str), "count": np.asarray(classes)[test["y_true"]]})
+    table = rows[[c for c in ("image_id", "count", "abs_path") if c in rows]].reset_index(drop=True)
+    table = pd.concat([table, answer_frame(test["probs"], classes, cfg.decoding, calibration)], axis=1)
+    table["error"] = ""
+    report = reports.split_report(table, classes)
+    report.metrics.update(loss=test["loss"], raw_probs=test["probs"], y_true=test["y_true"])
+    return report
 
 
 def profiled_fit(cfg: TrainConfig, model, loaders: Loaders, classes, device, on_epoch, rules: Rules,
@@ -494,7 +522,7 @@ def resume_state(cfg: TrainConfig, digest: str) -> dict | None:
     path = checkpoint.latest(cfg.checkpoint_dir) if cfg.resume == "latest" else \
         checkpoint.path_for(cfg.checkpoint_dir, cfg.resume)
     state = checkpoint.load(path)
-    ignored = {"resume", "run_name", "register_as", "num_workers", "profile", "checkpoint_dir"}
+    ignored = {"resume", "run_name", "register_as", "num_workers", "profile", "checkpoint_dir", "recipe"}
     mine = {k: v for k, v in as_params(cfg).items() if k not in ignored}
     theirs = {k: v for k, v in state["config"].items() if k not in ignored}
     if theirs.get("data_digest") != digest:
@@ -554,31 +582,62 @@ def example_images(cfg: TrainConfig, frames: dict[str, pd.DataFrame], tmp: Path)
     return [str(p) for p in paths]
 
 
+def model_description(cfg: TrainConfig, test_metrics: dict | None) -> tuple[str, dict[str, str]]:
+    """The logged model's `model_type` and tags: what tells one model from another in the Models tab."""
+    tags = {"bin_counter.backbone": cfg.backbone, "bin_counter.recipe": cfg.recipe, "bin_counter.head": cfg.head,
+            "bin_counter.image_size": str(cfg.image_size), "bin_counter.decode": cfg.decode}
+    if test_metrics is not None:
+        tags.update({f"test/{k}": f"{test_metrics[k]:.4f}" for k in metrics.HEADLINE})
+    return f"{cfg.backbone} {cfg.recipe}", tags
+
+
+def log_split_datasets(cfg: TrainConfig, frames: dict[str, pd.DataFrame]) -> dict:
+    """train, val and test as three MLflow datasets of the run (the target is `count`), keyed by split."""
+    source = cfg.data if cfg.data.startswith("s3://") else str(Path(cfg.data).resolve())
+    return {split: tracking.log_dataset(frame, source, f"abid-{split}", context=split)
+            for split, frame in frames.items()}
+
+
+def log_test_report(report: reports.Report, frames, model_id, dataset) -> None:
+    """The test split under the same keys and with the same plots as an `evaluate` run."""
+    baseline = metrics.majority_baseline(frames["train"]["count"], frames["test"]["count"])
+    mlflow.log_metric(metrics.metric_key("test", "majority_accuracy"), baseline, model_id=model_id, dataset=dataset)
+    reports.log_report(report, "test", model_id, dataset)
+
+
 def log_outcome(cfg: TrainConfig, model, loaders: Loaders, result: FitResult, frames, classes, device,
-                save_model: bool) -> tuple[dict | None, str | None]:
+                save_model: bool, datasets: dict) -> tuple[dict | None, str | None]:
     """History, test metrics and (optionally) the best epoch's model, into the active run."""
     if result.best_epoch == 0:
         raise BinCounterError(f"training stopped: {result.stopped}, before any epoch had a finite loss; "
                               "no model was kept. Lower --lr.")
-    mlflow.log_metrics({"best_epoch": result.best_epoch, "best_val_loss": result.best_val["val_loss"]})
-    tracking.log_figure(plots.history(result.history), "training_history.png")
+    mlflow.log_metrics({"train/best_epoch": result.best_epoch, "val/best_loss": result.best_val["val_loss"]})
+    if len(result.history) > 1:  # a solved head has one "epoch": nothing to draw a curve through
+        tracking.log_figure(plots.history(result.history), "training_history.png")
     tracking.log_frame(result.history, "history")
-    test_metrics = test_split_metrics(cfg, loaders, classes, device)
-    if test_metrics is not None:
-        mlflow.log_metrics(metrics.scalar_metrics(test_metrics, prefix="test_"))
-        if not cfg.stream:  # shard positions are not manifest rows
-            tracking.log_frame(test_predictions(frames["test"], test_metrics, classes), "test_predictions")
-        log.info("test accuracy %.3f, macro F1 %.3f, MAE %.3f (best epoch %d)", test_metrics["accuracy"],
-                 test_metrics["f1_macro"], test_metrics["mae"], result.best_epoch)
-    model_uri = None
+    calibration = fit_calibration(cfg, loaders, result, classes, device)
+    mlflow.log_metric("train/temperature", calibration.temperature)
+    report = test_split_report(cfg, loaders, frames, classes, device, calibration)
+    test_metrics = report.metrics if report else None
+    model_info = None
     if save_model:
         config = {"backbone": cfg.backbone, "classes": classes, "image_size": cfg.image_size,
                   "best_epoch": result.best_epoch, "tta": cfg.tta, "decoding": cfg.decoding,
-                  "int8": cfg.int8}
+                  "int8": cfg.int8, "calibration": calibration.as_dict()}
+        model_type, tags = model_description(cfg, test_metrics)
         with tempfile.TemporaryDirectory() as tmp:
-            model_uri = log_model(model.cpu(), config, example_images(cfg, frames, Path(tmp)),
-                                  cfg.register_as, calibration_images(cfg, frames)).model_uri
-    return test_metrics, model_uri
+            model_info = log_model(model.cpu(), config, example_images(cfg, frames, Path(tmp)),
+                                   cfg.register_as, calibration_images(cfg, frames), model_type=model_type,
+                                   tags=tags)
+        if cfg.register_as and model_info.registered_model_version:
+            mlflow.MlflowClient().update_model_version(
+                cfg.register_as, model_info.registered_model_version,
+                reports.model_card(cfg, test_metrics, datasets, model_info.model_uri))
+    if report is not None:
+        log_test_report(report, frames, model_info.model_id if model_info else None, datasets.get("test"))
+        log.info("test accuracy %.3f, macro F1 %.3f, MAE %.3f (best epoch %d)", test_metrics["accuracy"],
+                 test_metrics["f1_macro"], test_metrics["mae"], result.best_epoch)
+    return test_metrics, model_info.model_uri if model_info else None
 
 
 def train(cfg: TrainConfig, on_epoch=None, save_model: bool = True, parent_run_id: str | None = None) -> TrainResult:
@@ -598,8 +657,9 @@ def train(cfg: TrainConfig, on_epoch=None, save_model: bool = True, parent_run_i
     frames = split_frames(cfg.data)
     digest = data_digest(frames)
     resumed = resume_state(cfg, digest)
-    mlflow_run = tracking.run(cfg.run_name or f"train-{cfg.backbone}", parent_run_id,
-                              run_id=resumed["run_id"] if resumed else None, backbone=cfg.backbone) \
+    mlflow_run = tracking.run("train", parent_run_id, run_id=resumed["run_id"] if resumed else None,
+                              title=cfg.run_name or tracking.run_title("train", cfg.backbone, cfg.recipe),
+                              backbone=cfg.backbone, recipe=cfg.recipe) \
         if ctx.main else nullcontext()
     with mlflow_run as active:
         run_id = distributed.broadcast(active.info.run_id if active else None)
@@ -608,10 +668,11 @@ def train(cfg: TrainConfig, on_epoch=None, save_model: bool = True, parent_run_i
         model = create_model(cfg.backbone, len(classes), cfg.weights).to(device)
         trainable = freeze(model, cfg.unfreeze_last)
         if not resumed and ctx.main:  # a resumed run already has them
-            tracking.log_params({**as_params(cfg), **trainable, "device": device.type,
+            tracking.log_params({**cfg.result_settings(), **trainable, "device": device.type,
                                  "classes": ",".join(map(str, classes))})
-            tracking.log_dataset(pd.concat(frames.values()), str(Path(cfg.data).resolve()), "abid", context="training")
+            mlflow.set_tag("dataset_digest", digest)
             mlflow.log_dict(cfg.reproducible(), "config.yaml")  # `train --config` it to train the same again
+        datasets = log_split_datasets(cfg, frames) if ctx.main else {}
         rules = start_rules(frames, classes, tag_run=ctx.main)
         loaders = build_loaders(cfg, model, frames, classes, device)
         checkpointing = Checkpointing(checkpoint.path_for(cfg.checkpoint_dir, run_id), run_id, resumed, digest) \
@@ -629,7 +690,8 @@ def train(cfg: TrainConfig, on_epoch=None, save_model: bool = True, parent_run_i
                                   f"to continue run {run_id}") from None
         test_metrics, model_uri = None, None
         if ctx.main:
-            test_metrics, model_uri = log_outcome(cfg, model, loaders, result, frames, classes, device, save_model)
+            test_metrics, model_uri = log_outcome(cfg, model, loaders, result, frames, classes, device, save_model,
+                                                    datasets)
             if checkpointing:
                 checkpointing.path.unlink(missing_ok=True)  # finished: nothing left to resume
         if result.stopped:  # raised inside the run, so MLflow marks it FAILED; the best epoch's model is kept

@@ -28,7 +28,16 @@ import pandas as pd
 
 from bin_counter import BinCounterError
 from bin_counter.cloud import s3
-from bin_counter.commands.predict import REQUEST_FAILED, collect, write_results
+from bin_counter.commands.predict import (
+    ANSWER_COLUMNS,
+    DEFAULT_CHECK_SHARE,
+    REQUEST_FAILED,
+    attach_records,
+    collect,
+    payload,
+    read_records,
+    write_results,
+)
 from bin_counter.tracking import redact_uri
 
 log = logging.getLogger(__name__)
@@ -38,13 +47,12 @@ INDEX = "index.json"
 JOB_NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$")  # SageMaker's rule for transform job names
 
 
-def request_body(images: list[str]) -> bytes:
+def request_body(images: list[str], records: list[int | None] | None = None, params: dict | None = None) -> bytes:
     # on_error=skip: one unreadable photo gets a row with its reason instead of failing its whole request file
-    return json.dumps({"dataframe_split": {"columns": ["image"], "data": [[b] for b in images]},
-                       "params": {"on_error": "skip"}}).encode()
+    return payload(images, records, params)
 
 
-def stage_requests(images: pd.DataFrame, folder: Path) -> dict:
+def stage_requests(images: pd.DataFrame, folder: Path, params: dict | None = None) -> dict:
     """Request files in `folder` and the index that maps their rows back to images.
 
     An image that cannot be read here, or alone exceeds a request, is not sent; the index keeps it with its reason.
@@ -56,12 +64,13 @@ def stage_requests(images: pd.DataFrame, folder: Path) -> dict:
         nonlocal current, size
         if current:
             name = f"part-{len(parts):05d}.json"
-            (folder / name).write_bytes(request_body([row.pop("b64") for row in current]))
+            (folder / name).write_bytes(request_body([row.pop("b64") for row in current],
+                                                     [row["expected_quantity"] for row in current], params))
             parts.append({"file": name, "rows": current})
         current, size = [], 0
 
     for row in images.itertuples():
-        expected = None if pd.isna(row.expected_quantity) else int(row.expected_quantity)
+        expected = None if pd.isna(row.expected_quantity) else float(row.expected_quantity)
         entry = {"image_id": str(row.image_id), "expected_quantity": expected}
         try:
             b64 = base64.b64encode(Path(row.path).read_bytes()).decode()
@@ -163,22 +172,30 @@ def join(staging: str) -> pd.DataFrame:
                 raise s3.explain(exc, staging) from None
             predictions, reason = None, f"{REQUEST_FAILED}: the transform job wrote no output for {part['file']}"
         for i, entry in enumerate(part["rows"]):
-            answer = predictions[i] if predictions else {}
-            # a row the model could not read comes back with null (JSON's NaN) count and confidence
-            count, confidence = number(answer.get("predicted_count")), number(answer.get("confidence"))
             rows.append({"image_id": entry["image_id"], "expected_quantity": entry["expected_quantity"],
-                         "predicted_count": -1 if math.isnan(count) else int(count), "confidence": confidence,
-                         "error": reason or str(answer.get("error") or "")})
+                         **answer_row(predictions[i] if predictions else {}, reason)})
     for entry in index["skipped"]:
         rows.append({"image_id": entry["image_id"], "expected_quantity": entry["expected_quantity"],
-                     "predicted_count": -1, "confidence": float("nan"), "error": entry["error"]})
-    return pd.DataFrame(rows, columns=["image_id", "expected_quantity", "predicted_count", "confidence", "error"])
+                     **answer_row({}, entry["error"])})
+    return pd.DataFrame(rows, columns=["image_id", "expected_quantity", *ANSWER_COLUMNS])
+
+
+def answer_row(answer: dict, reason: str) -> dict:
+    """One image's answer from the job's JSON, with predict's columns; a row the model could not read comes back
+    with null (JSON's NaN) numbers, a model logged before count sets without their columns."""
+    count = number(answer.get("predicted_count"))
+    row = {name: answer.get(name) if answer.get(name) is not None else empty for name, empty in ANSWER_COLUMNS.items()}
+    row.update(predicted_count=-1 if math.isnan(count) else int(count), confidence=number(answer.get("confidence")),
+               uncertainty=number(answer.get("uncertainty")), record_p=number(answer.get("record_p")),
+               error=reason or str(answer.get("error") or ""))
+    return row
 
 
 def transform(model_uri: str, source: str, staging: str, region: str, execution_role_arn: str | None = None,
               image_url: str | None = None, instance_type: str = "ml.m5.large", instance_count: int = 1,
-              job_name: str | None = None, output: str = "results.csv", min_confidence: float = 0.5,
-              timeout_seconds: int = 3600, dry_run: bool = False) -> pd.DataFrame | dict:
+              job_name: str | None = None, output: str = "results.csv", timeout_seconds: int = 3600,
+              dry_run: bool = False, coverage: float | None = None, false_alarm: float | None = None,
+              records: str | None = None, check_share: float = DEFAULT_CHECK_SHARE) -> pd.DataFrame | dict:
     """Stage `source`'s photos, run the batch transform job, join its output into `output`."""
 
     if not staging.startswith("s3://"):
@@ -193,9 +210,12 @@ def transform(model_uri: str, source: str, staging: str, region: str, execution_
         images = collect(source, Path(tmp) / "images")
         if images.empty:
             raise BinCounterError(f"no images in {source}")
+        if records:
+            images = attach_records(images, read_records(records))
         requests_dir = Path(tmp) / "requests"
         requests_dir.mkdir()
-        index = stage_requests(images, requests_dir)
+        params = {k: v for k, v in (("coverage", coverage), ("false_alarm", false_alarm)) if v is not None}
+        index = stage_requests(images, requests_dir, params)
         if dry_run:
             plan = {"deploy_transform_job": request, "images": len(images), "request_files": len(index["parts"]),
                     "not_sent": len(index["skipped"])}
@@ -214,10 +234,10 @@ def transform(model_uri: str, source: str, staging: str, region: str, execution_
         raise BinCounterError(redact_uri(f"transform job {job} failed: {reason} (when it completes later: "
                                          f"bin-counter transform --join {job_staging})")) from None
     print(f"transform job {job} completed; joining {job_staging}/output/")
-    return write_results(join(job_staging), output, min_confidence)
+    return write_results(join(job_staging), output, check_share)
 
 
-def join_command(staging: str, output: str, min_confidence: float) -> pd.DataFrame:
+def join_command(staging: str, output: str, check_share: float = DEFAULT_CHECK_SHARE) -> pd.DataFrame:
     if not staging.startswith("s3://"):
         raise BinCounterError(f"--join takes the job's s3://bucket/prefix/JOB, got {staging!r}")
-    return write_results(join(staging.rstrip("/")), output, min_confidence)
+    return write_results(join(staging.rstrip("/")), output, check_share)

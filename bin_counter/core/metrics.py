@@ -58,13 +58,37 @@ def classification_metrics(y_true, y_pred, classes: list[int]) -> dict:
     return out
 
 
-def scalar_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
-    """The numbers of `classification_metrics` flattened for mlflow.log_metrics, per class included."""
-    flat = {f"{prefix}{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
+HEADLINE = ("accuracy", "f1_macro", "mae")  # what the runs table and a promotion look at first
+
+
+def metric_key(split: str, name: str) -> str:
+    """One vocabulary for every run: `test/accuracy`, `val/loss`, `train/loss`. MLflow's chart view groups keys by
+    the part before the `/` (as it does for `system/`), so each split's figures sit together."""
+    return f"{split}/{name}"
+
+
+def per_class_key(split: str, name: str, count: int) -> str:
+    """Per-count figures get a group of their own, so they do not bury the headline ones."""
+    return f"{split}_per_class/{name}_{count}"
+
+
+# The names logged before 0.2 (`test_accuracy`, `candidate_f1_macro`...), accepted where a user names a metric.
+def bare_metric_name(name: str) -> str:
+    """`test/f1_macro`, `test_f1_macro` or `f1_macro` -> `f1_macro`: the quantity, whatever split named it."""
+    name = name.split("/", 1)[-1]
+    for old_prefix in ("test_", "val_", "candidate_", "champion_", "best_test_"):
+        if name.startswith(old_prefix) and name[len(old_prefix):]:
+            return name[len(old_prefix):]
+    return name
+
+
+def scalar_metrics(metrics: dict, split: str) -> dict[str, float]:
+    """The numbers of `classification_metrics` flattened for mlflow.log_metrics under the split's names."""
+    flat = {metric_key(split, k): v for k, v in metrics.items() if isinstance(v, (int, float))}
     table = metrics["per_class"]
     for name in ("precision", "recall", "f1"):
         for count, value in zip(table["class"], table[name]):
-            flat[f"{prefix}{name}_class_{count}"] = float(value)
+            flat[per_class_key(split, name, int(count))] = float(value)
     return flat
 
 
@@ -93,4 +117,8 @@ def json_ready(metrics: dict) -> dict:
         for _, row in metrics["per_class"].iterrows()
     }
     out["confusion_matrix"] = metrics["confusion"].tolist()
+    if "sets_per_count" in metrics:
+        out["count_sets"] = {str(int(r["count"])): {"coverage": r["coverage"], "mean_set_size": r["mean_set_size"],
+                                                    "images": int(r["images"])}
+                             for _, r in metrics["sets_per_count"].iterrows()}
     return out

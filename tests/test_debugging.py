@@ -40,9 +40,9 @@ def test_nan_loss_stops_with_clear_error_and_keeps_best_epoch(tiny_data, tmp_pat
                           num_workers=0, epochs=5, lr=1e6,
                           cache_dir=str(tmp_path / "cache")))
     run = mlflow.last_active_run()
-    assert "debugger.nan_loss" in run.data.tags and run.data.metrics["best_epoch"] == 1
+    assert "debugger.nan_loss" in run.data.tags and run.data.metrics["train/best_epoch"] == 1
     assert run.info.status == "FAILED"
-    assert len(mlflow.MlflowClient().get_metric_history(run.info.run_id, "val_loss")) == 1  # NaN is not logged
+    assert len(mlflow.MlflowClient().get_metric_history(run.info.run_id, "val/loss")) == 1  # NaN is not logged
 
 
 def test_nan_in_the_first_epoch_keeps_nothing(tiny_data, tmp_path):

@@ -135,7 +135,7 @@ def test_entry_script_resumes_a_reclaimed_spot_job(tiny_data, tmp_path):
     second = subprocess.run(args, cwd=code, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-2000:]
     assert "resuming after epoch" in second.stderr and f"run_id: {saved.stem}" in second.stdout
-    assert len(mlflow.MlflowClient().get_metric_history(saved.stem, "val_loss")) == 4
+    assert len(mlflow.MlflowClient().get_metric_history(saved.stem, "val/loss")) == 4
 
 
 def test_entry_script_is_a_real_file_that_drops_sagemakers_arguments_and_resumes(tmp_path):

@@ -42,7 +42,7 @@ def test_sigterm_then_resume_matches_an_uninterrupted_run(tiny_data, tmp_path):
     resumed = train(TrainConfig(data=str(tiny_data), checkpoint_dir=str(checkpoints), resume="latest", **OPTIONS),
                     save_model=False)
     assert resumed.run_id == run_id and mlflow.get_run(run_id).info.status == "FINISHED"
-    history = mlflow.MlflowClient().get_metric_history(run_id, "val_loss")
+    history = mlflow.MlflowClient().get_metric_history(run_id, "val/loss")
     # epochs 1-5 are all in the run; an epoch logged just before SIGTERM but not yet checkpointed is trained and
     # logged again (at most one repeat), and every logged value is the uninterrupted run's
     assert {m.step for m in history} == {1, 2, 3, 4, 5} and len(history) <= 6

@@ -67,8 +67,8 @@ def test_promote_moves_champion_only_on_real_gain(use_registry, tiny_data):
     assert str(client.get_model_version_by_alias("bins", "challenger").version) == "2"
     tags = client.get_model_version("bins", "2").tags
     assert tags["promotion_decision"] == "not better than champion" and tags["compared_with_version"] == "1"
-    assert float(tags["candidate_f1_macro"]) == pytest.approx(held["candidate"], abs=1e-4)
-    assert float(tags["champion_f1_macro"]) == pytest.approx(held["champion"], abs=1e-4)
+    assert float(tags["candidate/f1_macro"]) == pytest.approx(held["candidate"], abs=1e-4)
+    assert float(tags["champion/f1_macro"]) == pytest.approx(held["champion"], abs=1e-4)
     assert tags["data_digest"]
     # any gain above -1 wins: v2 takes the champion alias
     won = promote("bins", str(tiny_data), version="2", min_gain=-1.0)
@@ -88,14 +88,20 @@ def test_promote_moves_champion_only_on_real_gain(use_registry, tiny_data):
     assert (held["decision"], held["alias"]) == ("not better than champion", "challenger")
     assert str(client.get_model_version_by_alias("bins", "champion").version) == str(champion)
     tags = client.get_model_version("bins", other).tags
-    assert tags["promotion_metric"] == "mae" and float(tags["candidate_mae"]) == pytest.approx(held["candidate"],
+    assert tags["promotion_metric"] == "mae" and float(tags["candidate/mae"]) == pytest.approx(held["candidate"],
                                                                                                abs=1e-4)
     # ... and with no margin the candidate wins exactly when its MAE is lower (higher would win if the sign were lost)
     lower = promote("bins", str(tiny_data), version=other, metric="mae", min_gain=0.0)
     assert lower["decision"] == ("better than champion" if lower["candidate"] < lower["champion"]
                                  else "not better than champion")
-    # allowed to be up to 10 counts of MAE worse, any candidate takes the alias
-    assert promote("bins", str(tiny_data), version=other, metric="mae", min_gain=-10.0)["alias"] == "champion"
+    # allowed to be up to 10 counts of MAE worse, any candidate takes the alias; the names before 0.2 still work
+    assert promote("bins", str(tiny_data), version=other, metric="test_mae", min_gain=-10.0)["alias"] == "champion"
+    # the promotion's scores are linked to the model they measured, with the split they were measured on
+    promote_run = mlflow.last_active_run()
+    candidate_model = mlflow.MlflowClient().get_model_version("bins", other).model_id
+    logged = mlflow.MlflowClient().get_logged_model(candidate_model)
+    assert any(m.key == "candidate/mae" and m.run_id == promote_run.info.run_id and m.dataset_name == "abid-test"
+               for m in logged.metrics)
     promote("bins", str(tiny_data), version="1", min_gain=-10.0)  # v1 champion again for the serving tests
     assert str(client.get_model_version_by_alias("bins", "champion").version) == "1"
 
@@ -129,7 +135,7 @@ def test_promote_run_id_through_the_cli(use_registry, tiny_data, capsys):
 def test_registered_version_holds_the_best_epoch(use_registry):
     version = mlflow.MlflowClient().get_model_version("bins", "1")
     run = mlflow.get_run(version.run_id)
-    history = [m.value for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, "val_loss")]
+    history = [m.value for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, "val/loss")]
     config = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/model/artifacts/config.json")
     assert config["best_epoch"] == 1 + history.index(min(history))
 
@@ -157,6 +163,19 @@ def test_served_model_over_http(use_registry, tiny_data, tmp_path):
         # the same images through the registered model in-process give the same counts
         local = LocalModel("models:/bins@champion")(images)
         assert [r["predicted_count"] for r in rows] == list(local["predicted_count"])
+        # with recorded quantities: count sets and the record check, as in-process
+        recorded = {"dataframe_split": {"columns": ["image", "expected_quantity"],
+                                        "data": [[row[0], q] for row, q in zip(good["dataframe_split"]["data"],
+                                                                               (1, 40, None))]},
+                    "params": {"coverage": 0.8}}
+        checked = requests.post(url + "/invocations", json=recorded, timeout=60).json()["predictions"]
+        in_process = LocalModel("models:/bins@champion")(images, [1, 40, None], {"coverage": 0.8})
+        assert [r["count_set"] for r in checked] == list(in_process["count_set"]) and checked[0]["count_set"]
+        assert [r["record_check"] for r in checked] == list(in_process["record_check"])
+        assert checked[0]["record_check"] in ("suspect", "consistent") and 0 < checked[0]["record_p"] <= 1
+        assert checked[1]["record_check"] == "outside" and checked[2]["record_check"] == ""
+        bad_coverage = requests.post(url + "/invocations", json={**recorded, "params": {"coverage": 1.5}}, timeout=60)
+        assert bad_coverage.status_code == 400 and "coverage must be between 0 and 1" in bad_coverage.json()["message"]
 
         bomb = Image.new("L", (9500, 9500))  # 90 MP of zeros: ~100 kB as PNG
         huge = Image.new("L", (10000, 10000), color=128)  # a 100-megapixel photo
@@ -202,18 +221,29 @@ def test_predict_folder_manifest_and_s3(use_registry, tiny_data, tmp_path, aws):
     (folder / "bin-images" / "notes.jpg").write_text("not an image at all")
     model = LocalModel("models:/bins/1")
     out = tmp_path / "results.csv"
-    results = predict(model, str(folder), str(out), min_confidence=0.99)
+    results = predict(model, str(folder), str(out))
     written = pd.read_csv(out, dtype={"image_id": str})
-    assert len(written) == 12 and set(written.columns) >= {"image_id", "predicted_count", "confidence",
-                                                           "expected_quantity", "mismatch"}
+    assert len(written) == 12 and set(written.columns) >= {"image_id", "predicted_count", "confidence", "count_set",
+                                                           "expected_quantity", "record_p", "record_check"}
     table = written.set_index("image_id")
     assert table.loc["notes", "check_reason"] == "unreadable image" and isinstance(table.loc["notes", "error"], str)
     assert table.loc["truncated", "check_reason"] == "unreadable image"
     readable = written[written["error"].isna()]
     assert readable["expected_quantity"].notna().all()  # from ABID metadata beside the images
-    assert (readable["mismatch"] == (readable["predicted_count"] != readable["expected_quantity"])).all()
+    # every record is judged, and only an unreadable photo or a suspect record goes to people
+    assert readable["record_check"].isin(["suspect", "consistent"]).all()
+    assert (readable["needs_check"] == (readable["record_check"] == "suspect")).all()
     check = pd.read_csv(tmp_path / "results_manual_check.csv")
-    assert len(check) == int(written["needs_check"].sum()) >= 2  # confidence < 0.99 flags nearly everything
+    assert len(check) == int(written["needs_check"].sum()) >= 2
+
+    # --records over the metadata, by image_id and by path (path wins where ids repeat)
+    first, second = sorted(readable["image_id"])[:2]
+    records = tmp_path / "records.csv"
+    pd.DataFrame({"image_id": [first, second], "path": ["", str(folder / "bin-images" / f"{second}.jpg")],
+                  "expected_quantity": [0, 40]}).to_csv(records, index=False)
+    rechecked = predict(model, str(folder), str(tmp_path / "r.csv"), records=str(records)).set_index("image_id")
+    assert rechecked.loc[first, "expected_quantity"] == 0 and rechecked.loc[second, "expected_quantity"] == 40
+    assert (rechecked.loc[[first, second], "check_reason"] == "record outside the counts the model knows").all()
 
     from_manifest = predict(model, str(tiny_data), str(tmp_path / "m.csv"))
     assert len(from_manifest) == 60 and from_manifest["expected_quantity"].notna().all()

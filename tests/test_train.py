@@ -34,9 +34,17 @@ def test_train_log_load_evaluate(tiny_data, tmp_path, capsys):
         assert len(re.findall(regex, out)) == 2  # one line per epoch
     run = mlflow.MlflowClient().get_run(result.run_id)
     assert run.data.params["backbone"] == "efficientnet-lite0" and run.data.tags["dataset_digest"]
-    assert {"val_loss", "train_loss", "test_accuracy", "test_f1_class_3", "best_epoch"} <= set(run.data.metrics)
-    history = mlflow.MlflowClient().get_metric_history(result.run_id, "val_loss")
-    assert len(history) == 2 and run.data.metrics["best_epoch"] == 1 + int(np.argmin([h.value for h in history]))
+    assert {"val/loss", "train/loss", "test/accuracy", "test_per_class/f1_3", "train/best_epoch",
+            "test/majority_accuracy", "test/ece_top_label", "test/set_coverage"} <= set(run.data.metrics)
+    history = mlflow.MlflowClient().get_metric_history(result.run_id, "val/loss")
+    assert len(history) == 2 and run.data.metrics["train/best_epoch"] == 1 + int(np.argmin([h.value for h in history]))
+    # the training run carries the pictures people look at, and its logged model says what it is
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(result.run_id)}
+    assert {"confusion_matrix.png", "per_class.png", "reliability.png", "risk_coverage.png",
+            "test_predictions.csv"} <= artifacts and "training_history.png" in artifacts  # two epochs: a curve
+    logged = mlflow.MlflowClient().get_logged_model(mlflow.models.get_model_info(result.model_uri).model_id)
+    assert logged.tags["bin_counter.backbone"] == "efficientnet-lite0" and logged.model_type.startswith("efficientnet")
+    assert all(v != "" for v in run.data.params.values()) and "cache_dir" not in run.data.params
     version = mlflow.MlflowClient().get_registered_model("bin-counter-test").latest_versions[0]
     assert version.run_id == result.run_id
 
@@ -48,7 +56,13 @@ def test_train_log_load_evaluate(tiny_data, tmp_path, capsys):
     assert report.metrics["accuracy"] == pytest.approx(result.test_metrics["accuracy"], abs=1 / 12 + 1e-9)
     eval_run = mlflow.last_active_run()
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(eval_run.info.run_id)}
-    assert {"confusion_matrix.png", "per_class.png", "per_class.csv", "predictions.csv", "metrics.json"} <= artifacts
+    assert {"confusion_matrix.png", "per_class.png", "test_per_class.csv", "test_predictions.csv", "test_metrics.json",
+            "reliability.png", "risk_coverage.png"} <= artifacts
+    # evaluate and train share the headline keys, and the evaluation is on the model's page with its dataset
+    assert {"test/accuracy", "test/f1_macro", "test/mae"} <= set(eval_run.data.metrics) & set(run.data.metrics)
+    evaluated = mlflow.MlflowClient().get_logged_model(logged.model_id)
+    assert any(m.key == "test/accuracy" and m.run_id == eval_run.info.run_id and m.dataset_name == "abid-test"
+               for m in evaluated.metrics)
 
     # a fresh process, with nothing but the package, loads the model and counts base64 JPEGs of any batch size
     images = list(read_manifest(tiny_data, "test")["abs_path"][:3])

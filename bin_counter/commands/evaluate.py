@@ -9,19 +9,18 @@ import mlflow
 import pandas as pd
 
 from bin_counter import tracking
-from bin_counter.commands.predict import count_images
+from bin_counter.commands.predict import LoadedModel, count_images
 from bin_counter.core import metrics
 from bin_counter.core.files import atomic_write_text
 from bin_counter.core.manifest import read_manifest, read_split
-from bin_counter.pyfunc import load_model, predict_files
+from bin_counter.pyfunc import load_model
 from bin_counter.reports import Report, log_report, split_report, summary_lines  # noqa: F401 (tune and compare use them from here)
 
 log = logging.getLogger(__name__)
 
 
 def evaluate_model(model, frame: pd.DataFrame, classes: list[int], batch_size: int = 64) -> Report:
-    predictions = count_images(lambda paths: predict_files(model, paths), list(frame["abs_path"]), batch_size,
-                               desc="evaluate")
+    predictions = count_images(LoadedModel(model), list(frame["abs_path"]), batch_size, desc="evaluate")
     table = pd.concat([frame.reset_index(drop=True), predictions], axis=1)
     for row in table[table["error"] != ""].itertuples():
         log.warning("skipped %s: %s", row.image_id, row.error)

@@ -233,13 +233,10 @@ class RemoteModel:
 
 
 @dataclass
-class LocalModel:
-    model_uri: str
+class LoadedModel:
+    """A pyfunc model loaded in this process."""
 
-    def __post_init__(self):
-        from bin_counter.pyfunc import load_model
-
-        self.model = load_model(self.model_uri)
+    model: object
 
     def __call__(self, paths: list[str], records=None, params: dict | None = None) -> pd.DataFrame:
         from bin_counter.pyfunc import predict_files
@@ -250,6 +247,16 @@ class LocalModel:
             if name not in answer:
                 answer[name] = empty
         return answer
+
+
+class LocalModel(LoadedModel):
+    """The model of a URI (runs:/..., models:/NAME@alias), loaded in this process."""
+
+    def __init__(self, model_uri: str):
+        from bin_counter.pyfunc import load_model
+
+        self.model_uri = model_uri
+        super().__init__(load_model(model_uri))
 
 
 @dataclass

@@ -432,6 +432,7 @@ class TrainResult:
     test_metrics: dict | None
     best_epoch: int
     history: pd.DataFrame
+    calibration: CountCalibration | None = None
 
 
 def split_frames(data: str) -> dict[str, pd.DataFrame]:
@@ -606,7 +607,7 @@ def log_test_report(report: reports.Report, frames, model_id, dataset) -> None:
 
 
 def log_outcome(cfg: TrainConfig, model, loaders: Loaders, result: FitResult, frames, classes, device,
-                save_model: bool, datasets: dict) -> tuple[dict | None, str | None]:
+                save_model: bool, datasets: dict) -> tuple[dict | None, str | None, CountCalibration]:
     """History, test metrics and (optionally) the best epoch's model, into the active run."""
     if result.best_epoch == 0:
         raise BinCounterError(f"training stopped: {result.stopped}, before any epoch had a finite loss; "
@@ -637,7 +638,7 @@ def log_outcome(cfg: TrainConfig, model, loaders: Loaders, result: FitResult, fr
         log_test_report(report, frames, model_info.model_id if model_info else None, datasets.get("test"))
         log.info("test accuracy %.3f, macro F1 %.3f, MAE %.3f (best epoch %d)", test_metrics["accuracy"],
                  test_metrics["f1_macro"], test_metrics["mae"], result.best_epoch)
-    return test_metrics, model_info.model_uri if model_info else None
+    return test_metrics, model_info.model_uri if model_info else None, calibration
 
 
 def train(cfg: TrainConfig, on_epoch=None, save_model: bool = True, parent_run_id: str | None = None) -> TrainResult:
@@ -688,10 +689,10 @@ def train(cfg: TrainConfig, on_epoch=None, save_model: bool = True, parent_run_i
             where = f"checkpointed in {checkpointing.path}; " if checkpointing else ""
             raise BinCounterError(f"interrupted by {signal_name}: finished epochs are {where}rerun with --resume "
                                   f"to continue run {run_id}") from None
-        test_metrics, model_uri = None, None
+        test_metrics, model_uri, calibration = None, None, None
         if ctx.main:
-            test_metrics, model_uri = log_outcome(cfg, model, loaders, result, frames, classes, device, save_model,
-                                                    datasets)
+            test_metrics, model_uri, calibration = log_outcome(cfg, model, loaders, result, frames, classes, device,
+                                                               save_model, datasets)
             if checkpointing:
                 checkpointing.path.unlink(missing_ok=True)  # finished: nothing left to resume
         if result.stopped:  # raised inside the run, so MLflow marks it FAILED; the best epoch's model is kept
@@ -700,4 +701,4 @@ def train(cfg: TrainConfig, on_epoch=None, save_model: bool = True, parent_run_i
     distributed.finish()
     if ctx.main:
         print(f"run_id: {run_id}")
-    return TrainResult(run_id, model_uri, test_metrics, result.best_epoch, result.history)
+    return TrainResult(run_id, model_uri, test_metrics, result.best_epoch, result.history, calibration)

@@ -1,4 +1,5 @@
-"""Optuna tuning end to end on real sample images; MLflow child runs; shared storage; pruning; resume."""
+"""Optuna tuning: the model search's decision on synthetic features (a known truth), and end to end on real sample
+images; MLflow child runs; shared storage; pruning; resume (the study's search)."""
 import os
 import subprocess
 import sys
@@ -6,17 +7,91 @@ import sys
 import mlflow
 import optuna
 import pytest
+import torch
 
-from bin_counter.commands.tune import SearchSpace, TuneConfig, objective_for, open_study, tune
-from bin_counter.config import TrainConfig
+from bin_counter.commands.tune import (
+    Folds,
+    ModelSpace,
+    SearchSpace,
+    TuneConfig,
+    objective_for,
+    open_study,
+    search_model,
+    tune,
+)
+from bin_counter.config import RECIPES, TrainConfig
 
-pytestmark = pytest.mark.slow
+slow = pytest.mark.slow
+LITE = ("efficientnet-lite0", "efficientnet-lite1")
 
 
 def small(tiny_data, tmp_path, **kwargs) -> TuneConfig:
+    """The study's search on the tiny split (its storage, pruning and worker features are tested on it)."""
     base = TrainConfig(data=str(tiny_data), head="sgd", image_size=224, feature_views=2, num_workers=0,
                        cache_dir=str(tmp_path / "cache"))
-    return TuneConfig(base=base, space=SearchSpace(batch_size=(8, 16), lr=(1e-4, 5e-2), epochs=(2, 3)), **kwargs)
+    return TuneConfig(base=base, space=SearchSpace(batch_size=(8, 16), lr=(1e-4, 5e-2), epochs=(2, 3)),
+                      search="study", **kwargs)
+
+
+def synthetic_folds(strengths: dict[str, float], seed: int, n: int = 300, dim: int = 16) -> Folds:
+    """Features of each "backbone": the count along one direction times its strength, plus unit noise. Equal
+    strengths mean no backbone is truly better; independent noise still makes their scores differ."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 5
+    direction = torch.randn(dim, generator=generator)
+    features = {(name, 224, "", "eval views"): (labels[:, None].float() * direction * strength
+                                                 + torch.randn(n, dim, generator=generator))[:, None, :]
+                for name, strength in strengths.items()}
+    return Folds.of(labels, [1, 2, 3, 4, 5], 5, 0, features=features)
+
+
+def synthetic_search(folds: Folds, n_trials: int = 6):
+    cfg = TuneConfig(base=TrainConfig(decode="argmax", image_size=224), space=SearchSpace(), n_trials=n_trials,
+                     model=ModelSpace(heads=("logistic",), backbones=LITE, image_sizes=(224,), decodes=("argmax",)))
+    study = open_study(cfg)
+    with mlflow.start_run() as parent:
+        chosen, _ = search_model(cfg, study, parent.info.run_id, folds)
+    trials = {t.number: t for t in study.trials}
+    return chosen, trials, mlflow.get_run(parent.info.run_id)
+
+
+def test_trial_zero_is_the_default_configuration():
+    cfg = TuneConfig(base=TrainConfig(), space=SearchSpace())
+    (waiting,) = open_study(cfg).trials
+    defaults = {k: v for k, v in RECIPES["counting"].items() if k in ("head", "image_size", "balance", "decode",
+                                                                      "decode_cost", "decode_tail_boost")}
+    assert waiting.number == 0 and waiting.state == optuna.trial.TrialState.WAITING
+    assert waiting.system_attrs["fixed_params"] == {**defaults, "backbone": "efficientnet-lite0"}
+    assert waiting.user_attrs["default"] is True
+    assert set(cfg.model.backbones) >= set(LITE) and 320 in cfg.model.image_sizes  # the space holds the default
+
+
+def test_a_trial_better_only_by_noise_does_not_replace_the_default():
+    # equal strengths: lite1's independent noise (seed 2) makes it score 4 points higher, within two s.e.
+    chosen, trials, parent = synthetic_search(synthetic_folds(dict.fromkeys(LITE, 0.3), seed=2))
+    assert trials[0].params["backbone"] == LITE[0] and trials[0].user_attrs["default"]
+    best = max((t for t in trials.values() if t.value is not None), key=lambda t: t.value)
+    assert best.params["backbone"] == LITE[1] and best.value > trials[0].value, "the noise case must tempt"
+    assert chosen.number == 0 and parent.data.tags["chosen"] == "the default (trial 0)"
+    assert 0 < parent.data.metrics["paired_gain"] < 2 * parent.data.metrics["paired_standard_error"]
+    assert parent.data.metrics["feature_passes"] == 2  # six trials, two distinct feature passes
+
+
+def test_a_clearly_better_trial_replaces_the_default():
+    chosen, trials, parent = synthetic_search(synthetic_folds({LITE[0]: 0.1, LITE[1]: 1.0}, seed=0))
+    assert chosen.params["backbone"] == LITE[1] and chosen.number != 0
+    assert parent.data.tags["chosen"] == f"trial {chosen.number}"
+    assert parent.data.metrics["paired_gain"] > 2 * parent.data.metrics["paired_standard_error"]
+    assert parent.data.params["default_backbone"] == LITE[0] and parent.data.params["best_backbone"] == LITE[1]
+
+
+def test_a_trial_that_gives_up_a_count_is_not_eligible():
+    """The default decodes every image to the middle count (no end count recalled): never chosen, whatever
+    its accuracy; the ordinal decoding with a huge cost does that."""
+    folds = synthetic_folds({LITE[0]: 0.05, LITE[1]: 0.05}, seed=0)
+    cfg = TrainConfig(image_size=224, decode="ordinal", decode_cost=50.0, decode_tail_boost=0.0)
+    score = folds.score(folds.probabilities(cfg), cfg, "accuracy")
+    assert score.min_recall == 0 and not score.eligible
 
 
 def child_runs(parent_id: str):
@@ -24,7 +99,8 @@ def child_runs(parent_id: str):
                               output_format="list")
 
 
-def test_three_trial_tune_end_to_end(tiny_data, tmp_path):
+@slow
+def test_three_trial_study_search_end_to_end(tiny_data, tmp_path):
     out = tune(small(tiny_data, tmp_path, n_trials=3, n_jobs=2, register_as="tuned"))
     children = child_runs(out["parent_run_id"])
     trials = [r for r in children if r.info.run_name.startswith("trial-")]
@@ -41,6 +117,7 @@ def test_three_trial_tune_end_to_end(tiny_data, tmp_path):
     assert mlflow.MlflowClient().get_registered_model("tuned").latest_versions
 
 
+@slow
 def test_pruned_trial_is_stopped_and_marked(tiny_data, tmp_path):
     cfg = small(tiny_data, tmp_path, n_trials=1)
     cfg.space = SearchSpace(batch_size=(8, 8), lr=(1e-3, 1e-3), epochs=(6, 6))
@@ -56,6 +133,7 @@ def test_pruned_trial_is_stopped_and_marked(tiny_data, tmp_path):
     assert len(mlflow.MlflowClient().get_metric_history(run.info.run_id, "val_loss")) == 2
 
 
+@slow
 def test_rerun_with_same_storage_resumes(tiny_data, tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     tune(small(tiny_data, tmp_path, n_trials=2, storage=storage, study_name="resume"))
@@ -64,12 +142,13 @@ def test_rerun_with_same_storage_resumes(tiny_data, tmp_path):
     assert [t.number for t in study.trials] == [0, 1, 2]
 
 
+@slow
 def test_two_workers_share_one_study(tiny_data, tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     # warm the feature cache first so the workers race on trials, not on extraction
     tune(small(tiny_data, tmp_path, n_trials=1, storage=f"sqlite:///{tmp_path / 'warm.db'}"))
-    command = [sys.executable, "-m", "bin_counter", "tune", "--data", str(tiny_data), "--n-trials", "4",
-               "--storage", storage, "--study-name", "shared", "--batch-size-range", "8,16", "--epochs-range", "2,3",
+    command = [sys.executable, "-m", "bin_counter", "tune", "--recipe", "study", "--data", str(tiny_data),
+               "--n-trials", "4", "--storage", storage, "--study-name", "shared", "--batch-size-range", "8,16", "--epochs-range", "2,3",
                "--feature-views", "2", "--num-workers", "0", "--cache-dir", str(tmp_path / "cache")]
     env = {**os.environ, "TQDM_DISABLE": "1"}
     workers = [subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -92,6 +171,7 @@ def test_two_workers_share_one_study(tiny_data, tmp_path):
     assert len(set(params)) == 4, "a trial was duplicated"
 
 
+@slow
 @pytest.mark.parametrize("args, message", [
     (["--lr-range", "0.1,0.01"], "bad lr range"),
     (["--batch-size-range", "x"], "LOW,HIGH"),
@@ -104,6 +184,7 @@ def test_tune_errors_are_one_line(tiny_data, tmp_path, args, message):
     assert result.returncode == 2 and "Traceback" not in result.stderr and message in result.stderr
 
 
+@slow
 def test_a_dead_workers_trial_is_failed_and_retried_with_its_parameters(tiny_data, tmp_path):
     """A worker killed mid-trial (SIGKILL: no cleanup) leaves a RUNNING trial whose heartbeat stops; the next
     worker fails it and runs its parameters again."""
@@ -115,8 +196,8 @@ def test_a_dead_workers_trial_is_failed_and_retried_with_its_parameters(tiny_dat
 
     database = tmp_path / "optuna.db"
     storage = f"sqlite:///{database}"
-    command = [sys.executable, "-m", "bin_counter", "tune", "--data", str(tiny_data), "--n-trials", "1",
-               "--storage", storage, "--study-name", "retry", "--batch-size-range", "8,16", "--epochs-range", "2,3",
+    command = [sys.executable, "-m", "bin_counter", "tune", "--recipe", "study", "--data", str(tiny_data),
+               "--n-trials", "1", "--storage", storage, "--study-name", "retry", "--batch-size-range", "8,16", "--epochs-range", "2,3",
                "--image-size", "224", "--feature-views", "2", "--num-workers", "0",
                "--cache-dir", str(tmp_path / "cache")]
     worker = subprocess.Popen(command, env={**os.environ, "TQDM_DISABLE": "1"}, cwd=tmp_path,

@@ -100,6 +100,29 @@ def child_runs(parent_id: str):
 
 
 @slow
+def test_model_search_end_to_end_registers_the_chosen_configuration_trained_by_train(tiny_data, tmp_path):
+    base = TrainConfig(data=str(tiny_data), num_workers=0, feature_views=2, cache_dir=str(tmp_path / "cache"))
+    cfg = TuneConfig(base=base, space=SearchSpace(batch_size=(8, 16), epochs=(2, 3)), n_trials=4,
+                     register_as="tuned", model=ModelSpace(backbones=(LITE[0],), image_sizes=(320,)))
+    out = tune(cfg)
+    children = {r.info.run_name: r for r in child_runs(out["parent_run_id"])}
+    trial0 = children["trial-0"]
+    for key in ("head", "backbone", "image_size", "balance", "decode", "decode_cost", "decode_tail_boost"):
+        assert trial0.data.params[key] == str(getattr(TrainConfig(), key)), key
+    assert trial0.data.tags["default_configuration"] == "True" and "oof_accuracy" in trial0.data.metrics
+    chosen = children["chosen"]  # trained by `train`: the logistic head on train+val, its test metrics
+    assert chosen.data.tags["bin_counter.command"] == "chosen" and "test_accuracy" in chosen.data.metrics
+    assert {k: chosen.data.params[k] for k in out["best_params"]} == {k: str(v) for k, v in out["best_params"].items()}
+    parent = mlflow.get_run(out["parent_run_id"])
+    assert parent.data.params["default_head"] == "logistic" and "best_head" in parent.data.params
+    assert parent.data.metrics["feature_passes"] >= 1 and "best_test_accuracy" in parent.data.metrics
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(out["parent_run_id"])}
+    assert {"optimization_history.png", "trials.csv", "default_vs_best.csv"} <= artifacts
+    version = mlflow.MlflowClient().get_registered_model("tuned").latest_versions[0]
+    assert version.run_id == chosen.info.run_id
+
+
+@slow
 def test_three_trial_study_search_end_to_end(tiny_data, tmp_path):
     out = tune(small(tiny_data, tmp_path, n_trials=3, n_jobs=2, register_as="tuned"))
     children = child_runs(out["parent_run_id"])
@@ -148,7 +171,8 @@ def test_two_workers_share_one_study(tiny_data, tmp_path):
     # warm the feature cache first so the workers race on trials, not on extraction
     tune(small(tiny_data, tmp_path, n_trials=1, storage=f"sqlite:///{tmp_path / 'warm.db'}"))
     command = [sys.executable, "-m", "bin_counter", "tune", "--recipe", "study", "--data", str(tiny_data),
-               "--n-trials", "4", "--storage", storage, "--study-name", "shared", "--batch-size-range", "8,16", "--epochs-range", "2,3",
+               "--n-trials", "4", "--storage", storage, "--study-name", "shared", "--batch-size-range", "8,16",
+               "--epochs-range", "2,3",
                "--feature-views", "2", "--num-workers", "0", "--cache-dir", str(tmp_path / "cache")]
     env = {**os.environ, "TQDM_DISABLE": "1"}
     workers = [subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -197,7 +221,8 @@ def test_a_dead_workers_trial_is_failed_and_retried_with_its_parameters(tiny_dat
     database = tmp_path / "optuna.db"
     storage = f"sqlite:///{database}"
     command = [sys.executable, "-m", "bin_counter", "tune", "--recipe", "study", "--data", str(tiny_data),
-               "--n-trials", "1", "--storage", storage, "--study-name", "retry", "--batch-size-range", "8,16", "--epochs-range", "2,3",
+               "--n-trials", "1", "--storage", storage, "--study-name", "retry", "--batch-size-range", "8,16",
+               "--epochs-range", "2,3",
                "--image-size", "224", "--feature-views", "2", "--num-workers", "0",
                "--cache-dir", str(tmp_path / "cache")]
     worker = subprocess.Popen(command, env={**os.environ, "TQDM_DISABLE": "1"}, cwd=tmp_path,

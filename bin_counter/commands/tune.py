@@ -489,12 +489,14 @@ def model_objective(cfg: TuneConfig, folds: Folds, parent_run_id: str):
             if not is_default and trial.should_prune():
                 raise optuna.TrialPruned(f"{cfg.objective} after fold {k + 1} lags the median")
 
-        run_id = None
+        run_id, passes = None, folds.passes
         try:
             with tracking.run(f"trial-{trial.number}", parent_run_id, trial_state="RUNNING") as run:
                 run_id = run.info.run_id
                 tracking.log_params(as_params(trial_cfg))
-                score = scored(trial, trial_cfg, folds.probabilities(trial_cfg, on_fold))
+                probs = folds.probabilities(trial_cfg, on_fold)
+                trial.set_user_attr("new_feature_passes", folds.passes - passes)  # 0: its features were shared
+                score = scored(trial, trial_cfg, probs)
         except optuna.TrialPruned:
             client = mlflow.MlflowClient()
             client.set_tag(run_id, "trial_state", "PRUNED")

@@ -231,8 +231,9 @@ def add_tune(sub) -> None:
     p.set_defaults(func=cmd_tune)
 
 
-def cmd_tune(args) -> None:
-    from bin_counter.commands.tune import ModelSpace, SearchSpace, TuneConfig, parse_range, tune
+def tune_config(args):
+    """The TuneConfig of parsed `tune` arguments: the model search, or the study's (--recipe study, SageMaker)."""
+    from bin_counter.commands.tune import ModelSpace, SearchSpace, TuneConfig, parse_range
 
     if args.backend == "sagemaker":
         if (args.recipe or "study") != "study":
@@ -246,9 +247,15 @@ def cmd_tune(args) -> None:
                         parse_range(args.epochs_range, int))
     model = ModelSpace(backbones=_names(args.backbones), image_sizes=_sizes(args.image_sizes))
     base = train_config(args)
-    cfg = TuneConfig(base=base, space=space, n_trials=args.n_trials, n_jobs=args.n_jobs,
-                     storage=args.storage, study_name=args.study_name, seed=base.seed, register_as=args.register_as,
-                     search=search, objective=args.objective or "accuracy", folds=args.folds, model=model)
+    return TuneConfig(base=base, space=space, n_trials=args.n_trials, n_jobs=args.n_jobs, storage=args.storage,
+                      study_name=args.study_name, seed=base.seed, register_as=args.register_as, search=search,
+                      objective=args.objective or "accuracy", folds=args.folds, model=model)
+
+
+def cmd_tune(args) -> None:
+    from bin_counter.commands.tune import tune
+
+    cfg = tune_config(args)
     if args.backend == "sagemaker":
         from bin_counter.cloud.sagemaker_jobs import tuning_job
 

@@ -66,6 +66,37 @@ def test_trial_zero_is_the_default_configuration():
     assert set(cfg.model.backbones) >= set(LITE) and 320 in cfg.model.image_sizes  # the space holds the default
 
 
+@pytest.mark.parametrize("given, search, head", [({}, "model", "logistic"), ({"recipe": "study"}, "study", "sgd")])
+def test_mlflow_run_tune_searches_the_default_model_or_with_recipe_study_the_studys(given, search, head):
+    """Before: `mlflow run . -e tune` forced --head sgd and searched the study's space on top of the default."""
+    import shlex
+    from pathlib import Path
+
+    from mlflow.projects import _project_spec
+
+    from bin_counter.cli import parse, tune_config
+
+    root = Path(__file__).resolve().parents[1]
+    argv = shlex.split(_project_spec.load_project(str(root)).get_entry_point("tune").compute_command(given, "/tmp"))
+    cfg = tune_config(parse(argv[3:]))
+    assert (cfg.search, cfg.base.head) == (search, head) and cfg.n_trials == 5
+    if search == "model":
+        assert cfg.base == TrainConfig() and cfg.objective == "accuracy"
+    else:
+        assert {k: getattr(cfg.base, k) for k in RECIPES["study"]} == RECIPES["study"]
+        assert (cfg.space.batch_size, cfg.space.lr, cfg.space.epochs) == ((32, 128), (1e-4, 5e-2), (5, 15))
+
+
+def test_sagemaker_backend_keeps_the_studys_search():
+    from bin_counter import BinCounterError
+    from bin_counter.cli import parse, tune_config
+
+    cfg = tune_config(parse(["tune", "--backend", "sagemaker"]))
+    assert cfg.search == "study" and cfg.base.head == "sgd"
+    with pytest.raises(BinCounterError, match="no conditional space"):
+        tune_config(parse(["tune", "--backend", "sagemaker", "--recipe", "counting"]))
+
+
 def test_a_trial_better_only_by_noise_does_not_replace_the_default():
     # equal strengths: lite1's independent noise (seed 2) makes it score 4 points higher, within two s.e.
     chosen, trials, parent = synthetic_search(synthetic_folds(dict.fromkeys(LITE, 0.3), seed=2))
@@ -83,6 +114,24 @@ def test_a_clearly_better_trial_replaces_the_default():
     assert parent.data.tags["chosen"] == f"trial {chosen.number}"
     assert parent.data.metrics["paired_gain"] > 2 * parent.data.metrics["paired_standard_error"]
     assert parent.data.params["default_backbone"] == LITE[0] and parent.data.params["best_backbone"] == LITE[1]
+
+
+def test_sgd_trials_search_batch_lr_epochs_and_are_scored_on_the_same_folds():
+    folds = synthetic_folds({LITE[0]: 1.0}, seed=0)
+    for (backbone, size, weights, _), features in list(folds.features.items()):  # the SGD head's training views
+        folds.features[backbone, size, weights, "train views"] = features.repeat(1, 2, 1)
+    cfg = TuneConfig(base=TrainConfig(head="sgd", decode="argmax", image_size=224, backbone=LITE[0], epochs=3),
+                     space=SearchSpace(batch_size=(16, 32), epochs=(2, 4)), n_trials=2,
+                     model=ModelSpace(heads=("sgd",), backbones=(LITE[0],), image_sizes=(224,), decodes=("argmax",)))
+    study = open_study(cfg)
+    with mlflow.start_run() as parent:
+        search_model(cfg, study, parent.info.run_id, folds)
+    trials = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert trials[0].params == {"head": "sgd", "backbone": LITE[0], "image_size": 224, "balance": True,
+                                "decode": "argmax", "batch_size": 32, "lr": 1e-3, "epochs": 3}
+    assert all({"batch_size", "lr", "epochs"} <= set(t.params) for t in trials)
+    assert len(trials) == 2 and all(len(t.user_attrs["fold_values"]) == 5 for t in trials)
+    assert mlflow.get_run(parent.info.run_id).data.metrics["feature_passes"] == 2  # eval and training views
 
 
 def test_a_trial_that_gives_up_a_count_is_not_eligible():

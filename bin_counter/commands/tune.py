@@ -489,7 +489,7 @@ def model_objective(cfg: TuneConfig, folds: Folds, parent_run_id: str):
             if not is_default and trial.should_prune():
                 raise optuna.TrialPruned(f"{cfg.objective} after fold {k + 1} lags the median")
 
-        run_id, passes = None, folds.passes
+        run_id, passes, start = None, folds.passes, time.perf_counter()
         try:
             with tracking.run(f"trial-{trial.number}", parent_run_id, trial_state="RUNNING") as run:
                 run_id = run.info.run_id
@@ -497,6 +497,7 @@ def model_objective(cfg: TuneConfig, folds: Folds, parent_run_id: str):
                 probs = folds.probabilities(trial_cfg, on_fold)
                 trial.set_user_attr("new_feature_passes", folds.passes - passes)  # 0: its features were shared
                 score = scored(trial, trial_cfg, probs)
+                trial.set_user_attr("seconds", time.perf_counter() - start)
         except optuna.TrialPruned:
             client = mlflow.MlflowClient()
             client.set_tag(run_id, "trial_state", "PRUNED")

@@ -116,22 +116,37 @@ def test_a_clearly_better_trial_replaces_the_default():
     assert parent.data.params["default_backbone"] == LITE[0] and parent.data.params["best_backbone"] == LITE[1]
 
 
-def test_sgd_trials_search_batch_lr_epochs_and_are_scored_on_the_same_folds():
+def sgd_search(n_trials: int, pruner=None):
     folds = synthetic_folds({LITE[0]: 1.0}, seed=0)
     for (backbone, size, weights, _), features in list(folds.features.items()):  # the SGD head's training views
         folds.features[backbone, size, weights, "train views"] = features.repeat(1, 2, 1)
     cfg = TuneConfig(base=TrainConfig(head="sgd", decode="argmax", image_size=224, backbone=LITE[0], epochs=3),
-                     space=SearchSpace(batch_size=(16, 32), epochs=(2, 4)), n_trials=2,
+                     space=SearchSpace(batch_size=(16, 32), epochs=(2, 4)), n_trials=n_trials,
                      model=ModelSpace(heads=("sgd",), backbones=(LITE[0],), image_sizes=(224,), decodes=("argmax",)))
-    study = open_study(cfg)
+    study = open_study(cfg, pruner)
     with mlflow.start_run() as parent:
         search_model(cfg, study, parent.info.run_id, folds)
+    return study, parent
+
+
+def test_sgd_trials_search_batch_lr_epochs_and_are_scored_on_the_same_folds():
+    study, parent = sgd_search(2)
     trials = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert trials[0].params == {"head": "sgd", "backbone": LITE[0], "image_size": 224, "balance": True,
                                 "decode": "argmax", "batch_size": 32, "lr": 1e-3, "epochs": 3}
     assert all({"batch_size", "lr", "epochs"} <= set(t.params) for t in trials)
     assert len(trials) == 2 and all(len(t.user_attrs["fold_values"]) == 5 for t in trials)
     assert mlflow.get_run(parent.info.run_id).data.metrics["feature_passes"] == 2  # eval and training views
+
+
+def test_an_sgd_trial_is_pruned_between_folds_but_never_the_default():
+    # every accuracy below 0.99 is hopeless, from the first fold on
+    study, parent = sgd_search(2, optuna.pruners.ThresholdPruner(lower=0.99, n_warmup_steps=0))
+    default, pruned = study.trials
+    assert default.state == optuna.trial.TrialState.COMPLETE and default.user_attrs["default"]
+    assert pruned.state == optuna.trial.TrialState.PRUNED and list(pruned.intermediate_values) == [1]
+    (run,) = [r for r in child_runs(parent.info.run_id) if r.info.run_name == "trial-1"]
+    assert run.data.tags["trial_state"] == "PRUNED" and run.info.status == "KILLED"
 
 
 def test_a_trial_that_gives_up_a_count_is_not_eligible():

@@ -494,10 +494,11 @@ def model_objective(cfg: TuneConfig, folds: Folds, parent_run_id: str):
             with tracking.run(f"trial-{trial.number}", parent_run_id, trial_state="RUNNING") as run:
                 run_id = run.info.run_id
                 tracking.log_params(as_params(trial_cfg))
-                probs = folds.probabilities(trial_cfg, on_fold)
-                trial.set_user_attr("new_feature_passes", folds.passes - passes)  # 0: its features were shared
-                score = scored(trial, trial_cfg, probs)
-                trial.set_user_attr("seconds", time.perf_counter() - start)
+                try:
+                    score = scored(trial, trial_cfg, folds.probabilities(trial_cfg, on_fold))
+                finally:  # what the trial cost, pruned or not; 0 new passes: its features were shared
+                    trial.set_user_attr("new_feature_passes", folds.passes - passes)
+                    trial.set_user_attr("seconds", time.perf_counter() - start)
         except optuna.TrialPruned:
             client = mlflow.MlflowClient()
             client.set_tag(run_id, "trial_state", "PRUNED")

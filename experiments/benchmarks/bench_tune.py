@@ -41,15 +41,19 @@ def model_search(base: TrainConfig, trials: int, storage: str) -> None:
     done = [t for t in optuna.load_study(study_name="model", storage=storage).trials if "seconds" in t.user_attrs]
     shared = [t.user_attrs["seconds"] for t in done if t.user_attrs["new_feature_passes"] == 0]
     new = [t.user_attrs["seconds"] for t in done if t.user_attrs["new_feature_passes"] > 0]
+    pruned = sum(t.state == optuna.trial.TrialState.PRUNED for t in done)
     searched = parent.metrics["search_seconds"]
     print(f"tune --n-trials {trials} (model search): {total:.1f} s in all; the search {searched:.1f} s, then the "
           f"chosen configuration trained by `train` and evaluated: {total - searched:.1f} s")
-    print(f"distinct feature passes: {int(parent.metrics['feature_passes'])} for {len(done)} trials")
+    print(f"distinct feature passes: {int(parent.metrics['feature_passes'])} for {len(done)} trials "
+          f"({pruned} pruned; an SGD-head trial needs two: evaluation and training views)")
     print(f"a trial needing a new pass: median {np.median(new) if new else float('nan'):.1f} s ({len(new)} trials); "
           f"a trial sharing its passes: median {np.median(shared) if shared else float('nan'):.2f} s ({len(shared)})")
     for t in done:
+        figures = (f"accuracy {t.user_attrs['accuracy']:.3f}, MAE {t.user_attrs['mae']:.3f}" if "mae" in t.user_attrs
+                   else "pruned")
         print(f"  trial {t.number}: {t.user_attrs['seconds']:6.1f} s, new passes {t.user_attrs['new_feature_passes']}, "
-              f"accuracy {t.user_attrs['accuracy']:.3f}, MAE {t.user_attrs['mae']:.3f}, {t.params}")
+              f"{figures}, {t.params}")
     print(f"chosen: {parent.tags['chosen']} (paired gain {parent.metrics['paired_gain']:+.4f} ± "
           f"{parent.metrics['paired_standard_error']:.4f}); test accuracy {out['test']['accuracy']:.3f}, "
           f"MAE {out['test']['mae']:.3f}")

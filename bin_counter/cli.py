@@ -186,19 +186,43 @@ def cmd_main(args) -> None:
     main_pipeline(args.source, train_config(args))
 
 
+TUNE_HELP = """Without --recipe study: searches what the shipped model depends on (head logistic|sgd, backbone
+among the installed EfficientNet-Lite weights, image size, class balancing, decoding argmax|expected|ordinal
+with its cost and tail boost; batch size, lr and epochs for the SGD head only). Trial 0 is the default
+configuration (the options given, over the default recipe). Every trial is scored by one stratified k-fold split
+of train+val (never test): out-of-fold decoded accuracy by default (--objective), MAE breaking ties; a trial
+that leaves any count with recall below 0.10 is not eligible. The best eligible trial replaces the default only
+when its paired gain over the folds exceeds two standard errors; otherwise the default configuration is trained,
+evaluated and registered (--register-as), by `train` on all of train+val.
+--recipe study: the study's search, exactly (batch size 32-128, lr 1e-4-5e-2, epochs 5-15 of the SGD head,
+minimising the validation "Average loss"). --backend sagemaker always runs the study's search: SageMaker's tuner
+has no conditional space."""
+
+
 def add_tune(sub) -> None:
-    p = sub.add_parser("tune", help="hyperparameter search (Optuna locally, or a SageMaker tuning job)")
+    from bin_counter.commands.tune import OBJECTIVES
+
+    p = sub.add_parser("tune", help="hyperparameter search (Optuna locally, or a SageMaker tuning job)",
+                       description=TUNE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_options(p)
-    p.set_defaults(head="sgd")  # the search is over the SGD head's batch size, lr and epochs
     p.add_argument("--n-trials", type=_int, default=5)
     p.add_argument("--n-jobs", type=_int, default=1, help="trials run in parallel in this process")
     p.add_argument("--storage", help="Optuna RDB URL (sqlite:///optuna.db, postgresql://...) shared by workers")
     p.add_argument("--study-name", default="bin-counter", help="rerun with the same name and storage to resume")
-    p.add_argument("--batch-size-range", default="32,128")
-    p.add_argument("--lr-range", default="1e-4,5e-2")
-    p.add_argument("--epochs-range", default="5,15")
-    p.add_argument("--register-as", help="register the best configuration's model under this name")
-    p.add_argument("--backend", choices=["local", "sagemaker"], default="local")
+    p.add_argument("--objective", choices=list(OBJECTIVES),
+                   help="model search: the out-of-fold figure to optimise (default accuracy, MAE breaking ties); a "
+                        "trial with any count's recall below 0.10 is not eligible. The study's search minimises "
+                        "Average loss")
+    p.add_argument("--folds", type=_int, default=5, help="model search: stratified folds over train+val")
+    p.add_argument("--backbones", help="model search: comma-separated backbones (default: the installed "
+                                       "EfficientNet-Lite weights)")
+    p.add_argument("--image-sizes", default="224,320", help="model search: comma-separated image sizes")
+    p.add_argument("--batch-size-range", default="32,128", help="the study's search, and the SGD head's")
+    p.add_argument("--lr-range", default="1e-4,5e-2", help="the study's search, and the SGD head's")
+    p.add_argument("--epochs-range", default="5,15", help="the study's search, and the SGD head's")
+    p.add_argument("--register-as", help="register the chosen configuration's model under this name")
+    p.add_argument("--backend", choices=["local", "sagemaker"], default="local",
+                   help="sagemaker: a tuning job running the study's search (no conditional space there)")
     p.add_argument("--s3-data", help="sagemaker: s3://bucket/prefix written by `prepare --upload`")
     p.add_argument("--role", help="sagemaker: execution role ARN")
     p.add_argument("--instance-type", default="ml.g4dn.xlarge", help="sagemaker: training instance type")
@@ -212,20 +236,48 @@ def add_tune(sub) -> None:
     p.set_defaults(func=cmd_tune)
 
 
-def cmd_tune(args) -> None:
-    from bin_counter.commands.tune import SearchSpace, TuneConfig, parse_range, tune
+def tune_config(args):
+    """The TuneConfig of parsed `tune` arguments: the model search, or the study's (--recipe study, SageMaker)."""
+    from bin_counter.commands.tune import ModelSpace, SearchSpace, TuneConfig, parse_range
 
+    if args.backend == "sagemaker":
+        if (args.recipe or "study") != "study":
+            raise BinCounterError("--backend sagemaker runs the study's search (SageMaker's tuner has no conditional "
+                                  "space): leave out --recipe or use --recipe study")
+        args.recipe = "study"
+    search = "study" if args.recipe == "study" else "model"
+    if search == "study" and args.objective:
+        raise BinCounterError("the study's search minimises Average loss: --objective is for the model search")
     space = SearchSpace(parse_range(args.batch_size_range, int), parse_range(args.lr_range),
                         parse_range(args.epochs_range, int))
+    model = ModelSpace(backbones=_names(args.backbones), image_sizes=_sizes(args.image_sizes))
     base = train_config(args)
-    cfg = TuneConfig(base=base, space=space, n_trials=args.n_trials, n_jobs=args.n_jobs,
-                     storage=args.storage, study_name=args.study_name, seed=base.seed, register_as=args.register_as)
+    return TuneConfig(base=base, space=space, n_trials=args.n_trials, n_jobs=args.n_jobs, storage=args.storage,
+                      study_name=args.study_name, seed=base.seed, register_as=args.register_as, search=search,
+                      objective=args.objective or "accuracy", folds=args.folds, model=model)
+
+
+def cmd_tune(args) -> None:
+    from bin_counter.commands.tune import tune
+
+    cfg = tune_config(args)
     if args.backend == "sagemaker":
         from bin_counter.cloud.sagemaker_jobs import tuning_job
 
         tuning_job(cfg, args)
     else:
         tune(cfg)
+
+
+def _names(text: str | None) -> tuple[str, ...]:
+    return tuple(part.strip() for part in (text or "").split(",") if part.strip())
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in _names(text))
+    except ValueError:
+        raise BinCounterError(f"--image-sizes must be comma-separated integers (got {text!r})") from None
 
 
 def add_promote(sub) -> None:

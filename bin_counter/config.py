@@ -63,7 +63,8 @@ class TrainConfig:
     num_workers: int = setting(2, "DataLoader worker processes")
     register_as: str | None = setting(None, "register the logged model under this name")
     run_name: str | None = setting(None, "the MLflow run's name")
-    profile: bool = setting(False, "profile the first epoch (torch.profiler + utilisation), report in the run")
+    profile: bool = setting(False, "profile what training costs, report in the run: the frozen-feature pass and "
+                                   "the solve (logistic head), or the first epoch (sgd head)")
     head: str = setting("logistic", "logistic: solved on frozen features with a CV-chosen strength (heads.py); "
                                     "sgd: the study's head trained by AdamW")
     loss: str = setting("ce+expected", "sgd head: ce (the study), or ce+expected: adds |expected - true count|")
@@ -130,7 +131,6 @@ class TrainConfig:
             "loss must be ce or ce+expected": self.loss in ("ce", "ce+expected"),
             "decode must be argmax, expected or ordinal": self.decode in DECODES,
             "head must be logistic or sgd": self.head in ("logistic", "sgd"),
-            "--profile profiles training epochs: add --head sgd": self.head == "sgd" or not self.profile,
             "the logistic head is solved on frozen features: use --head sgd to fine-tune (--unfreeze-last) or "
             "--stream": self.head == "sgd" or (self.unfreeze_last == 0 and not self.stream),
             "--int8 calibrates on training image files: not with --stream": not (self.int8 and self.stream),

@@ -91,7 +91,7 @@ def test_recipes_keep_the_study_exact_and_the_default_is_counting():
 def test_logistic_head_refuses_what_it_cannot_do():
     from bin_counter import BinCounterError
 
-    for bad in (dict(unfreeze_last=2), dict(stream=True, data="s3://b/p"), dict(profile=True)):
+    for bad in (dict(unfreeze_last=2), dict(stream=True, data="s3://b/p")):
         with pytest.raises(BinCounterError, match="--head sgd"):
             TrainConfig(**bad).validate()
 

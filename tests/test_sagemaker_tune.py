@@ -51,6 +51,9 @@ def test_dry_run_prints_the_complete_request(sagemaker_env, capsys):
     assert definition["InputDataConfig"][0]["DataSource"]["S3DataSource"]["S3Uri"] == "s3://mine/abid/v1"
     assert definition["RoleArn"] == ROLE and definition["ResourceConfig"]["InstanceType"] == "ml.g4dn.xlarge"
     assert definition["StaticHyperParameters"]["backbone"] == "efficientnet-lite0"
+    # the study's search trains the study's model: its recipe (SGD head, 224 px, ...) under every job's `train`
+    static = definition["StaticHyperParameters"]
+    assert (static["recipe"], static["head"], static["image-size"]) == ("study", "sgd", "224")
     assert not sagemaker_env.list_objects_v2(Bucket="mine").get("Contents"), "a dry run uploads nothing"
 
 

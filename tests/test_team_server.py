@@ -138,7 +138,8 @@ def test_two_tune_workers_share_a_study_on_postgresql(team, tiny_data, tmp_path_
     work = tmp_path_factory.mktemp("tune")
     cache = tmp_path_factory.getbasetemp() / "team-cache"
     storage = server.pg_url("optuna")
-    command = [sys.executable, "-m", "bin_counter", "tune", *train_options(tiny_data, cache), "--n-trials", "4",
+    command = [sys.executable, "-m", "bin_counter", "tune", "--recipe", "study", *train_options(tiny_data, cache),
+               "--n-trials", "4",
                "--storage", storage, "--study-name", "team", "--batch-size-range", "8,16", "--epochs-range", "1,2"]
     env = client_env(uri, PGPASSFILE=str(server.pgpass))
     workers = [subprocess.Popen(command, env=env, cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -169,7 +170,7 @@ def test_tune_storage_waits_out_a_postgres_restart(team, monkeypatch):
     server, _ = team
     monkeypatch.setenv("PGPASSFILE", str(server.pgpass))
     study = open_study(TuneConfig(base=TrainConfig(), space=SearchSpace(), storage=server.pg_url("optuna"),
-                                  study_name="restart"))
+                                  study_name="restart", search="study"))
     study.ask()  # the pool now holds a connection the restart will break
     bindir = postgres_bindir()
     server.stop_postgres(bindir)

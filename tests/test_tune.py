@@ -1,4 +1,5 @@
-"""Optuna tuning end to end on real sample images; MLflow child runs; shared storage; pruning; resume."""
+"""Optuna tuning: the model search's decision on synthetic features (a known truth), and end to end on real sample
+images; MLflow child runs; shared storage; pruning; resume (the study's search)."""
 import os
 import subprocess
 import sys
@@ -6,17 +7,155 @@ import sys
 import mlflow
 import optuna
 import pytest
+import torch
 
-from bin_counter.commands.tune import SearchSpace, TuneConfig, objective_for, open_study, tune
-from bin_counter.config import TrainConfig
+from bin_counter.commands.tune import (
+    Folds,
+    ModelSpace,
+    SearchSpace,
+    TuneConfig,
+    objective_for,
+    open_study,
+    search_model,
+    tune,
+)
+from bin_counter.config import RECIPES, TrainConfig
 
-pytestmark = pytest.mark.slow
+slow = pytest.mark.slow
+LITE = ("efficientnet-lite0", "efficientnet-lite1")
 
 
 def small(tiny_data, tmp_path, **kwargs) -> TuneConfig:
+    """The study's search on the tiny split (its storage, pruning and worker features are tested on it)."""
     base = TrainConfig(data=str(tiny_data), head="sgd", image_size=224, feature_views=2, num_workers=0,
                        cache_dir=str(tmp_path / "cache"))
-    return TuneConfig(base=base, space=SearchSpace(batch_size=(8, 16), lr=(1e-4, 5e-2), epochs=(2, 3)), **kwargs)
+    return TuneConfig(base=base, space=SearchSpace(batch_size=(8, 16), lr=(1e-4, 5e-2), epochs=(2, 3)),
+                      search="study", **kwargs)
+
+
+def synthetic_folds(strengths: dict[str, float], seed: int, n: int = 300, dim: int = 16) -> Folds:
+    """Features of each "backbone": the count along one direction times its strength, plus unit noise. Equal
+    strengths mean no backbone is truly better; independent noise still makes their scores differ."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 5
+    direction = torch.randn(dim, generator=generator)
+    features = {(name, 224, "", "eval views"): (labels[:, None].float() * direction * strength
+                                                 + torch.randn(n, dim, generator=generator))[:, None, :]
+                for name, strength in strengths.items()}
+    return Folds.of(labels, [1, 2, 3, 4, 5], 5, 0, features=features)
+
+
+def synthetic_search(folds: Folds, n_trials: int = 6):
+    cfg = TuneConfig(base=TrainConfig(decode="argmax", image_size=224), space=SearchSpace(), n_trials=n_trials,
+                     model=ModelSpace(heads=("logistic",), backbones=LITE, image_sizes=(224,), decodes=("argmax",)))
+    study = open_study(cfg)
+    with mlflow.start_run() as parent:
+        chosen, _ = search_model(cfg, study, parent.info.run_id, folds)
+    trials = {t.number: t for t in study.trials}
+    return chosen, trials, mlflow.get_run(parent.info.run_id)
+
+
+def test_trial_zero_is_the_default_configuration():
+    cfg = TuneConfig(base=TrainConfig(), space=SearchSpace())
+    (waiting,) = open_study(cfg).trials
+    defaults = {k: v for k, v in RECIPES["counting"].items() if k in ("head", "image_size", "balance", "decode",
+                                                                      "decode_cost", "decode_tail_boost")}
+    assert waiting.number == 0 and waiting.state == optuna.trial.TrialState.WAITING
+    assert waiting.system_attrs["fixed_params"] == {**defaults, "backbone": "efficientnet-lite0"}
+    assert waiting.user_attrs["default"] is True
+    assert set(cfg.model.backbones) >= set(LITE) and 320 in cfg.model.image_sizes  # the space holds the default
+
+
+@pytest.mark.parametrize("given, search, head", [({}, "model", "logistic"), ({"recipe": "study"}, "study", "sgd")])
+def test_mlflow_run_tune_searches_the_default_model_or_with_recipe_study_the_studys(given, search, head):
+    """Before: `mlflow run . -e tune` forced --head sgd and searched the study's space on top of the default."""
+    import shlex
+    from pathlib import Path
+
+    from mlflow.projects import _project_spec
+
+    from bin_counter.cli import parse, tune_config
+
+    root = Path(__file__).resolve().parents[1]
+    argv = shlex.split(_project_spec.load_project(str(root)).get_entry_point("tune").compute_command(given, "/tmp"))
+    cfg = tune_config(parse(argv[3:]))
+    assert (cfg.search, cfg.base.head) == (search, head) and cfg.n_trials == 5
+    if search == "model":
+        assert cfg.base == TrainConfig() and cfg.objective == "accuracy"
+    else:
+        assert {k: getattr(cfg.base, k) for k in RECIPES["study"]} == RECIPES["study"]
+        assert (cfg.space.batch_size, cfg.space.lr, cfg.space.epochs) == ((32, 128), (1e-4, 5e-2), (5, 15))
+
+
+def test_sagemaker_backend_keeps_the_studys_search():
+    from bin_counter import BinCounterError
+    from bin_counter.cli import parse, tune_config
+
+    cfg = tune_config(parse(["tune", "--backend", "sagemaker"]))
+    assert cfg.search == "study" and cfg.base.head == "sgd"
+    with pytest.raises(BinCounterError, match="no conditional space"):
+        tune_config(parse(["tune", "--backend", "sagemaker", "--recipe", "counting"]))
+
+
+def test_a_trial_better_only_by_noise_does_not_replace_the_default():
+    # equal strengths: lite1's independent noise (seed 2) makes it score 4 points higher, within two s.e.
+    chosen, trials, parent = synthetic_search(synthetic_folds(dict.fromkeys(LITE, 0.3), seed=2))
+    assert trials[0].params["backbone"] == LITE[0] and trials[0].user_attrs["default"]
+    best = max((t for t in trials.values() if t.value is not None), key=lambda t: t.value)
+    assert best.params["backbone"] == LITE[1] and best.value > trials[0].value, "the noise case must tempt"
+    assert chosen.number == 0 and parent.data.tags["chosen"] == "the default (trial 0)"
+    assert 0 < parent.data.metrics["paired_gain"] < 2 * parent.data.metrics["paired_standard_error"]
+    assert parent.data.metrics["feature_passes"] == 2  # six trials, two distinct feature passes
+
+
+def test_a_clearly_better_trial_replaces_the_default():
+    chosen, trials, parent = synthetic_search(synthetic_folds({LITE[0]: 0.1, LITE[1]: 1.0}, seed=0))
+    assert chosen.params["backbone"] == LITE[1] and chosen.number != 0
+    assert parent.data.tags["chosen"] == f"trial {chosen.number}"
+    assert parent.data.metrics["paired_gain"] > 2 * parent.data.metrics["paired_standard_error"]
+    assert parent.data.params["default_backbone"] == LITE[0] and parent.data.params["best_backbone"] == LITE[1]
+
+
+def sgd_search(n_trials: int, pruner=None):
+    folds = synthetic_folds({LITE[0]: 1.0}, seed=0)
+    for (backbone, size, weights, _), features in list(folds.features.items()):  # the SGD head's training views
+        folds.features[backbone, size, weights, "train views"] = features.repeat(1, 2, 1)
+    cfg = TuneConfig(base=TrainConfig(head="sgd", decode="argmax", image_size=224, backbone=LITE[0], epochs=3),
+                     space=SearchSpace(batch_size=(16, 32), epochs=(2, 4)), n_trials=n_trials,
+                     model=ModelSpace(heads=("sgd",), backbones=(LITE[0],), image_sizes=(224,), decodes=("argmax",)))
+    study = open_study(cfg, pruner)
+    with mlflow.start_run() as parent:
+        search_model(cfg, study, parent.info.run_id, folds)
+    return study, parent
+
+
+def test_sgd_trials_search_batch_lr_epochs_and_are_scored_on_the_same_folds():
+    study, parent = sgd_search(2)
+    trials = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert trials[0].params == {"head": "sgd", "backbone": LITE[0], "image_size": 224, "balance": True,
+                                "decode": "argmax", "batch_size": 32, "lr": 1e-3, "epochs": 3}
+    assert all({"batch_size", "lr", "epochs"} <= set(t.params) for t in trials)
+    assert len(trials) == 2 and all(len(t.user_attrs["fold_values"]) == 5 for t in trials)
+    assert mlflow.get_run(parent.info.run_id).data.metrics["feature_passes"] == 2  # eval and training views
+
+
+def test_an_sgd_trial_is_pruned_between_folds_but_never_the_default():
+    # every accuracy below 0.99 is hopeless, from the first fold on
+    study, parent = sgd_search(2, optuna.pruners.ThresholdPruner(lower=0.99, n_warmup_steps=0))
+    default, pruned = study.trials
+    assert default.state == optuna.trial.TrialState.COMPLETE and default.user_attrs["default"]
+    assert pruned.state == optuna.trial.TrialState.PRUNED and list(pruned.intermediate_values) == [1]
+    (run,) = [r for r in child_runs(parent.info.run_id) if r.info.run_name == "trial-1"]
+    assert run.data.tags["trial_state"] == "PRUNED" and run.info.status == "KILLED"
+
+
+def test_a_trial_that_gives_up_a_count_is_not_eligible():
+    """The default decodes every image to the middle count (no end count recalled): never chosen, whatever
+    its accuracy; the ordinal decoding with a huge cost does that."""
+    folds = synthetic_folds({LITE[0]: 0.05, LITE[1]: 0.05}, seed=0)
+    cfg = TrainConfig(image_size=224, decode="ordinal", decode_cost=50.0, decode_tail_boost=0.0)
+    score = folds.score(folds.probabilities(cfg), cfg, "accuracy")
+    assert score.min_recall == 0 and not score.eligible
 
 
 def child_runs(parent_id: str):
@@ -24,7 +163,31 @@ def child_runs(parent_id: str):
                               output_format="list")
 
 
-def test_three_trial_tune_end_to_end(tiny_data, tmp_path):
+@slow
+def test_model_search_end_to_end_registers_the_chosen_configuration_trained_by_train(tiny_data, tmp_path):
+    base = TrainConfig(data=str(tiny_data), num_workers=0, feature_views=2, cache_dir=str(tmp_path / "cache"))
+    cfg = TuneConfig(base=base, space=SearchSpace(batch_size=(8, 16), epochs=(2, 3)), n_trials=4,
+                     register_as="tuned", model=ModelSpace(backbones=(LITE[0],), image_sizes=(320,)))
+    out = tune(cfg)
+    children = {r.info.run_name: r for r in child_runs(out["parent_run_id"])}
+    trial0 = children["trial-0"]
+    for key in ("head", "backbone", "image_size", "balance", "decode", "decode_cost", "decode_tail_boost"):
+        assert trial0.data.params[key] == str(getattr(TrainConfig(), key)), key
+    assert trial0.data.tags["default_configuration"] == "True" and "oof_accuracy" in trial0.data.metrics
+    chosen = children["chosen"]  # trained by `train`: the logistic head on train+val, its test metrics
+    assert chosen.data.tags["bin_counter.command"] == "chosen" and "test_accuracy" in chosen.data.metrics
+    assert {k: chosen.data.params[k] for k in out["best_params"]} == {k: str(v) for k, v in out["best_params"].items()}
+    parent = mlflow.get_run(out["parent_run_id"])
+    assert parent.data.params["default_head"] == "logistic" and "best_head" in parent.data.params
+    assert parent.data.metrics["feature_passes"] >= 1 and "best_test_accuracy" in parent.data.metrics
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(out["parent_run_id"])}
+    assert {"optimization_history.png", "trials.csv", "default_vs_best.csv"} <= artifacts
+    version = mlflow.MlflowClient().get_registered_model("tuned").latest_versions[0]
+    assert version.run_id == chosen.info.run_id
+
+
+@slow
+def test_three_trial_study_search_end_to_end(tiny_data, tmp_path):
     out = tune(small(tiny_data, tmp_path, n_trials=3, n_jobs=2, register_as="tuned"))
     children = child_runs(out["parent_run_id"])
     trials = [r for r in children if r.info.run_name.startswith("trial-")]
@@ -41,6 +204,7 @@ def test_three_trial_tune_end_to_end(tiny_data, tmp_path):
     assert mlflow.MlflowClient().get_registered_model("tuned").latest_versions
 
 
+@slow
 def test_pruned_trial_is_stopped_and_marked(tiny_data, tmp_path):
     cfg = small(tiny_data, tmp_path, n_trials=1)
     cfg.space = SearchSpace(batch_size=(8, 8), lr=(1e-3, 1e-3), epochs=(6, 6))
@@ -56,6 +220,7 @@ def test_pruned_trial_is_stopped_and_marked(tiny_data, tmp_path):
     assert len(mlflow.MlflowClient().get_metric_history(run.info.run_id, "val_loss")) == 2
 
 
+@slow
 def test_rerun_with_same_storage_resumes(tiny_data, tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     tune(small(tiny_data, tmp_path, n_trials=2, storage=storage, study_name="resume"))
@@ -64,12 +229,14 @@ def test_rerun_with_same_storage_resumes(tiny_data, tmp_path):
     assert [t.number for t in study.trials] == [0, 1, 2]
 
 
+@slow
 def test_two_workers_share_one_study(tiny_data, tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     # warm the feature cache first so the workers race on trials, not on extraction
     tune(small(tiny_data, tmp_path, n_trials=1, storage=f"sqlite:///{tmp_path / 'warm.db'}"))
-    command = [sys.executable, "-m", "bin_counter", "tune", "--data", str(tiny_data), "--n-trials", "4",
-               "--storage", storage, "--study-name", "shared", "--batch-size-range", "8,16", "--epochs-range", "2,3",
+    command = [sys.executable, "-m", "bin_counter", "tune", "--recipe", "study", "--data", str(tiny_data),
+               "--n-trials", "4", "--storage", storage, "--study-name", "shared", "--batch-size-range", "8,16",
+               "--epochs-range", "2,3",
                "--feature-views", "2", "--num-workers", "0", "--cache-dir", str(tmp_path / "cache")]
     env = {**os.environ, "TQDM_DISABLE": "1"}
     workers = [subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -92,6 +259,7 @@ def test_two_workers_share_one_study(tiny_data, tmp_path):
     assert len(set(params)) == 4, "a trial was duplicated"
 
 
+@slow
 @pytest.mark.parametrize("args, message", [
     (["--lr-range", "0.1,0.01"], "bad lr range"),
     (["--batch-size-range", "x"], "LOW,HIGH"),
@@ -104,6 +272,7 @@ def test_tune_errors_are_one_line(tiny_data, tmp_path, args, message):
     assert result.returncode == 2 and "Traceback" not in result.stderr and message in result.stderr
 
 
+@slow
 def test_a_dead_workers_trial_is_failed_and_retried_with_its_parameters(tiny_data, tmp_path):
     """A worker killed mid-trial (SIGKILL: no cleanup) leaves a RUNNING trial whose heartbeat stops; the next
     worker fails it and runs its parameters again."""
@@ -115,8 +284,9 @@ def test_a_dead_workers_trial_is_failed_and_retried_with_its_parameters(tiny_dat
 
     database = tmp_path / "optuna.db"
     storage = f"sqlite:///{database}"
-    command = [sys.executable, "-m", "bin_counter", "tune", "--data", str(tiny_data), "--n-trials", "1",
-               "--storage", storage, "--study-name", "retry", "--batch-size-range", "8,16", "--epochs-range", "2,3",
+    command = [sys.executable, "-m", "bin_counter", "tune", "--recipe", "study", "--data", str(tiny_data),
+               "--n-trials", "1", "--storage", storage, "--study-name", "retry", "--batch-size-range", "8,16",
+               "--epochs-range", "2,3",
                "--image-size", "224", "--feature-views", "2", "--num-workers", "0",
                "--cache-dir", str(tmp_path / "cache")]
     worker = subprocess.Popen(command, env={**os.environ, "TQDM_DISABLE": "1"}, cwd=tmp_path,

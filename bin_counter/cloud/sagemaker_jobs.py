@@ -144,7 +144,9 @@ def build_tuner(cfg, s3_data: str, role: str, instance_type: str, image_uri: str
     from sagemaker.train.tuner import HyperparameterTuner
 
     base = cfg.base
-    static = {"head": base.head, "backbone": base.backbone, "seed": base.seed, "feature-views": base.feature_views,
+    # the study's recipe under the job's `train` too, so each job trains what the study trained
+    static = {"recipe": "study", "head": base.head, "backbone": base.backbone, "seed": base.seed,
+              "feature-views": base.feature_views,
               "unfreeze-last": base.unfreeze_last, "image-size": base.image_size}
     trainer = make_trainer(s3_data, role, instance_type, image_uri, region, output_path, source_dir, static,
                            environment=environment)

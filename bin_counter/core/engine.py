@@ -109,11 +109,15 @@ class TorchEngine:
 class OnnxEngine:
     name = "onnx"
 
-    def __init__(self, graph: str | Path | bytes):
+    def __init__(self, graph: str | Path | bytes, profile_prefix: Path | None = None):
+        """`profile_prefix`: ONNX Runtime's own profiler records every node's run there (end_profiling)."""
         import onnxruntime
 
         options = onnxruntime.SessionOptions()
         options.log_severity_level = 3  # its warnings about unused initialisers say nothing to a user
+        if profile_prefix is not None:
+            options.enable_profiling = True
+            options.profile_file_prefix = str(profile_prefix)
         source = graph if isinstance(graph, bytes) else str(graph)
         self.session = onnxruntime.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
@@ -166,12 +170,13 @@ def probability_engine(model: nn.Module, tta: bool, device: torch.device, graph:
     return TorchEngine(ViewAveraged(model, tta), device)
 
 
-def feature_engine(model: nn.Module, image_size: int, device: torch.device) -> Engine:
+def feature_engine(model: nn.Module, image_size: int, device: torch.device,
+                   profile_prefix: Path | None = None) -> Engine:
     """The frozen backbone for feature extraction; on CPU exported to ONNX first (seconds, paid once per
-    extraction, against minutes of extraction)."""
+    extraction, against minutes of extraction). `profile_prefix` turns on ONNX Runtime's profiler."""
     if not use_onnx(device, graph_needed=False):
         return TorchEngine(Backbone(model), device)
-    return OnnxEngine(export_onnx(Backbone(model), image_size))
+    return OnnxEngine(export_onnx(Backbone(model), image_size), profile_prefix)
 
 
 def quantize_int8(graph: bytes, calibration: list[torch.Tensor]) -> bytes:

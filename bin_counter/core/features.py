@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -27,6 +28,7 @@ from bin_counter.core.engine import feature_engine
 from bin_counter.core.feature_store import load_store
 from bin_counter.core.files import atomic_path
 from bin_counter.core.models import CountingModel
+from bin_counter.core.profiling import NO_PROFILE
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +38,11 @@ def description_key(description: dict) -> str:
 
 
 def extract(model: CountingModel, frame: pd.DataFrame, classes: list[int], transform, *, views: int, batch_size: int,
-            num_workers: int, seed: int, device: torch.device, desc: str, tta: bool = False):
+            num_workers: int, seed: int, device: torch.device, desc: str, tta: bool = False, profiler=NO_PROFILE):
     """Features (N, views, D) and a mask (N,) of the images that could be read.
 
-    Random views are seeded per image and view; with `tta` the views are the 4 flips/transposes of one image."""
+    Random views are seeded per image and view; with `tta` the views are the 4 flips/transposes of one image.
+    `profiler` (core.profiling.Profile) times the wait for decoded, resized batches against the model's forward."""
     features: torch.Tensor | None = None
     ok = torch.zeros(len(frame), dtype=torch.bool)
     n_views = 4 if tta else views
@@ -47,18 +50,25 @@ def extract(model: CountingModel, frame: pd.DataFrame, classes: list[int], trans
     for view in range(1 if tta else views):
         dataset = ManifestImages(frame, classes, transform, view_seed=None if tta else seed * 1000 + view)
         loader = make_loader(dataset, batch_size, shuffle=False, num_workers=num_workers, seed=seed)
+        waited = time.perf_counter()
         for batch in tqdm(loader, desc=f"{desc} features (view {view + 1}/{views})", unit="batch", leave=False):
+            profiler.data_wait(time.perf_counter() - waited)
             if batch is None:
                 continue
             images, _, indices = batch
-            engine = engine or feature_engine(model, images.shape[-1], device)
+            engine = engine or feature_engine(model, images.shape[-1], device, profiler.engine_profile_prefix)
             variants = dihedral_views(images) if tta else [images]
-            outs = engine(torch.cat(variants)).chunk(len(variants))  # every view in one forward
+            with profiler.phase("forward"):
+                outs = engine(torch.cat(variants)).chunk(len(variants))  # every view in one forward
             if features is None:
                 features = torch.zeros(len(frame), n_views, outs[0].shape[1])
             for k, out in enumerate(outs):
                 features[indices, view if not tta else k] = out
             ok[indices] = True
+            profiler.step(len(indices))
+            waited = time.perf_counter()
+    if engine is not None:
+        profiler.engine_done(engine)
     if features is None:
         raise ValueError(f"no readable image in the {desc} split")
     return features, ok
@@ -77,7 +87,8 @@ def _extract_shared(model, frame, classes, transform, *, desc: str, **options):
 
 def cached_features(model: CountingModel, frame: pd.DataFrame, classes: list[int], transform, *, views: int,
                     description: dict, cache_dir: Path | None, batch_size: int, num_workers: int, seed: int,
-                    device: torch.device, desc: str, tta: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                    device: torch.device, desc: str, tta: bool = False,
+                    profiler=NO_PROFILE) -> tuple[torch.Tensor, torch.Tensor]:
     """Features of `frame`'s images from the cache, computing (and adding) only the images it lacks.
 
     Stored as float16 (half the size, same accuracy); training always sees the stored values, so a fresh run and
@@ -92,7 +103,8 @@ def cached_features(model: CountingModel, frame: pd.DataFrame, classes: list[int
         # extraction seeds each image's views; fork_rng keeps training's random stream as if the cache were warm
         with torch.random.fork_rng(devices=[]):
             new, new_ok = _extract_shared(model, missing, classes, transform, views=views, batch_size=batch_size,
-                                          num_workers=num_workers, seed=seed, device=device, desc=desc, tta=tta)
+                                          num_workers=num_workers, seed=seed, device=device, desc=desc, tta=tta,
+                                          profiler=profiler)
         new = new.half()
         if store is None:
             store = {"sha": [], "features": new[:0], "ok": new_ok[:0]}

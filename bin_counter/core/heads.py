@@ -129,23 +129,33 @@ def log_loss(probs: np.ndarray, labels: np.ndarray) -> float:
     return float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean())
 
 
+def stratified_folds(labels: torch.Tensor, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(train, held-out) image indices of a stratified k-fold, k capped by the rarest count (each fold needs one
+    of each); empty when a count has a single image. The same labels and seed give the same folds: tune scores
+    every trial on these."""
+    present = torch.bincount(labels.long())
+    folds = min(folds, int(present[present > 0].min()))
+    if folds < 2:
+        return []
+    return list(StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(np.zeros(len(labels)),
+                                                                                      labels.numpy()))
+
+
 def fit_logistic(features: torch.Tensor, labels: torch.Tensor, num_classes: int, *, c_grid=C_GRID,
-                 folds: int = 5, balance: bool = False, seed: int = 0) -> LogisticFit:
+                 folds: int = 5, balance: bool = False, seed: int = 0, splits=None) -> LogisticFit:
     """Choose C by stratified k-fold over images (lowest held-out log-loss), then refit on all images.
 
-    `features` is (N, V, D): V views per image (test-time views), all used for fitting and averaged to predict."""
+    `features` is (N, V, D): V views per image (test-time views), all used for fitting and averaged to predict.
+    `splits` (from stratified_folds) replaces the folds that `folds` and `seed` would make."""
     labels = labels.long()
     scaler = Standardizer.fit(features)
     x = scaler(features)
-    present = torch.bincount(labels)
-    folds = min(folds, int(present[present > 0].min()))  # stratified folds need that many images of each count
-    if folds < 2:
+    splits = stratified_folds(labels, folds, seed) if splits is None else splits
+    if not splits:
         log.warning("logistic head: a count has a single image, so C cannot be cross-validated; using C=%g "
                     "(validation metrics are in-sample)", DEFAULT_C)
         weight, bias = _fit_views(x, labels, num_classes, DEFAULT_C, balance)
         return LogisticFit(scaler, weight, bias, DEFAULT_C, {}, view_probabilities(x, weight, bias))
-    splits = list(StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(np.zeros(len(labels)),
-                                                                                          labels.numpy()))
     oof = {c: np.zeros((len(labels), num_classes)) for c in c_grid}
     for train_idx, held_idx in splits:
         # the fold's own standardisation, so held-out images never shape the features they are scored on
@@ -157,7 +167,7 @@ def fit_logistic(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
             oof[c][held_idx] = view_probabilities(xh, *init)
     scores = {c: log_loss(oof[c], labels.numpy()) for c in c_grid}
     best = min(scores, key=scores.get)
-    log.info("logistic head: C=%g chosen by %d-fold CV (held-out log-loss %s)", best, folds,
+    log.info("logistic head: C=%g chosen by %d-fold CV (held-out log-loss %s)", best, len(splits),
              ", ".join(f"{c:g}: {s:.4f}" for c, s in scores.items()))
     weight, bias = _fit_views(x, labels, num_classes, best, balance)
     return LogisticFit(scaler, weight, bias, best, scores, oof[best])

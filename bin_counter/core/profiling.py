@@ -3,13 +3,16 @@
 `train --profile` times every step's phases (data loading, forward, backward, optimiser), samples CPU/GPU
 utilisation and memory in a background thread, runs torch.profiler over a wait/warmup/active schedule, and writes
 one self-contained HTML report (plots embedded) plus a markdown summary, the Chrome trace and the top-operators
-table. Without --profile, training uses `NO_PROFILE`, whose hooks do nothing.
+table. With a frozen backbone and the solved head, a step is one batch of the feature pass (the wait for decoded,
+resized images, then the model), the operators are ONNX Runtime's own (its profiler) when it runs the backbone,
+and the solve's time is reported beside it. Without --profile, training uses `NO_PROFILE`, whose hooks do nothing.
 """
 from __future__ import annotations
 
 import base64
 import html
 import io
+import json
 import tempfile
 import threading
 import time
@@ -22,15 +25,21 @@ import pandas as pd
 import torch
 
 PHASES = ("data", "forward", "backward", "optimizer")
+# a feature pass has no backward or optimiser: its data phase is decoding and resizing, its forward the backbone
+FEATURE_PASS_PHASES = {"data": "data (decode + resize, waiting for the loader)", "forward": "forward (backbone)"}
 
 
 class NoProfile:
     """The hooks the training loop calls; all no-ops, so an unprofiled run pays nothing."""
 
     enabled = False
+    engine_profile_prefix = None  # where an ONNX Runtime session writes its profile (None: no profiling)
 
     def phase(self, name: str):
         return nullcontext()
+
+    def engine_done(self, engine) -> None:
+        pass
 
     def data_wait(self, seconds: float) -> None:
         pass
@@ -93,16 +102,22 @@ class Profile:
     active: int = 3
     steps: list[dict] = field(default_factory=list)
     enabled: bool = True
+    stage: str = "training epoch"  # or "feature pass": what one step is
+    solve_seconds: float | None = None  # the solved head's fit, after the feature pass
 
     def __post_init__(self):
         self.out = Path(tempfile.mkdtemp(prefix="bin-counter-profile-"))
         self._current: dict = {}
+        self.engine_profiles: list[Path] = []
+        self.engine = "torch"
         activities = [torch.profiler.ProfilerActivity.CPU]
         if self.device.type == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)
+        # an epoch repeats one step, so a few steps tell; a feature pass is bounded and may be a handful of batches
+        schedule = None if self.stage == "feature pass" else torch.profiler.schedule(
+            wait=self.wait, warmup=self.warmup, active=self.active, repeat=1)
         self.torch_profiler = torch.profiler.profile(
-            activities=activities,
-            schedule=torch.profiler.schedule(wait=self.wait, warmup=self.warmup, active=self.active, repeat=1),
+            activities=activities, schedule=schedule,
             record_shapes=True, profile_memory=True,
             on_trace_ready=lambda prof: prof.export_chrome_trace(str(self.out / "trace.json")))
         self.sampler = UtilisationSampler()
@@ -135,6 +150,17 @@ class Profile:
     def data_wait(self, seconds: float) -> None:
         self._current["data"] = seconds
 
+    @property
+    def engine_profile_prefix(self) -> Path:
+        return self.out / "onnxruntime"
+
+    def engine_done(self, engine) -> None:
+        """An inference engine finished its batches: keep ONNX Runtime's profile of them."""
+        self.engine = engine.name
+        session = getattr(engine, "session", None)
+        if session is not None:
+            self.engine_profiles.append(Path(session.end_profiling()))
+
     def step(self, batch_size: int) -> None:
         self.steps.append({**{p: self._current.get(p, 0.0) for p in PHASES}, "images": batch_size})
         self._current = {}
@@ -148,6 +174,8 @@ class Profile:
         return frame
 
     def top_operators(self, rows: int = 15) -> str:
+        if self.engine_profiles:
+            return onnx_operator_table(self.engine_profiles, rows)
         try:
             key = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
             return self.torch_profiler.key_averages().table(sort_by=key, row_limit=rows)
@@ -164,13 +192,34 @@ class Profile:
             **{f"{p}_share": float(steps[p].sum() / total) if total else 0.0 for p in PHASES},
             "cpu_percent_mean": float(util["cpu_percent"].mean()) if "cpu_percent" in util else float("nan"),
             "peak_rss_mb": float(util["rss_mb"].max()) if "rss_mb" in util else float("nan"),
-            "batch_size": self.batch_size, "device": self.device.type,
+            "batch_size": self.batch_size, "device": self.device.type, "stage": self.stage, "engine": self.engine,
         }
+        if self.solve_seconds is not None:
+            out["solve_seconds"] = float(self.solve_seconds)
         if "gpu_percent" in util:
             out["gpu_percent_mean"] = float(util["gpu_percent"].mean())
         if self.device.type == "cuda":
             out["peak_gpu_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
         return out
+
+
+def onnx_events(paths: list[Path]) -> list[dict]:
+    return [event for path in paths for event in json.loads(Path(path).read_text())]
+
+
+def onnx_operator_table(paths: list[Path], rows: int = 15) -> str:
+    """ONNX Runtime's per-operator time, summed over every node run its profiler recorded."""
+    kernels = [e for e in onnx_events(paths) if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")]
+    if not kernels:
+        return "(ONNX Runtime recorded no operator runs)"
+    frame = pd.DataFrame({"operator": [e.get("args", {}).get("op_name", "?") for e in kernels],
+                          "us": [float(e.get("dur", 0)) for e in kernels]})
+    table = frame.groupby("operator")["us"].agg(calls="count", total_ms="sum").sort_values("total_ms", ascending=False)
+    table["share"] = (table["total_ms"] / table["total_ms"].sum()).map("{:.1%}".format)
+    table["total_ms"] = (table["total_ms"] / 1000).round(1)
+    table["ms_per_call"] = (table["total_ms"] / table["calls"]).round(3)
+    return ("ONNX Runtime per-operator time (its profiler, every batch of the feature pass)\n"
+            + table.head(rows).to_string())
 
 
 def profiler_findings(summary: dict) -> list[tuple[str, str]]:
@@ -183,6 +232,10 @@ def profiler_findings(summary: dict) -> list[tuple[str, str]]:
     if gpu is not None and gpu < 50:
         found.append(("low_gpu_utilisation", f"GPU busy {gpu:.0f}% on average; raise the batch size or feed data "
                       "faster (more workers, pinned memory)"))
+    cpu = summary["cpu_percent_mean"]
+    if summary["device"] == "cpu" and cpu < 50:
+        found.append(("low_cpu_utilisation", f"CPU busy {cpu:.0f}% on average (all cores); raise --num-workers "
+                      "or the batch size, or the machine is shared"))
     if summary["cpu_percent_mean"] > 90 and (gpu is None or gpu < 50) and summary["device"] == "cuda":
         found.append(("cpu_bottleneck", f"CPU at {summary['cpu_percent_mean']:.0f}% while the GPU waits; move "
                       "preprocessing off the critical path"))
@@ -243,7 +296,8 @@ def write_report(profile: Profile, debugger_findings: list, out: Path) -> dict[s
     findings = profiler_findings(summary)
     figures = report_figures(profile)
     ops = profile.top_operators()
-    phases = "".join(f"<tr><td>{p}</td><td>{summary[p + '_share']:.1%}</td></tr>" for p in PHASES)
+    labels = FEATURE_PASS_PHASES if profile.stage == "feature pass" else {}
+    phases = "".join(f"<tr><td>{labels.get(p, p)}</td><td>{summary[p + '_share']:.1%}</td></tr>" for p in PHASES)
     rules = "".join(f"<li><b>{html.escape(r)}</b>: {html.escape(m)}</li>" for r, m in findings) or "<li>none</li>"
     debug = "".join(f"<li><b>{html.escape(f.rule)}</b> (epoch {f.epoch}): {html.escape(f.message)}</li>"
                     for f in debugger_findings) or "<li>none</li>"
@@ -268,7 +322,9 @@ pre{{font-size:11px;overflow-x:auto;background:#f6f6f6;padding:8px}} h2{{border-
     paths["operators"].write_text(ops)
     lines = ["# Profiler summary", "", f"- images/s: {summary['images_per_s']:.1f}",
              f"- median step: {summary['step_ms_median']:.1f} ms",
-             *[f"- {p}: {summary[p + '_share']:.1%} of step time" for p in PHASES],
+             *[f"- {labels.get(p, p)}: {summary[p + '_share']:.1%} of step time" for p in PHASES],
+             *([f"- solve (after the feature pass): {summary['solve_seconds']:.2f} s"] if "solve_seconds" in summary
+               else []),
              f"- mean CPU utilisation: {summary['cpu_percent_mean']:.0f}%",
              f"- peak RSS: {summary['peak_rss_mb']:.0f} MB",
              "", "## Findings", *([f"- **{r}**: {m}" for r, m in findings] or ["- none"]),
@@ -277,4 +333,7 @@ pre{{font-size:11px;overflow-x:auto;background:#f6f6f6;padding:8px}} h2{{border-
     paths["summary"].write_text("\n".join(lines) + "\n")
     if (profile.out / "trace.json").exists():
         paths["trace"] = profile.out / "trace.json"
+    if profile.engine_profiles:  # Chrome-trace events too: one file for every session of the pass
+        paths["engine_trace"] = out / "onnxruntime_trace.json"
+        paths["engine_trace"].write_text(json.dumps(onnx_events(profile.engine_profiles)))
     return paths

@@ -1,9 +1,10 @@
 """Overhead of the debugger rules and of `--profile`, as ratios from one run on the same data.
 
     python experiments/benchmarks/bench_profiling.py
-Full forward pass (no feature cache) on a slice of the bundled sample, 2 epochs each; the profiler only covers the
-first epoch. Rules run on every epoch in every configuration (they read values training already computes), so
-their cost is measured directly.
+The SGD head's full forward pass (no feature cache) on a slice of the bundled sample, 2 epochs each; the profiler
+only covers the first epoch (the solved head's profile is a feature pass: see README, Profiling). Rules run on
+every epoch in every configuration (they read values training already computes), so their cost is measured
+directly.
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ def main() -> None:
     mlflow.set_tracking_uri(f"sqlite:///{work / 'mlruns.db'}")
     data = work / "data"
     prepare(PrepareConfig(out=str(data), limit_per_class=16, workers=2))
-    base = TrainConfig(data=str(data), epochs=2, feature_cache=False, num_workers=2, batch_size=16)
+    base = TrainConfig(data=str(data), head="sgd", epochs=2, feature_cache=False, num_workers=2, batch_size=16)
     timed(base)  # warm-up: page cache, lazy imports
     plain = timed(base)
     profiled = timed(TrainConfig(**{**base.__dict__, "profile": True}))

@@ -151,7 +151,8 @@ def postgres_restart_under_tune(server, uri: str, work: Path, hold_down: float, 
     data = work / "data"
     prepare(PrepareConfig(source="sample", out=str(data), split=(0.6, 0.2, 0.2), limit_per_class=12, workers=2))
     storage = server.pg_url("optuna")
-    command = [sys.executable, "-m", "bin_counter", "tune", "--data", str(data), "--head", "sgd", "--image-size", "224",
+    command = [sys.executable, "-m", "bin_counter", "tune", "--recipe", "study", "--data", str(data), "--head", "sgd",
+               "--image-size", "224",
                "--feature-views", "1", "--num-workers", "0", "--cache-dir", str(work / "cache"),
                "--n-trials", str(trials), "--batch-size-range", "8,16", "--epochs-range", "2,4",
                "--storage", storage, "--study-name", "faults"]

@@ -80,7 +80,8 @@ def test_answer_frame_checks_records_and_marks_what_it_cannot_judge():
     frame = answer_frame(held, CLASSES, DECODING, fitted, records)
     assert frame.loc[0, "record_check"] in ("consistent", "suspect") and 0 < frame.loc[0, "record_p"] <= 1
     assert list(frame.loc[1:2, "record_check"]) == ["outside", "outside"]  # an empty bin, a bin of dozens
-    assert frame.loc[3, "predicted_count"] == -1 and frame.loc[3, "record_check"] == "" and frame.loc[3, "count_set"] == ""
+    assert frame.loc[3, "predicted_count"] == -1
+    assert frame.loc[3, "record_check"] == "" and frame.loc[3, "count_set"] == ""
     sets = [list(map(int, s.split("|"))) for s in frame.loc[:2, "count_set"]]
     assert all(s == sorted(s) and set(s) <= set(CLASSES) for s in sets)
     assert answer_frame(held, CLASSES, DECODING, fitted)["record_check"].eq("").all()  # no records, no verdicts

@@ -104,15 +104,15 @@ def test_a_trial_better_only_by_noise_does_not_replace_the_default():
     best = max((t for t in trials.values() if t.value is not None), key=lambda t: t.value)
     assert best.params["backbone"] == LITE[1] and best.value > trials[0].value, "the noise case must tempt"
     assert chosen.number == 0 and parent.data.tags["chosen"] == "the default (trial 0)"
-    assert 0 < parent.data.metrics["paired_gain"] < 2 * parent.data.metrics["paired_standard_error"]
-    assert parent.data.metrics["feature_passes"] == 2  # six trials, two distinct feature passes
+    assert 0 < parent.data.metrics["tune/paired_gain"] < 2 * parent.data.metrics["tune/paired_standard_error"]
+    assert parent.data.metrics["tune/feature_passes"] == 2  # six trials, two distinct feature passes
 
 
 def test_a_clearly_better_trial_replaces_the_default():
     chosen, trials, parent = synthetic_search(synthetic_folds({LITE[0]: 0.1, LITE[1]: 1.0}, seed=0))
     assert chosen.params["backbone"] == LITE[1] and chosen.number != 0
     assert parent.data.tags["chosen"] == f"trial {chosen.number}"
-    assert parent.data.metrics["paired_gain"] > 2 * parent.data.metrics["paired_standard_error"]
+    assert parent.data.metrics["tune/paired_gain"] > 2 * parent.data.metrics["tune/paired_standard_error"]
     assert parent.data.params["default_backbone"] == LITE[0] and parent.data.params["best_backbone"] == LITE[1]
 
 
@@ -136,7 +136,7 @@ def test_sgd_trials_search_batch_lr_epochs_and_are_scored_on_the_same_folds():
                                 "decode": "argmax", "batch_size": 32, "lr": 1e-3, "epochs": 3}
     assert all({"batch_size", "lr", "epochs"} <= set(t.params) for t in trials)
     assert len(trials) == 2 and all(len(t.user_attrs["fold_values"]) == 5 for t in trials)
-    assert mlflow.get_run(parent.info.run_id).data.metrics["feature_passes"] == 2  # eval and training views
+    assert mlflow.get_run(parent.info.run_id).data.metrics["tune/feature_passes"] == 2  # eval and training views
 
 
 def test_an_sgd_trial_is_pruned_between_folds_but_never_the_default():
@@ -173,13 +173,13 @@ def test_model_search_end_to_end_registers_the_chosen_configuration_trained_by_t
     trial0 = children["trial-0"]
     for key in ("head", "backbone", "image_size", "balance", "decode", "decode_cost", "decode_tail_boost"):
         assert trial0.data.params[key] == str(getattr(TrainConfig(), key)), key
-    assert trial0.data.tags["default_configuration"] == "True" and "oof_accuracy" in trial0.data.metrics
+    assert trial0.data.tags["default_configuration"] == "True" and "oof/accuracy" in trial0.data.metrics
     chosen = children["chosen"]  # trained by `train`: the logistic head on train+val, its test metrics
     assert chosen.data.tags["bin_counter.command"] == "chosen" and "test_accuracy" in chosen.data.metrics
     assert {k: chosen.data.params[k] for k in out["best_params"]} == {k: str(v) for k, v in out["best_params"].items()}
     parent = mlflow.get_run(out["parent_run_id"])
     assert parent.data.params["default_head"] == "logistic" and "best_head" in parent.data.params
-    assert parent.data.metrics["feature_passes"] >= 1 and "best_test_accuracy" in parent.data.metrics
+    assert parent.data.metrics["tune/feature_passes"] >= 1 and "test/accuracy" in parent.data.metrics
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(out["parent_run_id"])}
     assert {"optimization_history.png", "trials.csv", "default_vs_best.csv"} <= artifacts
     version = mlflow.MlflowClient().get_registered_model("tuned").latest_versions[0]
@@ -196,8 +196,8 @@ def test_three_trial_study_search_end_to_end(tiny_data, tmp_path):
     parent = mlflow.get_run(out["parent_run_id"])
     assert {"best_batch_size", "best_lr", "best_epochs"} <= set(parent.data.params)
     assert 8 <= int(parent.data.params["best_batch_size"]) <= 16
-    assert parent.data.metrics["best_value"] == pytest.approx(out["best_value"])
-    assert "best_test_accuracy" in parent.data.metrics
+    assert parent.data.metrics["best/value"] == pytest.approx(out["best_value"])
+    assert "test/accuracy" in parent.data.metrics
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(out["parent_run_id"])}
     assert {"optimization_history.png", "trials.csv"} <= artifacts
     assert mlflow.pyfunc.load_model(out["model_uri"]) is not None

@@ -57,6 +57,7 @@ from bin_counter.core import heads, metrics
 from bin_counter.core.data import make_loader
 from bin_counter.core.features import FeatureViews
 from bin_counter.core.manifest import read_classes
+from bin_counter.core.metrics import HEADLINE, metric_key
 from bin_counter.core.models import (
     CountingModel,
     backbone_spec,
@@ -519,7 +520,8 @@ def model_objective(cfg: TuneConfig, folds: Folds, parent_run_id: str):
             trial.set_user_attr(name, getattr(score, name))
         trial.set_user_attr("fold_values", score.per_fold)
         trial.set_user_attr("eligible", score.eligible)
-        mlflow.log_metrics({f"oof_{k}": getattr(score, k) for k in ("accuracy", "mae", "f1_macro", "min_recall")})
+        mlflow.log_metrics({metric_key("oof", k): getattr(score, k)
+                            for k in ("accuracy", "mae", "f1_macro", "min_recall")})
         mlflow.set_tags({"trial_state": "COMPLETE", "eligible": str(score.eligible),
                          "default_configuration": str(bool(trial.user_attrs.get("default")))})
         return score
@@ -573,9 +575,9 @@ def log_decision(decision: Decision, objective: str) -> None:
     default, best = decision.default, decision.best
     mlflow.log_params({**{f"default_{k}": v for k, v in default.params.items()},
                        **{f"best_{k}": v for k, v in best.params.items()}})
-    mlflow.log_metrics({"default_value": default.value, "best_value": best.value, "best_trial": best.number,
-                        "paired_gain": decision.gain, "paired_standard_error": decision.standard_error,
-                        "default_mae": default.user_attrs["mae"], "best_mae": best.user_attrs["mae"]})
+    mlflow.log_metrics({"default/value": default.value, "best/value": best.value, "tune/best_trial": best.number,
+                        "tune/paired_gain": decision.gain, "tune/paired_standard_error": decision.standard_error,
+                        "default/mae": default.user_attrs["mae"], "best/mae": best.user_attrs["mae"]})
     chosen = f"trial {best.number}" if decision.replaced else f"the default (trial {default.number})"
     mlflow.set_tag("chosen", chosen)
     table = pd.DataFrame({"fold": range(1, len(default.user_attrs["fold_values"]) + 1),
@@ -665,7 +667,7 @@ def search_study(cfg: TuneConfig, study: optuna.Study, parent_run_id: str) -> tu
     best = study.best_trial
     print(f"best trial {best.number}: Average loss: {best.value:.4f} with {best.params}")
     mlflow.log_params({f"best_{k}": v for k, v in best.params.items()})
-    mlflow.log_metric("best_value", best.value)
+    mlflow.log_metric("best/value", best.value)
     return best, "best"
 
 
@@ -677,7 +679,7 @@ def search_model(cfg: TuneConfig, study: optuna.Study, parent_run_id: str, folds
     optimize(study, model_objective(cfg, folds, parent_run_id), cfg)
     decision = decide(study, cfg.objective)
     finished = len(study.get_trials(deepcopy=False, states=FINISHED))
-    mlflow.log_metrics({"feature_passes": folds.passes, "search_seconds": time.perf_counter() - start})
+    mlflow.log_metrics({"tune/feature_passes": folds.passes, "tune/search_seconds": time.perf_counter() - start})
     print(f"{finished} trials, {folds.passes} distinct feature passes, {time.perf_counter() - start:.1f} s")
     log_decision(decision, cfg.objective)
     return decision.chosen, "chosen"
@@ -693,17 +695,18 @@ def tune(cfg: TuneConfig, folds: Folds | None = None) -> dict:
         tracking.log_params(study_params(cfg))
         searched = search_study if cfg.search == "study" else functools.partial(search_model, folds=folds)
         chosen, run_name = searched(cfg, study, parent.info.run_id)
-        mlflow.log_metrics({"trials_complete": len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))),
-                            "trials_pruned": len(study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)))})
+        mlflow.log_metrics({"tune/trials_complete": len(study.get_trials(deepcopy=False,
+                                                                         states=(TrialState.COMPLETE,))),
+                            "tune/trials_pruned": len(study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)))})
         log_study_plots(study)
 
         chosen_cfg = dataclasses.replace(cfg.base, **chosen.params, run_name=run_name, register_as=cfg.register_as)
         result = train(chosen_cfg)
         report = evaluate_into_run(result.run_id, result.model_uri, chosen_cfg.data)
-        mlflow.log_metrics({f"best_test_{k}": report.metrics[k] for k in ("accuracy", "f1_macro", "mae")})
+        mlflow.log_metrics({metric_key("test", k): report.metrics[k] for k in HEADLINE})  # the chosen model's
         mlflow.set_tag("best_model_uri", result.model_uri)
         print(f"{run_name} configuration on test: {summary_lines(report.metrics)}")
         print(f"run_id: {parent.info.run_id}")
-    best_value = mlflow.get_run(parent.info.run_id).data.metrics["best_value"]
+    best_value = mlflow.get_run(parent.info.run_id).data.metrics["best/value"]
     return {"best_params": chosen.params, "best_value": best_value, "chosen_trial": chosen.number,
             "model_uri": result.model_uri, "test": report.metrics, "parent_run_id": parent.info.run_id}

@@ -42,10 +42,10 @@ def model_search(base: TrainConfig, trials: int, storage: str) -> None:
     shared = [t.user_attrs["seconds"] for t in done if t.user_attrs["new_feature_passes"] == 0]
     new = [t.user_attrs["seconds"] for t in done if t.user_attrs["new_feature_passes"] > 0]
     pruned = sum(t.state == optuna.trial.TrialState.PRUNED for t in done)
-    searched = parent.metrics["search_seconds"]
+    searched = parent.metrics["tune/search_seconds"]
     print(f"tune --n-trials {trials} (model search): {total:.1f} s in all; the search {searched:.1f} s, then the "
           f"chosen configuration trained by `train` and evaluated: {total - searched:.1f} s")
-    print(f"distinct feature passes: {int(parent.metrics['feature_passes'])} for {len(done)} trials "
+    print(f"distinct feature passes: {int(parent.metrics['tune/feature_passes'])} for {len(done)} trials "
           f"({pruned} pruned; an SGD-head trial needs two: evaluation and training views)")
     print(f"a trial needing a new pass: median {np.median(new) if new else float('nan'):.1f} s ({len(new)} trials); "
           f"a trial sharing its passes: median {np.median(shared) if shared else float('nan'):.2f} s ({len(shared)})")
@@ -54,8 +54,8 @@ def model_search(base: TrainConfig, trials: int, storage: str) -> None:
                    else "pruned")
         print(f"  trial {t.number}: {t.user_attrs['seconds']:6.1f} s, new passes {t.user_attrs['new_feature_passes']}, "
               f"{figures}, {t.params}")
-    print(f"chosen: {parent.tags['chosen']} (paired gain {parent.metrics['paired_gain']:+.4f} ± "
-          f"{parent.metrics['paired_standard_error']:.4f}); test accuracy {out['test']['accuracy']:.3f}, "
+    print(f"chosen: {parent.tags['chosen']} (paired gain {parent.metrics['tune/paired_gain']:+.4f} ± "
+          f"{parent.metrics['tune/paired_standard_error']:.4f}); test accuracy {out['test']['accuracy']:.3f}, "
           f"MAE {out['test']['mae']:.3f}")
 
 

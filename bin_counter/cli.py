@@ -240,6 +240,7 @@ def tune_config(args):
     """The TuneConfig of parsed `tune` arguments: the model search, or the study's (--recipe study, SageMaker)."""
     from bin_counter.commands.tune import ModelSpace, SearchSpace, TuneConfig, parse_range
 
+    args.recipe = getattr(args, "recipe", None)  # a config option: absent unless given
     if args.backend == "sagemaker":
         if (args.recipe or "study") != "study":
             raise BinCounterError("--backend sagemaker runs the study's search (SageMaker's tuner has no conditional "

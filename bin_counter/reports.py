@@ -51,6 +51,9 @@ def split_report(table: pd.DataFrame, classes: list[int]) -> Report:
         labels = np.searchsorted(classes, scored["count"].to_numpy())
         members = set_members(scored, classes)
         result.update(calibration.probability_metrics(probs, labels, members))
+        judged = scored["record_check"].isin(["suspect", "consistent"]) if "record_check" in scored else []
+        if len(judged) and judged.any():  # the split's labels sent as records: how many right records are doubted
+            result["record_suspect_rate"] = float((scored.loc[judged, "record_check"] == "suspect").mean())
         if members is not None:
             covered = members[np.arange(len(labels)), labels]
             result["sets_per_count"] = pd.DataFrame([

@@ -492,7 +492,8 @@ def model_objective(cfg: TuneConfig, folds: Folds, parent_run_id: str):
 
         run_id, passes, start = None, folds.passes, time.perf_counter()
         try:
-            with tracking.run(f"trial-{trial.number}", parent_run_id, trial_state="RUNNING") as run:
+            with tracking.run(f"trial-{trial.number}", parent_run_id, title=f"trial-{trial.number}",
+                              trial_state="RUNNING") as run:
                 run_id = run.info.run_id
                 tracking.log_params(as_params(trial_cfg))
                 try:

@@ -57,9 +57,11 @@ def test_cv_choice_is_refitted_on_all_images_and_exports_exactly():
     fitted = fit_logistic(views, torch.tensor(y), 3, c_grid=(0.01, 0.1, 1.0), folds=3)
     assert fitted.c == min(fitted.cv_log_loss, key=fitted.cv_log_loss.get)
     assert fitted.oof_probs.shape == (150, 3) and np.allclose(fitted.oof_probs.sum(1), 1, atol=1e-5)
-    # the final head is the optimum on every view of every image at the chosen C
+    # the final head is the optimum on every view of every image at the chosen C, scaled by the folds' share of
+    # the images (2/3 with 3 folds), so its data weighs against the penalty as in the folds it was chosen on
+    assert fitted.refit_c == pytest.approx(fitted.c * 100 / 150)
     standardised = fitted.scaler(views).reshape(-1, 8)
-    weight, bias = fit_multinomial(standardised, torch.tensor(y).repeat_interleave(4), 3, fitted.c)
+    weight, bias = fit_multinomial(standardised, torch.tensor(y).repeat_interleave(4), 3, fitted.refit_c)
     np.testing.assert_allclose(fitted.weight.numpy(), weight.numpy(), atol=1e-3)
     # written into the study's head (BatchNorm, Dropout, Linear) it gives the same probabilities on raw features
     head = classifier_head(8, 3)
@@ -101,7 +103,7 @@ def test_served_model_gives_the_probabilities_training_measured(tiny_data, tmp_p
     cfg = TrainConfig(data=str(tiny_data), num_workers=0, image_size=224, cache_dir=str(tmp_path / "cache"))
     result = train(cfg)
     run = mlflow.MlflowClient().get_run(result.run_id)
-    assert run.data.metrics["head_c"] > 0 and run.data.params["head"] == "logistic"
+    assert run.data.metrics["train/head_c"] > 0 and run.data.params["head"] == "logistic"
     measured = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=result.run_id,
                                                                artifact_path="test_predictions.csv"),
                            dtype={"image_id": str})

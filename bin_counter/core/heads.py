@@ -100,6 +100,7 @@ class LogisticFit:
     c: float
     cv_log_loss: dict[float, float] = field(default_factory=dict)
     oof_probs: np.ndarray | None = None  # out-of-fold probabilities of the chosen C, one row per image
+    refit_c: float | None = None  # the strength the final head is solved with (c scaled to all the images)
 
     def probabilities(self, features: torch.Tensor) -> np.ndarray:
         return view_probabilities(self.scaler(features), self.weight, self.bias)
@@ -169,5 +170,10 @@ def fit_logistic(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
     best = min(scores, key=scores.get)
     log.info("logistic head: C=%g chosen by %d-fold CV (held-out log-loss %s)", best, len(splits),
              ", ".join(f"{c:g}: {s:.4f}" for c, s in scores.items()))
-    weight, bias = _fit_views(x, labels, num_classes, best, balance)
-    return LogisticFit(scaler, weight, bias, best, scores, oof[best])
+    # The folds' heads saw a share of the images; at the same C the head refitted on all of them weighs its data
+    # more against the penalty and comes out sharper than the out-of-fold probabilities it is calibrated on
+    # (over-confident by 3 points of top-label ECE on the dev folds). The same data-to-penalty ratio keeps the
+    # out-of-fold probabilities a faithful preview of the served ones.
+    share = float(np.mean([len(train_idx) for train_idx, _ in splits])) / len(labels)
+    weight, bias = _fit_views(x, labels, num_classes, best * share, balance)
+    return LogisticFit(scaler, weight, bias, best, scores, oof[best], refit_c=best * share)

@@ -361,15 +361,19 @@ def add_check_options(p) -> None:
 
 
 def check_options(args) -> dict:
-    return {"coverage": args.coverage, "false_alarm": args.false_alarm, "records": args.records,
-            "check_share": args.check_share}
+    """--coverage, --false-alarm, --check-share and the --records table (read first: a bad file fails at once)."""
+    from bin_counter.commands.predict import read_records
+
+    return {"coverage": args.coverage, "false_alarm": args.false_alarm, "check_share": args.check_share,
+            "records": read_records(args.records) if args.records else None}
 
 
 def cmd_predict(args) -> None:
     from bin_counter.commands.predict import make_counter, predict
 
+    options = check_options(args)
     predict(make_counter(args.model_uri, args.endpoint, args.url, args.region), args.input, args.output,
-            args.batch_size, **check_options(args))
+            args.batch_size, **options)
 
 
 def add_deploy(sub) -> None:

@@ -178,3 +178,29 @@ def test_prepare_upload_through_the_cli(aws, tmp_path):
     # what train --data s3://... --stream and SageMaker's training channel read back
     uploaded = boto3.client("s3", region_name="us-east-1").get_object(Bucket="mine", Key="abid/v1/manifest.csv")
     assert uploaded["Body"].read() == (tmp_path / "data" / "manifest.csv").read_bytes()
+
+
+@pytest.mark.parametrize("command", [["predict", "--model-uri", "runs:/x/model", "--input", "."],
+                                     ["transform", "--join", "s3://bins/transform/job"]])
+def test_min_confidence_is_gone_with_a_line_naming_its_replacement(command, capsys):
+    """--min-confidence put 96% of bins on the manual-check list; records are now questioned by --false-alarm and
+    bins without one by --check-share, and the old option says so in one line."""
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--min-confidence", "0.5"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1
+    assert err[0].startswith("error: --min-confidence is gone")
+    assert "--false-alarm" in err[0] and "--check-share" in err[0]
+
+
+def test_records_file_errors_are_one_line(tmp_path, capsys):
+    records = tmp_path / "records.csv"
+    records.write_text("image_id,quantity\n00001,3\n")
+    for content, message in (("image_id,quantity\n00001,3\n", "needs an expected_quantity column"),
+                             ("image_id,expected_quantity\n00001,three\n", "line 2: expected_quantity is not a "
+                                                                             "number")):
+        records.write_text(content)
+        with pytest.raises(SystemExit):
+            main(["predict", "--model-uri", "runs:/x/model", "--input", str(tmp_path), "--records", str(records)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err

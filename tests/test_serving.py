@@ -13,7 +13,7 @@ import pytest
 import requests
 from PIL import Image
 
-from bin_counter.commands.predict import LocalModel, predict
+from bin_counter.commands.predict import LocalModel, predict, read_records
 from bin_counter.commands.registry import promote
 from bin_counter.commands.train import train
 from bin_counter.config import TrainConfig
@@ -241,7 +241,8 @@ def test_predict_folder_manifest_and_s3(use_registry, tiny_data, tmp_path, aws):
     records = tmp_path / "records.csv"
     pd.DataFrame({"image_id": [first, second], "path": ["", str(folder / "bin-images" / f"{second}.jpg")],
                   "expected_quantity": [0, 40]}).to_csv(records, index=False)
-    rechecked = predict(model, str(folder), str(tmp_path / "r.csv"), records=str(records)).set_index("image_id")
+    rechecked = predict(model, str(folder), str(tmp_path / "r.csv"), records=read_records(str(records)))
+    rechecked = rechecked.set_index("image_id")
     assert rechecked.loc[first, "expected_quantity"] == 0 and rechecked.loc[second, "expected_quantity"] == 40
     assert (rechecked.loc[[first, second], "check_reason"] == "record outside the counts the model knows").all()
 

@@ -438,19 +438,18 @@ def attach_records(images: pd.DataFrame, records: pd.DataFrame) -> pd.DataFrame:
 
 
 def predict(counter: Counter, source: str, output: str, batch_size: int = 16, coverage: float | None = None,
-            false_alarm: float | None = None, records: str | None = None,
+            false_alarm: float | None = None, records: pd.DataFrame | None = None,
             check_share: float = DEFAULT_CHECK_SHARE) -> pd.DataFrame:
     """Count every image of `source` into `output`, with count sets and the check of each recorded quantity;
     images that could not be read or counted are listed with their reason, and the results are written even
     when some requests failed."""
     params = {k: v for k, v in (("coverage", coverage), ("false_alarm", false_alarm)) if v is not None}
-    record_table = read_records(records) if records else None
     with tempfile.TemporaryDirectory() as tmp:
         images = collect(source, Path(tmp))
         if images.empty:
             raise BinCounterError(f"no images in {source}")
-        if record_table is not None:
-            images = attach_records(images, record_table)
+        if records is not None:  # read_records' table
+            images = attach_records(images, records)
         counts = count_images(counter, list(images["path"]), batch_size, records=images["expected_quantity"],
                               params=params)
         return write_results(pd.concat([images.reset_index(drop=True), counts], axis=1), output, check_share)

@@ -35,7 +35,6 @@ from bin_counter.commands.predict import (
     attach_records,
     collect,
     payload,
-    read_records,
     write_results,
 )
 from bin_counter.tracking import redact_uri
@@ -195,7 +194,7 @@ def transform(model_uri: str, source: str, staging: str, region: str, execution_
               image_url: str | None = None, instance_type: str = "ml.m5.large", instance_count: int = 1,
               job_name: str | None = None, output: str = "results.csv", timeout_seconds: int = 3600,
               dry_run: bool = False, coverage: float | None = None, false_alarm: float | None = None,
-              records: str | None = None, check_share: float = DEFAULT_CHECK_SHARE) -> pd.DataFrame | dict:
+              records: pd.DataFrame | None = None, check_share: float = DEFAULT_CHECK_SHARE) -> pd.DataFrame | dict:
     """Stage `source`'s photos, run the batch transform job, join its output into `output`."""
 
     if not staging.startswith("s3://"):
@@ -210,8 +209,8 @@ def transform(model_uri: str, source: str, staging: str, region: str, execution_
         images = collect(source, Path(tmp) / "images")
         if images.empty:
             raise BinCounterError(f"no images in {source}")
-        if records:
-            images = attach_records(images, read_records(records))
+        if records is not None:  # read_records' table
+            images = attach_records(images, records)
         requests_dir = Path(tmp) / "requests"
         requests_dir.mkdir()
         params = {k: v for k, v in (("coverage", coverage), ("false_alarm", false_alarm)) if v is not None}

@@ -98,7 +98,7 @@ def test_promote_moves_champion_only_on_real_gain(use_registry, tiny_data):
     assert promote("bins", str(tiny_data), version=other, metric="test_mae", min_gain=-10.0)["alias"] == "champion"
     # the promotion's scores are linked to the model they measured, with the split they were measured on
     promote_run = mlflow.last_active_run()
-    candidate_model = mlflow.MlflowClient().get_model_version("bins", other).model_id
+    candidate_model = mlflow.pyfunc.load_model(f"models:/bins/{other}").model_id
     logged = mlflow.MlflowClient().get_logged_model(candidate_model)
     assert any(m.key == "candidate/mae" and m.run_id == promote_run.info.run_id and m.dataset_name == "abid-test"
                for m in logged.metrics)

@@ -62,11 +62,17 @@ def test_record_p_is_uniform_on_correct_records():
     for seed in range(300):
         probs, labels = synthetic(220, seed, sharpness=0.5)
         fitted = CountCalibration.fit(probs[:200], labels[:200])
-        p_values = fitted.p_values(fitted.probabilities(probs[200:]))
+        p_values = fitted.record_p_values(fitted.probabilities(probs[200:]))
         correct.extend(p_values[np.arange(20), labels[200:]])
         wrong.extend(p_values[np.arange(20), (labels[200:] + 2) % len(CLASSES)])
     correct, wrong = np.array(correct), np.array(wrong)
     assert stats.kstest(correct, "uniform").pvalue > 0.01
+    sets = []  # and so are the count sets' (LAC) p-values
+    for seed in range(300, 500):
+        probs, labels = synthetic(220, seed, sharpness=0.5)
+        fitted = CountCalibration.fit(probs[:200], labels[:200])
+        sets.extend(fitted.p_values(fitted.probabilities(probs[200:]))[np.arange(20), labels[200:]])
+    assert stats.kstest(sets, "uniform").pvalue > 0.01
     assert abs((correct < 0.05).mean() - 0.05) < 0.012
     assert (wrong < 0.05).mean() > 2 * (correct < 0.05).mean()
 

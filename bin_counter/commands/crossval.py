@@ -71,7 +71,7 @@ def calibration_evidence(test: dict, calibration, classes: list[int], decoding: 
         members = calibration.count_sets(calibrated, coverage)
         out[f"coverage_{round(coverage * 100)}"] = float(members[np.arange(len(truth)), truth].mean())
         out[f"set_size_{round(coverage * 100)}"] = float(members.sum(1).mean())
-    p_values = calibration.p_values(calibrated)
+    p_values = calibration.record_p_values(calibrated)
     rng = np.random.default_rng(seed)
     for name, off in (("suspect_correct", 0), ("caught_off_by_one", 1), ("caught_off_by_two", 2)):
         records = simulated_records(truth, classes, rng, off)

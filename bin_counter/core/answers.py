@@ -37,9 +37,9 @@ def answer_frame(probs: np.ndarray, classes: list[int], decoding: dict, calibrat
         frame["record_check"] = ""
         return frame
     frame["count_set"] = np.where(ok, count_set_text(calibration.count_sets(calibrated, coverage), classes), "")
-    p_values = calibration.p_values(calibrated)
     alarm = calibration.false_alarm if false_alarm is None else false_alarm
-    frame["record_p"], frame["record_check"] = record_checks(p_values, ok, classes, records, alarm)
+    frame["record_p"], frame["record_check"] = record_checks(calibration.record_p_values(calibrated), ok, classes,
+                                                             records, alarm)
     return frame
 
 

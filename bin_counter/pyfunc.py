@@ -24,6 +24,7 @@ import os
 import shutil
 import stat
 import tempfile
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -275,7 +276,22 @@ def inference_graph(model, config: dict, calibration_images: list[str]) -> bytes
     return quantize_int8(graph, [torch.stack(images[k:k + 16]) for k in range(0, len(images), 16)])
 
 
-def log_model(model, config: dict, example_images: list[str], registered_name: str | None = None,
+def input_example(images: Iterable[str], count: int = 2) -> pd.DataFrame | None:
+    """The first `count` readable images, shrunk. An image may be gone or broken since training skipped it, and
+    the trained model must not be lost for want of an example: those are skipped, and with none readable the model
+    is logged without one (its signature still says what it takes)."""
+    encoded = []
+    for path in images:
+        try:
+            encoded.append(encode_image(path, max_side=96))
+        except (ValueError, OSError) as exc:
+            log.warning("input example skips %s: %s", path, exc)
+        if len(encoded) == count:
+            break
+    return pd.DataFrame({"image": encoded}) if encoded else None
+
+
+def log_model(model, config: dict, example_images: Iterable[str], registered_name: str | None = None,
               calibration_images: list[str] = ()):
     """Log (and optionally register) the model under `model/` of the active run; returns ModelInfo."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -287,7 +303,7 @@ def log_model(model, config: dict, example_images: list[str], registered_name: s
         # The package travels with the model (minus the bundled images) so a serving container needs no install.
         code = tmp / "code" / "bin_counter"
         shutil.copytree(PACKAGE_DIR, code, ignore=shutil.ignore_patterns("sample", "__pycache__"))
-        example = pd.DataFrame({"image": [encode_image(p, max_side=96) for p in example_images[:2]]})
+        example = input_example(example_images)
         return mlflow.pyfunc.log_model(
             name="model",
             python_model=str(PACKAGE_DIR / "serving_model.py"),

@@ -539,9 +539,10 @@ def calibration_images(cfg: TrainConfig, frames: dict[str, pd.DataFrame], count:
 
 
 def example_images(cfg: TrainConfig, frames: dict[str, pd.DataFrame], tmp: Path) -> list[str]:
-    """Two real images for the model's input example: files of the split, or the first of a shard."""
+    """Candidates for the model's input example, the first readable two are used: every file of the test, val and
+    train splits in that order (any may have gone since training), or the first two of a val shard."""
     if not cfg.stream:
-        return list(frames.get("test", frames["val"])["abs_path"][:2])
+        return [path for split in ("test", "val", "train") if split in frames for path in frames[split]["abs_path"]]
     from bin_counter.cloud.shards import samples, shard_urls
     from bin_counter.core.files import safe_join
 

@@ -14,6 +14,7 @@ REJECTED = "rejected.csv"
 DATASET_JSON = "dataset.json"
 COLUMNS = ["image_id", "count", "split", "sha256", "width", "height", "path", "expected_quantity"]
 SPLITS = ("train", "val", "test")
+SHA256 = r"[0-9a-f]{64}"
 
 
 def write_csv(frame: pd.DataFrame, path: Path) -> None:
@@ -40,6 +41,12 @@ def read_manifest(data_dir: Path, split: str | None = None, name: str = MANIFEST
     if refused is not None:
         raise BinCounterError(f"{path}: image path {refused!r} refused ({unsafe_reason(refused)}); "
                               f"paths must stay in {data_dir}")
+    # the feature cache keys images by sha256: rows with an empty or made-up one would share one image's features
+    bad = ~frame["sha256"].fillna("").str.fullmatch(SHA256)
+    if bad.any():
+        first = frame[bad].iloc[0]
+        raise BinCounterError(f"{path}: image {first['image_id']!r} has no valid sha256 ({first['sha256']!r}; "
+                              f"{int(bad.sum())} rows in all): rerun `bin-counter prepare`")
     frame["abs_path"] = [str(Path(data_dir) / p) for p in frame["path"]]
     if split is not None:
         frame = frame[frame["split"] == split].reset_index(drop=True)

@@ -26,7 +26,7 @@ from bin_counter.core.data import ManifestImages, dihedral_views, eval_transform
 from bin_counter.core.debugger import Rules
 from bin_counter.core.engine import mean_over_views
 from bin_counter.core.features import FeatureViews, cached_features
-from bin_counter.core.manifest import read_classes, read_manifest
+from bin_counter.core.manifest import check_counts, read_classes, read_manifest
 from bin_counter.core.models import CountingModel, backbone_is_frozen, create_model, freeze
 from bin_counter.core.profiling import NO_PROFILE, Profile, profiler_findings, write_report
 from bin_counter.core.uris import redact_uri
@@ -597,6 +597,7 @@ def train(cfg: TrainConfig, on_epoch=None, save_model: bool = True, parent_run_i
     distributed.barrier()
     classes = read_classes(s3.local_copy(cfg.data))
     frames = split_frames(cfg.data)
+    check_counts(pd.concat(frames.values()), classes, cfg.data)
     digest = data_digest(frames)
     resumed = resume_state(cfg, digest)
     mlflow_run = tracking.run(cfg.run_name or f"train-{cfg.backbone}", parent_run_id,

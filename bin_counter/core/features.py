@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from bin_counter import BinCounterError
 from bin_counter.core import distributed
 from bin_counter.core.data import ManifestImages, dihedral_views, make_loader
 from bin_counter.core.engine import feature_engine
@@ -60,7 +61,8 @@ def extract(model: CountingModel, frame: pd.DataFrame, classes: list[int], trans
                 features[indices, view if not tta else k] = out
             ok[indices] = True
     if features is None:
-        raise ValueError(f"no readable image in the {desc} split")
+        raise BinCounterError(f"no readable image in the {desc} split ({len(frame)} listed; the warnings above say "
+                              "why each was skipped)")
     return features, ok
 
 

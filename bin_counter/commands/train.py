@@ -456,10 +456,10 @@ def test_predictions(frame: pd.DataFrame, test: dict, classes: list[int]) -> pd.
 def profiled_fit(cfg: TrainConfig, model, loaders: Loaders, classes, device, on_epoch, rules: Rules,
                  checkpointing: Checkpointing | None = None, log_epoch=None) -> FitResult:
     """fit() with the profiler over the first epoch; the report and its findings go to the active run."""
-    with Profile(device, cfg.batch_size) as profile:
-        result = fit(cfg, model, loaders, classes, device, on_epoch, rules, profiler=profile,
-                     checkpointing=checkpointing, log_epoch=log_epoch)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(prefix="bin-counter-profile-") as tmp:
+        with Profile(device, cfg.batch_size, Path(tmp)) as profile:
+            result = fit(cfg, model, loaders, classes, device, on_epoch, rules, profiler=profile,
+                         checkpointing=checkpointing, log_epoch=log_epoch)
         paths = write_report(profile, result.findings, Path(tmp))
         for path in paths.values():
             mlflow.log_artifact(str(path), "profiler")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import tempfile
 import threading
 import time
 from contextlib import contextmanager, nullcontext
@@ -88,6 +87,7 @@ class Profile:
 
     device: torch.device
     batch_size: int
+    out: Path  # where the trace goes: the caller's folder, which it removes (a temporary one would be left behind)
     wait: int = 1
     warmup: int = 1
     active: int = 3
@@ -95,7 +95,6 @@ class Profile:
     enabled: bool = True
 
     def __post_init__(self):
-        self.out = Path(tempfile.mkdtemp(prefix="bin-counter-profile-"))
         self._current: dict = {}
         activities = [torch.profiler.ProfilerActivity.CPU]
         if self.device.type == "cuda":

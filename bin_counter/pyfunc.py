@@ -24,6 +24,7 @@ import os
 import shutil
 import stat
 import tempfile
+import threading
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -124,6 +125,22 @@ class BinCounterModel(mlflow.pyfunc.PythonModel):
         return frame
 
 
+_decoders: tuple[int, ThreadPoolExecutor] | None = None
+_decoders_lock = threading.Lock()
+
+
+def decoders() -> ThreadPoolExecutor:
+    """The process's decoding threads, shared by every request, so a server decodes at most this many images at
+    once however many requests it answers (a pool per request multiplied them). Made on first use, and again in
+    a forked worker, which inherits the pool but not its threads."""
+    global _decoders
+    with _decoders_lock:
+        if _decoders is None or _decoders[0] != os.getpid():
+            _decoders = (os.getpid(), ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1),
+                                                         thread_name_prefix="bin-counter-decode"))
+        return _decoders[1]
+
+
 def prepared_batches(images: list, transform, batch_size: int = BATCH):
     """(rows, tensor, {row: reason}) per batch of `images`, decoded and transformed by threads one batch ahead of
     the model (PIL and ONNX Runtime release the GIL), so the model is not kept waiting and memory stays bounded
@@ -134,20 +151,24 @@ def prepared_batches(images: list, transform, batch_size: int = BATCH):
         except ValueError as exc:
             return None, str(exc)
 
-    starts = range(0, len(images), batch_size)
-    pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1))
+    pool = decoders()
+
+    def submit(part: list) -> list:
+        return [pool.submit(prepare, text) for text in part]
+
+    current, ahead = [], submit(images[:batch_size])
     try:
-        ahead = pool.map(prepare, images[:batch_size])
-        for start in starts:
+        for start in range(0, len(images), batch_size):
             current = ahead  # the next batch decodes while this one runs
-            ahead = pool.map(prepare, images[start + batch_size:start + 2 * batch_size])
-            results = list(current)
+            ahead = submit(images[start + batch_size:start + 2 * batch_size])
+            results = [future.result() for future in current]
             rows = [start + i for i, (tensor, _) in enumerate(results) if tensor is not None]
             failed = {start + i: reason for i, (_, reason) in enumerate(results) if reason is not None}
             batch = torch.stack([tensor for tensor, _ in results if tensor is not None]) if rows else None
             yield rows, batch, failed
-    finally:  # also when the caller stops early (a bad row answered 400): the batch decoding ahead is dropped
-        pool.shutdown(wait=False, cancel_futures=True)
+    finally:  # also when the caller stops early (a bad row answered 400): its decodes not yet started are dropped
+        for future in current + ahead:
+            future.cancel()
 
 
 def refuse(reason: str) -> MlflowException:

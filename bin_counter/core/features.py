@@ -88,7 +88,10 @@ def cached_features(model: CountingModel, frame: pd.DataFrame, classes: list[int
     key = description_key({**description, "views": views, "seed": None if tta else seed, "tta": tta})
     path = Path(cache_dir) / f"{key}.pt" if cache_dir else None
     store = load_store(path) if path is not None else None  # a corrupt file is deleted and recomputed
-    known = {sha: i for i, sha in enumerate(store["sha"])} if store else {}
+    # Only readable images are ever cached: a failure may be the moment's (a file not copied yet, an NFS hiccup),
+    # and a cached one would drop the image from every later training without a word. (Stores written before
+    # this hold failures too: those are retried like images never seen.)
+    known = {sha: i for i, (sha, good) in enumerate(zip(store["sha"], store["ok"].tolist())) if good} if store else {}
     missing = frame[~frame["sha256"].isin(known)].drop_duplicates("sha256").reset_index(drop=True)
     if len(missing):
         # extraction seeds each image's views; fork_rng keeps training's random stream as if the cache were warm
@@ -102,8 +105,11 @@ def cached_features(model: CountingModel, frame: pd.DataFrame, classes: list[int
                  "ok": torch.cat([store["ok"], new_ok])}
         known = {sha: i for i, sha in enumerate(store["sha"])}
         if path is not None and distributed.current().main:
+            readable = store["ok"].nonzero().flatten()
+            saved = {"sha": [store["sha"][i] for i in readable.tolist()], "features": store["features"][readable],
+                     "ok": store["ok"][readable]}
             with atomic_path(path) as tmp:
-                torch.save(store, tmp)
+                torch.save(saved, tmp)
     else:
         log.info("%s features loaded from cache %s", desc, path)
     rows = torch.tensor([known[sha] for sha in frame["sha256"]])

@@ -4,7 +4,8 @@ While the backbone is frozen its output for a given image and augmentation never
 once per image and view (a few randomly rotated views per training image; one plain view, or the four flips and
 transposes of test-time augmentation, for evaluation) and train the classifier on the stored features.
 
-The cache is per image: one file per preprocessing description (backbone, weights, transform, views), holding
+The cache is per image: one file per preprocessing description (backbone, weights, transform, views, the
+preprocessing version and the versions of the libraries and engine that compute them), holding
 the features of every image ever extracted with it, keyed by the image's checksum. A new split, fold or dataset
 that shares images only computes the ones it has not seen. Each image's random views are seeded by its id, so
 its features do not depend on which batch or run computed them.
@@ -24,7 +25,7 @@ from tqdm.auto import tqdm
 from bin_counter import BinCounterError
 from bin_counter.core import distributed
 from bin_counter.core.data import ManifestImages, dihedral_views, make_loader
-from bin_counter.core.engine import feature_engine
+from bin_counter.core.engine import feature_engine, requested_engine
 from bin_counter.core.feature_store import load_store
 from bin_counter.core.files import atomic_path
 from bin_counter.core.models import CountingModel
@@ -32,8 +33,28 @@ from bin_counter.core.models import CountingModel
 log = logging.getLogger(__name__)
 
 
+# Raised whenever decoding or the transforms change pixels, so that features of the old pixels are not reused
+# (2: EXIF orientation applied by read_image).
+PREPROCESSING_VERSION = 2
+
+
 def description_key(description: dict) -> str:
     return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def engine_description(device: torch.device) -> dict:
+    """What besides the settings makes the features: the preprocessing version, the libraries that decode,
+    transform and run the backbone, and the engine running it (ONNX Runtime's and torch's differ in the last bits)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for name in ("torch", "torchvision", "pillow", "onnxruntime"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = None
+    onnx = requested_engine() != "torch" and (requested_engine() == "onnx" or device.type != "cuda")
+    return {"preprocessing": PREPROCESSING_VERSION, "versions": versions, "engine": "onnx" if onnx else "torch"}
 
 
 def extract(model: CountingModel, frame: pd.DataFrame, classes: list[int], transform, *, views: int, batch_size: int,
@@ -85,7 +106,8 @@ def cached_features(model: CountingModel, frame: pd.DataFrame, classes: list[int
     Stored as float16 (half the size, same accuracy); training always sees the stored values, so a fresh run and
     a cached rerun give the same model."""
     # test-time views are fixed flips, so their features do not depend on the seed: every seed shares them
-    key = description_key({**description, "views": views, "seed": None if tta else seed, "tta": tta})
+    key = description_key({**description, "views": views, "seed": None if tta else seed, "tta": tta,
+                           **engine_description(device)})
     path = Path(cache_dir) / f"{key}.pt" if cache_dir else None
     store = load_store(path) if path is not None else None  # a corrupt file is deleted and recomputed
     # Only readable images are ever cached: a failure may be the moment's (a file not copied yet, an NFS hiccup),

@@ -168,3 +168,21 @@ def test_prepare_with_fewer_images_prunes_the_ones_it_wrote_before(tmp_path):
     result = prepare(PrepareConfig(out=str(out), limit_per_class=1, workers=2))
     assert sorted(p.name for p in (out / "images").iterdir()) == sorted(f"{i}.jpg" for i in result.manifest["image_id"])
     assert not (out / "shards").exists()
+
+
+def test_editing_the_source_image_never_changes_the_prepared_copy(tmp_path):
+    import os
+
+    root = make_abid_dir(tmp_path / "abid", per_class=1)
+    out = tmp_path / "d"
+    first = prepare(PrepareConfig(source=str(root), out=str(out), workers=2))
+    row = first.manifest.iloc[0]
+    source = root / "bin-images" / f"{row['image_id']}.jpg"
+    with open(source, "r+b") as handle:  # edited in place: the same inode
+        handle.seek(200)
+        handle.write(b"\x00" * 64)
+    assert sha256_of(out / row["path"]) == row["sha256"]  # before: a hard link, changed under its checksum
+    os.unlink(out / row["path"])
+    os.link(source, out / row["path"])  # as an earlier version left it
+    prepare(PrepareConfig(source=str(root), out=str(out), workers=2))
+    assert not os.path.samefile(source, out / row["path"])

@@ -34,7 +34,7 @@ from bin_counter.config import PrepareConfig
 from bin_counter.core import abid
 from bin_counter.core.files import (
     atomic_write_text,
-    link_or_copy,
+    copy_file,
     remove_partial_files,
     safe_join,
     sha256_of,
@@ -326,11 +326,12 @@ def remove_written(out: Path, paths: set[Path]) -> None:
 
 
 def place_image(src: Path, dest: Path) -> None:
-    """images/<id>.jpg is the source's file: one already there is kept only if it is that very file (a hard link)
-    or has the same bytes, never because an earlier, interrupted run left a file of that name."""
-    if dest.exists() and (os.path.samefile(src, dest) or sha256_of(src) == sha256_of(dest)):
+    """images/<id>.jpg is a copy of the source's file: one already there is kept only if it has the same bytes
+    and is not the source itself (a hard link an earlier version made), never because an earlier, interrupted run
+    left a file of that name."""
+    if dest.exists() and not os.path.samefile(src, dest) and sha256_of(src) == sha256_of(dest):
         return
-    link_or_copy(src, dest)
+    copy_file(src, dest)
 
 
 def gather_ids(cfg: PrepareConfig, out: Path) -> tuple[Path, list[str], list[dict], s3.TransferStats]:

@@ -156,3 +156,16 @@ def test_interrupted_upload_never_leaves_an_index_naming_missing_data(aws, moto_
     keys = {o["Key"] for o in aws.list_objects_v2(Bucket="mine").get("Contents", [])}
     assert "v1/shards/train-000000.tar" in keys or "v1/images" in " ".join(keys)
     assert not {"v1/manifest.csv", "v1/dataset.json", "v1/shards/index.json"} & keys
+
+
+def test_s3_data_dir_is_fetched_again_after_another_upload_to_its_prefix(aws, tmp_path, monkeypatch):
+    from bin_counter.cloud.s3 import local_copy
+    from bin_counter.core.manifest import read_classes
+
+    monkeypatch.chdir(tmp_path)
+    aws.create_bucket(Bucket="mine")
+    for classes, rows in (([1, 2, 3], "first"), ([0, 1, 2, 3, 4, 5], "second")):  # two prepare --upload runs
+        aws.put_object(Bucket="mine", Key="abid/dataset.json", Body=json.dumps({"classes": classes}))
+        aws.put_object(Bucket="mine", Key="abid/manifest.csv", Body=f"image_id\n{rows}\n")
+        local = local_copy("s3://mine/abid")
+        assert read_classes(local) == classes and rows in (local / "manifest.csv").read_text()  # before: the first

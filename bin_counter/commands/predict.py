@@ -65,14 +65,20 @@ def cache_path(cache: Path, bucket: str, key: str) -> Path | None:
         return None
 
 
+def metadata_key_beside(key: str) -> str | None:
+    """ABID's layout, as for local folders: X/bin-images/<id>.jpg is described by X/metadata/<id>.json only (a
+    document of the same id elsewhere, `tuesday/metadata/<id>.json`, is another bin's)."""
+    path = PurePosixPath(key)
+    if path.parent.name != abid.IMAGE_PREFIX.rstrip("/"):
+        return None
+    return str(path.parent.parent / abid.METADATA_PREFIX / f"{path.stem}.json").removeprefix("./")
+
+
 def pair_s3_keys(keys: list[str], bucket: str, cache: Path) -> tuple[list[dict], list[tuple[str, Path]]]:
-    """Rows (image_id, path, meta) for the image keys of a listing, each with the metadata document of its id if
-    there is one, and the (key, destination) downloads they need. Linear in the number of keys: an ABID prefix
-    lists hundreds of thousands."""
-    metadata: dict[str, str] = {}
-    # the shallowest document of an id wins: metadata/<id>.json over metadata/archive/<id>.json
-    for key in sorted((k for k in keys if k.endswith(".json")), key=lambda k: k.count("/"), reverse=True):
-        metadata[abid.id_from_key(key)] = key
+    """Rows (image_id, key, path, meta) for the image keys of a listing, each with the metadata document beside
+    it if there is one, and the (key, destination) downloads they need. Linear in the number of keys: an ABID
+    prefix lists hundreds of thousands."""
+    listed = set(keys)
     rows, jobs = [], {}
     for key in keys:
         if PurePosixPath(key).suffix.lower() not in IMAGE_SUFFIXES:
@@ -80,13 +86,12 @@ def pair_s3_keys(keys: list[str], bucket: str, cache: Path) -> tuple[list[dict],
         dest = cache_path(cache, bucket, key)
         if dest is None:
             continue
-        image_id = abid.id_from_key(key)
-        meta_key = metadata.get(image_id)
-        meta = cache_path(cache, bucket, meta_key) if meta_key else None
+        meta_key = metadata_key_beside(key)
+        meta = cache_path(cache, bucket, meta_key) if meta_key in listed else None
         jobs[key] = dest
         if meta is not None:
             jobs[meta_key] = meta
-        rows.append({"image_id": image_id, "path": dest, "meta": meta})
+        rows.append({"image_id": abid.id_from_key(key), "key": key, "path": dest, "meta": meta})
     return rows, list(jobs.items())
 
 
@@ -99,8 +104,9 @@ def images_in_s3(uri: str, cache: Path, workers: int = 8) -> pd.DataFrame:
         raise BinCounterError(f"no images under {uri}")
     s3.download(client, bucket, jobs, workers, desc=f"download {uri}")
     return pd.DataFrame([{"image_id": row["image_id"], "path": str(row["path"]),
-                          "expected_quantity": expected_from_metadata(row["meta"]) if row["meta"] else None}
-                         for row in rows], columns=["image_id", "path", "expected_quantity"])
+                          "expected_quantity": expected_from_metadata(row["meta"]) if row["meta"] else None,
+                          "key": row["key"]}  # ids repeat across prefixes: the key says which photo it was
+                         for row in rows], columns=["image_id", "path", "expected_quantity", "key"])
 
 
 def collect(source: str, cache: Path) -> pd.DataFrame:
@@ -315,12 +321,13 @@ def write_results(results: pd.DataFrame, output: str, min_confidence: float) -> 
     confidence and error. Shared by `predict` and `transform`."""
     results = flag_for_check(results, min_confidence)
     results["expected_quantity"] = results["expected_quantity"].astype("Int64")
+    columns = RESULT_COLUMNS + [c for c in ("key",) if c in results]  # an S3 input's object key
     with atomic_path(Path(output)) as path:
-        results[RESULT_COLUMNS].to_csv(path, index=False)
+        results[columns].to_csv(path, index=False)
     check = results[results["needs_check"]]
     check_path = Path(output).with_name(Path(output).stem + "_manual_check.csv")
     with atomic_path(check_path) as path:
-        check[RESULT_COLUMNS].to_csv(path, index=False)
+        check[columns].to_csv(path, index=False)
     errors = results["error"].fillna("")
     failed = errors.str.startswith(REQUEST_FAILED)
     print(f"counted {int((errors == '').sum())} of {len(results)} images -> {output}")

@@ -207,3 +207,65 @@ def test_stop_leaves_alone_a_recorded_pid_that_is_now_another_program(tmp_path):
     finally:
         stranger.kill()
         stranger.wait()
+
+
+def kept_with_real_s3(folder: Path) -> TeamServer:
+    """A folder as a start with --artifacts-destination s3://team/artifacts leaves it (the cluster stopped)."""
+    server = TeamServer(folder)
+    server.pg_data.mkdir(parents=True)
+    (server.pg_data / "PG_VERSION").write_text("15\n")
+    server.save_state({"pg_port": free_port(), "workers": 2, "mlflow_port": free_port(),
+                       "artifacts_destination": "s3://team/artifacts", "s3_endpoint": None})
+    return server
+
+
+def test_a_plain_start_never_wipes_a_database_kept_with_real_s3(tmp_path):
+    server = kept_with_real_s3(tmp_path / "server")
+    for destination in (None, "s3://other/artifacts"):  # `make server`, or another bucket
+        result = subprocess.run([*SCRIPT, "start", "--dir", str(server.dir),
+                                 *(["--artifacts-destination", destination] if destination else [])],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2 and "keeps the database of artifacts in s3://team/artifacts" in result.stderr
+        assert "--fresh" in result.stderr and (server.pg_data / "PG_VERSION").exists()  # before: rmtree'd
+
+
+def test_two_starts_of_one_folder_at_once_are_refused(tmp_path):
+    import fcntl
+
+    server = kept_with_real_s3(tmp_path / "server")
+    with open(server.dir / "start.lock", "w") as held:  # a start in progress holds it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        result = subprocess.run([*SCRIPT, "start", "--dir", str(server.dir), "--artifacts-destination",
+                                 "s3://team/artifacts"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "another `start` of" in result.stderr
+    assert (server.pg_data / "PG_VERSION").exists()
+
+
+def test_stop_leaves_alone_a_reused_pid_whose_command_line_mentions_mlflow(tmp_path):
+    server = TeamServer(tmp_path / "server")
+    server.pids.mkdir(parents=True)
+    stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "mlflow moto postgres"])
+    try:
+        for name in ("mlflow", "moto", "postgres"):
+            (server.pids / f"{name}.pid").write_text(f"{stranger.pid} 12345\n")  # another process's start time
+        assert server.stop() == [] and stranger.poll() is None  # before: killed, the substring test matched
+    finally:
+        stranger.kill()
+        stranger.wait()
+
+
+def test_private_files_are_never_readable_by_others_and_the_env_file_survives_odd_folder_names(tmp_path):
+    from bin_counter.commands.team_server import write_env, write_private
+
+    old = os.umask(0)
+    try:
+        (tmp_path / "pgpass").write_text("left by someone\n")
+        write_private(tmp_path / "pgpass", "127.0.0.1:*:*:postgres:secret\n")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "pgpass").stat().st_mode & 0o777 == 0o600
+    odd = tmp_path / "team server $HOME; x"
+    write_env(tmp_path / "env", {"PGPASSFILE": str(odd / "pgpass")})
+    shown = subprocess.run(["bash", "-c", f"source {tmp_path / 'env'}; printf %s \"$PGPASSFILE\""],
+                           capture_output=True, text=True)
+    assert shown.stdout == str(odd / "pgpass")  # before: split at the space, $HOME expanded

@@ -26,6 +26,7 @@ pytestmark = pytest.mark.slow
 
 SCRIPT = [sys.executable, "-m", "bin_counter.commands.team_server"]  # what `make server` / `make server-stop` run
 MODEL = "bins"
+CREDENTIALS: dict[str, str] = {}  # the server's admin, as a client gets it from .team-server/env
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +48,8 @@ def team():
     assert last.startswith("export MLFLOW_TRACKING_URI=http://127.0.0.1:"), started.stdout
     uri = last.split("=", 1)[1]
     pids = {name: pid for name, pid in server.running().items()}
+    CREDENTIALS.update({k: v for k, v in server.client_env().items() if k.startswith("MLFLOW_TRACKING_USER")
+                        or k == "MLFLOW_TRACKING_PASSWORD"})
     try:
         yield server, uri
     finally:
@@ -60,7 +63,7 @@ def client_env(uri: str, **extra) -> dict[str, str]:
     """A client's environment: the tracking URI, and no way to reach S3 itself."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_S3_", "MLFLOW_TRACKING_"))}
     env.update(MLFLOW_TRACKING_URI=uri, AWS_CONFIG_FILE="/nonexistent", AWS_SHARED_CREDENTIALS_FILE="/nonexistent",
-               TQDM_DISABLE="1", MLFLOW_DISABLE_TELEMETRY="true", **extra)
+               TQDM_DISABLE="1", MLFLOW_DISABLE_TELEMETRY="true", **CREDENTIALS, **extra)
     return env
 
 
@@ -102,7 +105,8 @@ def test_train_promote_serve_predict_through_the_server(team, tiny_data, tmp_pat
     assert "champion" in promoted
     # the alias resolves through the server's REST API to the run just trained
     answer = requests.get(f"{uri}/api/2.0/mlflow/registered-models/alias", params={"name": MODEL, "alias": "champion"},
-                          timeout=30)
+                          timeout=30, auth=(CREDENTIALS["MLFLOW_TRACKING_USERNAME"],
+                                            CREDENTIALS["MLFLOW_TRACKING_PASSWORD"]))
     assert answer.status_code == 200, answer.text
     version = answer.json()["model_version"]
     assert version["version"] == "1" and version["run_id"] == run_id
@@ -156,12 +160,30 @@ def test_two_tune_workers_share_a_study_on_postgresql(team, tiny_data, tmp_path_
 
     import mlflow
 
+    for name, value in CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
     client = mlflow.MlflowClient(tracking_uri=uri)
     runs = [run for run in client.search_runs(experiment_ids=[e.experiment_id for e in client.search_experiments()],
                                               max_results=1000) if "trial_state" in run.data.tags]
     assert len(runs) == 4, "every trial is one MLflow run on the server, none lost or doubled"
     parents = {run.data.tags.get("mlflow.parentRunId") for run in runs}
     assert len(parents) <= 2 and None not in parents
+
+
+def test_an_unauthenticated_client_is_refused_by_the_team_server(team, monkeypatch):
+    import mlflow
+
+    server, uri = team
+    search = f"{uri}/api/2.0/mlflow/experiments/search"
+    assert requests.post(search, json={"max_results": 1}, timeout=30).status_code == 401  # before: 200, anyone
+    assert requests.post(search, json={"max_results": 1}, timeout=30, auth=("admin", "guess")).status_code == 401
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with pytest.raises(mlflow.exceptions.MlflowException):  # no registering (and no code/ to overwrite) for strangers
+        mlflow.MlflowClient(tracking_uri=uri).create_registered_model(MODEL + "-stranger")
+    assert (server.dir / "env").stat().st_mode & 0o777 == 0o600  # it holds the admin password
+    assert server.admin_password_file.stat().st_mode & 0o777 == 0o600
 
 
 def test_tune_storage_waits_out_a_postgres_restart(team, monkeypatch):

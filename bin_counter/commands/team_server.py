@@ -13,7 +13,8 @@ the server's proxy (`mlflow-artifacts:/`). Every process started is recorded in 
 those. The last line `start` prints is `export MLFLOW_TRACKING_URI=http://127.0.0.1:PORT`.
 
 The database password is generated, kept in DIR/pgpass (mode 0600) and handed to libpq with PGPASSFILE, so it never
-appears in a URI, a command line or a log.
+appears in a URI, a command line or a log. The server runs MLflow's basic-auth app; its admin password is generated
+likewise (DIR/admin-password), and clients read it with the URI from DIR/env (0600).
 """
 from __future__ import annotations
 
@@ -39,7 +40,8 @@ from bin_counter import BinCounterError
 DEFAULT_DIR = ".team-server"
 BUCKET = "mlflow-team"
 PG_USER = "postgres"  # the database superuser; also the OS user the server runs as when we are root
-DATABASES = ("mlflow", "optuna")
+DATABASES = ("mlflow", "optuna", "mlflow_auth")  # mlflow_auth: the basic-auth app's users and permissions
+ADMIN = "admin"
 FAKE_AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 # what each recorded pid's command line must contain before we signal it: a pid reused by another program is left alone
 MARKERS = {"mlflow": "mlflow", "moto": "moto", "postgres": "postgres"}
@@ -60,6 +62,7 @@ class TeamServer:
         self.logs = self.dir / "logs"
         self.state_file = self.dir / "state.json"
         self.pgpass = self.dir / "pgpass"
+        self.admin_password_file = self.dir / "admin-password"  # the server's admin, as MLflow's basic auth knows it
 
     # ---- state -------------------------------------------------------------------------------------------
 
@@ -107,9 +110,17 @@ class TeamServer:
         pages = s3.get_paginator("list_objects_v2").paginate(Bucket=state["bucket"])
         return [o["Key"] for page in pages for o in page.get("Contents", [])]
 
+    def admin_password(self) -> str:
+        """Generated with the database (its users live there), kept in a 0600 file, never in a URI."""
+        if not self.admin_password_file.exists():
+            write_private(self.admin_password_file, secrets.token_urlsafe(24) + "\n")
+        return self.admin_password_file.read_text().strip()
+
     def client_env(self) -> dict[str, str]:
-        """What a client (tune workers, a benchmark) needs besides MLFLOW_TRACKING_URI: the password file."""
-        return {"PGPASSFILE": str(self.pgpass), "MLFLOW_TRACKING_URI": self.tracking_uri()}
+        """What a client (tune workers, a benchmark) needs besides MLFLOW_TRACKING_URI: the password file and the
+        server's credentials, which MLflow's client sends as HTTP basic auth."""
+        return {"PGPASSFILE": str(self.pgpass), "MLFLOW_TRACKING_URI": self.tracking_uri(),
+                "MLFLOW_TRACKING_USERNAME": ADMIN, "MLFLOW_TRACKING_PASSWORD": self.admin_password()}
 
     # ---- PostgreSQL --------------------------------------------------------------------------------------
 
@@ -129,6 +140,7 @@ class TeamServer:
         self.pg_dir.mkdir(parents=True)
         password = secrets.token_urlsafe(24)
         write_private(self.pgpass, f"127.0.0.1:*:*:{PG_USER}:{password}\n")
+        self.admin_password_file.unlink(missing_ok=True)  # a new user store: a new admin
         pwfile = self.pg_dir / "pwfile"
         write_private(pwfile, password + "\n")
         if os.geteuid() == 0:
@@ -214,17 +226,31 @@ class TeamServer:
         """The server's environment: the only process that holds the S3 endpoint and credentials."""
         state = self.state()
         env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
-        env.update(PGPASSFILE=str(self.pgpass), MLFLOW_DISABLE_TELEMETRY="true")
+        env.update(PGPASSFILE=str(self.pgpass), MLFLOW_DISABLE_TELEMETRY="true",
+                   # basic auth: the admin is created on the first start, in the mlflow_auth database
+                   MLFLOW_AUTH_CONFIG_PATH=str(self.write_auth_config()), MLFLOW_AUTH_ADMIN_USERNAME=ADMIN,
+                   MLFLOW_AUTH_ADMIN_PASSWORD=self.admin_password(),
+                   MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_urlsafe(32))
         # the job runner (GenAI evaluation jobs, seven huey processes) does nothing for this project
         env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
         if state.get("s3_endpoint"):
             env.update(FAKE_AWS, MLFLOW_S3_ENDPOINT_URL=state["s3_endpoint"], AWS_ENDPOINT_URL=state["s3_endpoint"])
         return env
 
+    def write_auth_config(self) -> Path:
+        """MLflow's basic-auth settings (no secret in it): users in PostgreSQL, none but the admin."""
+        path = self.dir / "basic_auth.ini"
+        path.write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = {self.pg_url('mlflow_auth')}\n"
+                        f"admin_username = {ADMIN}\n"
+                        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+        return path
+
     def start_mlflow(self) -> None:
         state = self.state()
         mlflow = Path(sys.executable).parent / "mlflow"
-        command = [str(mlflow) if mlflow.exists() else "mlflow", "server",
+        # basic auth: without it anyone on the host could register models or overwrite their code/ through the
+        # artifact proxy, and that code runs wherever @champion is loaded
+        command = [str(mlflow) if mlflow.exists() else "mlflow", "server", "--app-name", "basic-auth",
                    "--backend-store-uri", self.pg_url("mlflow"),
                    "--artifacts-destination", state["artifacts_destination"],
                    "--host", "127.0.0.1", "--port", str(state["mlflow_port"]), "--workers", str(state["workers"])]
@@ -318,7 +344,7 @@ class TeamServer:
         except BaseException:
             self.stop()
             raise
-        write_env(self.dir / "env", self.client_env())
+        write_env(self.dir / "env", self.client_env())  # holds the admin password: 0600
         return self.tracking_uri()
 
     def stop(self) -> list[str]:
@@ -360,8 +386,9 @@ def write_private(path: Path, text: str) -> None:
 
 
 def write_env(path: Path, values: dict[str, str]) -> None:
-    """A file to `source`: values quoted for the shell, so a folder named with a space or a `$` stays itself."""
-    path.write_text("".join(f"export {k}={shlex.quote(v)}\n" for k, v in values.items()))
+    """A file to `source`, only its owner can read (it holds credentials): values quoted for the shell, so a folder
+    named with a space or a `$` stays itself."""
+    write_private(path, "".join(f"export {k}={shlex.quote(v)}\n" for k, v in values.items()))
 
 
 def first_line(exc: BaseException) -> str:

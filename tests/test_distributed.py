@@ -52,3 +52,35 @@ def test_torchrun_two_processes_match_one(tmp_path, mlflow_store):
     # dropout/BatchNorm noise (measured 0.04 and 0.014), well inside the spread between seeds (0.2-0.35 and ~0.05)
     assert history["train_loss"][0] == pytest.approx(single.history["train_loss"][0], abs=0.1)
     assert history["val_loss"][0] == pytest.approx(single.history["val_loss"][0], abs=0.03)
+
+
+def _extract_one_image_on_two_ranks(rank: int, init: str, frame_path: str, out: str) -> None:
+    import pandas as pd
+    import torch.distributed as dist
+
+    from bin_counter.core.data import eval_transform
+    from bin_counter.core.features import cached_features
+    from bin_counter.core.models import create_model
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        frame = pd.read_pickle(frame_path)
+        features, ok = cached_features(create_model("efficientnet-lite0", 5), frame, [1, 2, 3, 4, 5],
+                                       eval_transform("efficientnet-lite0"), views=1, description={}, cache_dir=None,
+                                       batch_size=2, num_workers=0, seed=0, device=torch.device("cpu"), desc="val")
+        torch.save((features, ok), f"{out}/{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_extract_a_split_of_one_image(tiny_data, tmp_path):
+    """Rank 1's share of a one-image split is empty: before, it raised "no readable image" and the run died."""
+    import torch.multiprocessing as mp
+
+    from bin_counter.core.manifest import read_manifest
+
+    read_manifest(tiny_data, "val").head(1).to_pickle(tmp_path / "frame.pkl")
+    mp.spawn(_extract_one_image_on_two_ranks, nprocs=2, join=True,
+             args=(f"file://{tmp_path / 'rendezvous'}", str(tmp_path / "frame.pkl"), str(tmp_path)))
+    (first, first_ok), (second, second_ok) = (torch.load(tmp_path / f"{rank}.pt") for rank in (0, 1))
+    assert first_ok.tolist() == second_ok.tolist() == [True] and torch.equal(first, second)

@@ -615,20 +615,25 @@ def train(cfg: TrainConfig, on_epoch=None, save_model: bool = True, parent_run_i
             tracking.log_dataset(pd.concat(frames.values()), str(Path(cfg.data).resolve()), "abid", context="training")
             mlflow.log_dict(cfg.reproducible(), "config.yaml")  # `train --config` it to train the same again
         rules = start_rules(frames, classes, tag_run=ctx.main)
-        loaders = build_loaders(cfg, model, frames, classes, device)
         checkpointing = Checkpointing(checkpoint.path_for(cfg.checkpoint_dir, run_id), run_id, resumed, digest) \
             if cfg.checkpoint_dir else None
         try:
             fitter = solve_head if cfg.head == "logistic" else profiled_fit if cfg.profile else fit
+            # feature extraction (in build_loaders) is the longest step of a solved head: a spot reclaim or Ctrl-C
+            # there must end the run as KILLED too, not leave it RUNNING
             with checkpoint.interruptible():
+                loaders = build_loaders(cfg, model, frames, classes, device)
                 result = fitter(cfg, model, loaders, classes, device, on_epoch, rules, checkpointing=checkpointing,
                                 log_epoch=log_epoch_to_run if ctx.main else None)
         except checkpoint.TrainingInterrupted as signal_name:
             if ctx.main:
                 mlflow.end_run("KILLED")
-            where = f"checkpointed in {checkpointing.path}; " if checkpointing else ""
-            raise BinCounterError(f"interrupted by {signal_name}: finished epochs are {where}rerun with --resume "
-                                  f"to continue run {run_id}") from None
+            if checkpointing is not None and checkpointing.path.exists():
+                raise BinCounterError(f"interrupted by {signal_name}: finished epochs are checkpointed in "
+                                      f"{checkpointing.path}; rerun with --resume to continue run {run_id}") from None
+            # nothing to resume: interrupted before the first epoch ended, or a solved head (it has no epochs)
+            raise BinCounterError(f"interrupted by {signal_name} before anything was checkpointed; run {run_id} is "
+                                  "marked KILLED: rerun the same command to start again") from None
         test_metrics, model_uri = None, None
         if ctx.main:
             test_metrics, model_uri = log_outcome(cfg, model, loaders, result, frames, classes, device, save_model)

@@ -57,11 +57,24 @@ def engine_description(device: torch.device) -> dict:
     return {"preprocessing": PREPROCESSING_VERSION, "versions": versions, "engine": "onnx" if onnx else "torch"}
 
 
-def extract(model: CountingModel, frame: pd.DataFrame, classes: list[int], transform, *, views: int, batch_size: int,
-            num_workers: int, seed: int, device: torch.device, desc: str, tta: bool = False):
+def extract(model: CountingModel, frame: pd.DataFrame, classes: list[int], transform, *, desc: str, **options):
     """Features (N, views, D) and a mask (N,) of the images that could be read.
 
     Random views are seeded per image and view; with `tta` the views are the 4 flips/transposes of one image."""
+    features, ok = _extract(model, frame, classes, transform, desc=desc, **options)
+    if features is None:
+        raise no_readable_image(desc, len(frame))
+    return features, ok
+
+
+def no_readable_image(desc: str, listed: int) -> BinCounterError:
+    return BinCounterError(f"no readable image in the {desc} split ({listed} listed; the warnings above say why each "
+                           "was skipped)")
+
+
+def _extract(model: CountingModel, frame: pd.DataFrame, classes: list[int], transform, *, views: int,
+             batch_size: int, num_workers: int, seed: int, device: torch.device, desc: str, tta: bool = False):
+    """extract's features, or None for them when no image of `frame` could be read (an empty share included)."""
     features: torch.Tensor | None = None
     ok = torch.zeros(len(frame), dtype=torch.bool)
     n_views = 4 if tta else views
@@ -81,21 +94,23 @@ def extract(model: CountingModel, frame: pd.DataFrame, classes: list[int], trans
             for k, out in enumerate(outs):
                 features[indices, view if not tta else k] = out
             ok[indices] = True
-    if features is None:
-        raise BinCounterError(f"no readable image in the {desc} split ({len(frame)} listed; the warnings above say "
-                              "why each was skipped)")
     return features, ok
 
 
 def _extract_shared(model, frame, classes, transform, *, desc: str, **options):
-    """Under torchrun each rank extracts every world-th image, then all ranks share the whole set."""
+    """Under torchrun each rank extracts every world-th image, then all ranks share the whole set. A rank whose
+    share is empty (fewer images than ranks) or wholly unreadable takes part with nothing; only when no rank read
+    an image do all of them stop, together."""
     ctx = distributed.current()
     if not ctx.enabled:
         return extract(model, frame, classes, transform, desc=desc, **options)
     mine = torch.arange(ctx.rank, len(frame), ctx.world)
-    part, part_ok = extract(model, frame.iloc[mine.numpy()].reset_index(drop=True), classes, transform,
-                            desc=f"{desc} (rank {ctx.rank})", **options)
-    return distributed.gather_rows(part, mine, len(frame)), distributed.gather_rows(part_ok, mine, len(frame))
+    part, part_ok = _extract(model, frame.iloc[mine.numpy()].reset_index(drop=True), classes, transform,
+                             desc=f"{desc} (rank {ctx.rank})", **options)
+    features = distributed.gather_rows(part, mine, len(frame))
+    if features is None:
+        raise no_readable_image(desc, len(frame))
+    return features, distributed.gather_rows(part_ok, mine, len(frame))
 
 
 def cached_features(model: CountingModel, frame: pd.DataFrame, classes: list[int], transform, *, views: int,

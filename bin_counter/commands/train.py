@@ -59,10 +59,34 @@ def grad_norm(net: nn.Module) -> float:
     return float(torch.norm(torch.stack(norms))) if norms else 0.0
 
 
+def uneven_inputs(net):
+    """Under DDP, ranks may get different numbers of batches (shards of unequal length, a batch with no readable
+    image skipped on one rank): Join lets a rank that ran out shadow the others' gradient reductions instead of
+    leaving them waiting for ever."""
+    if isinstance(net, nn.parallel.DistributedDataParallel):
+        from torch.distributed.algorithms import Join
+
+        return Join([net])
+    return nullcontext()
+
+
 def train_one_epoch(net, criterion, optimizer, loader, device, scaler, desc="train", profiler=NO_PROFILE) -> dict:
     set_train_mode(net)
-    total_loss, correct, seen, norms = 0.0, 0, 0, []
-    start = waited = time.perf_counter()
+    norms: list[float] = []
+    start = time.perf_counter()
+    with uneven_inputs(net):
+        total_loss, correct, seen = _train_batches(net, criterion, optimizer, loader, device, scaler, desc, profiler,
+                                                   norms)
+    seconds = time.perf_counter() - start
+    total_loss, correct, seen = distributed.sum_across(total_loss, correct, seen)
+    return {"loss": total_loss / max(seen, 1), "accuracy": correct / max(seen, 1),
+            "grad_norm": float(np.mean(norms or [0])), "grad_norm_max": float(np.max(norms or [0])),
+            "seconds": seconds, "images_per_s": seen / seconds if seconds else 0.0}
+
+
+def _train_batches(net, criterion, optimizer, loader, device, scaler, desc, profiler, norms) -> tuple:
+    total_loss, correct, seen = 0.0, 0, 0
+    waited = time.perf_counter()
     for batch in tqdm(loader, desc=desc, unit="batch", leave=False):
         profiler.data_wait(time.perf_counter() - waited)
         if batch is None:
@@ -85,11 +109,7 @@ def train_one_epoch(net, criterion, optimizer, loader, device, scaler, desc="tra
         seen += len(labels)
         profiler.step(len(labels))
         waited = time.perf_counter()
-    seconds = time.perf_counter() - start
-    total_loss, correct, seen = distributed.sum_across(total_loss, correct, seen)
-    return {"loss": total_loss / max(seen, 1), "accuracy": correct / max(seen, 1),
-            "grad_norm": float(np.mean(norms or [0])), "grad_norm_max": float(np.max(norms or [0])),
-            "seconds": seconds, "images_per_s": seen / seconds if seconds else 0.0}
+    return total_loss, correct, seen
 
 
 class CountingLoss(nn.Module):

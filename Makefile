@@ -24,7 +24,7 @@ test-fast: $(VENV)/.installed
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow" --durations=15
 
 # the team setup: PostgreSQL + S3 (a local moto server) + `mlflow server`, in the background.
-# Its last line is `export MLFLOW_TRACKING_URI=...`:  eval "$$(make -s server | tail -1)"
+# Then `source .team-server/env`: the tracking URI and the server's basic-auth credentials.
 server: $(VENV)/.installed
 	@$(PY) -m bin_counter.commands.team_server start
 

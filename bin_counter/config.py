@@ -154,9 +154,20 @@ def as_params(config: Any) -> dict[str, Any]:
     return {key: ("" if value is None else value) for key, value in dataclasses.asdict(config).items()}
 
 
+class SettingsLoader(yaml.SafeLoader):
+    """safe_load without aliases: a settings file is a few option: value lines, and nested aliases expand
+    exponentially (a 415-byte file made a 13.6 MB option)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not accepted in a settings file",
+                                              self.peek_event().start_mark)
+        return super().compose_node(parent, index)
+
+
 def load_yaml(path: Path) -> dict[str, Any]:
     try:
-        doc = yaml.safe_load(Path(path).read_text()) or {}
+        doc = yaml.load(Path(path).read_text(), Loader=SettingsLoader) or {}  # noqa: S506 (a SafeLoader)
     except FileNotFoundError:
         raise BinCounterError(f"settings file not found: {path}") from None
     except (OSError, UnicodeError) as exc:

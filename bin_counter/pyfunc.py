@@ -24,6 +24,8 @@ import os
 import shutil
 import stat
 import tempfile
+import threading
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -141,6 +143,20 @@ def number_param(params: dict, name: str) -> float | None:
     if not 0.0 < value < 1.0:
         raise refuse(f"{name} must be between 0 and 1 (exclusive), got {value}")
     return value
+_decoders: tuple[int, ThreadPoolExecutor] | None = None
+_decoders_lock = threading.Lock()
+
+
+def decoders() -> ThreadPoolExecutor:
+    """The process's decoding threads, shared by every request, so a server decodes at most this many images at
+    once however many requests it answers (a pool per request multiplied them). Made on first use, and again in
+    a forked worker, which inherits the pool but not its threads."""
+    global _decoders
+    with _decoders_lock:
+        if _decoders is None or _decoders[0] != os.getpid():
+            _decoders = (os.getpid(), ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1),
+                                                         thread_name_prefix="bin-counter-decode"))
+        return _decoders[1]
 
 
 def prepared_batches(images: list, transform, batch_size: int = BATCH):
@@ -153,20 +169,24 @@ def prepared_batches(images: list, transform, batch_size: int = BATCH):
         except ValueError as exc:
             return None, str(exc)
 
-    starts = range(0, len(images), batch_size)
-    pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1))
+    pool = decoders()
+
+    def submit(part: list) -> list:
+        return [pool.submit(prepare, text) for text in part]
+
+    current, ahead = [], submit(images[:batch_size])
     try:
-        ahead = pool.map(prepare, images[:batch_size])
-        for start in starts:
+        for start in range(0, len(images), batch_size):
             current = ahead  # the next batch decodes while this one runs
-            ahead = pool.map(prepare, images[start + batch_size:start + 2 * batch_size])
-            results = list(current)
+            ahead = submit(images[start + batch_size:start + 2 * batch_size])
+            results = [future.result() for future in current]
             rows = [start + i for i, (tensor, _) in enumerate(results) if tensor is not None]
             failed = {start + i: reason for i, (_, reason) in enumerate(results) if reason is not None}
             batch = torch.stack([tensor for tensor, _ in results if tensor is not None]) if rows else None
             yield rows, batch, failed
-    finally:  # also when the caller stops early (a bad row answered 400): the batch decoding ahead is dropped
-        pool.shutdown(wait=False, cancel_futures=True)
+    finally:  # also when the caller stops early (a bad row answered 400): its decodes not yet started are dropped
+        for future in current + ahead:
+            future.cancel()
 
 
 def refuse(reason: str) -> MlflowException:
@@ -306,7 +326,22 @@ def inference_graph(model, config: dict, calibration_images: list[str]) -> bytes
     return quantize_int8(graph, [torch.stack(images[k:k + 16]) for k in range(0, len(images), 16)])
 
 
-def log_model(model, config: dict, example_images: list[str], registered_name: str | None = None,
+def input_example(images: Iterable[str], count: int = 2) -> pd.DataFrame | None:
+    """The first `count` readable images, shrunk. An image may be gone or broken since training skipped it, and
+    the trained model must not be lost for want of an example: those are skipped, and with none readable the model
+    is logged without one (its signature still says what it takes)."""
+    encoded = []
+    for path in images:
+        try:
+            encoded.append(encode_image(path, max_side=96))
+        except (ValueError, OSError) as exc:
+            log.warning("input example skips %s: %s", path, exc)
+        if len(encoded) == count:
+            break
+    return pd.DataFrame({"image": encoded}) if encoded else None
+
+
+def log_model(model, config: dict, example_images: Iterable[str], registered_name: str | None = None,
               calibration_images: list[str] = (), model_type: str | None = None, tags: dict | None = None):
     """Log (and optionally register) the model under `model/` of the active run; returns ModelInfo."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -318,7 +353,7 @@ def log_model(model, config: dict, example_images: list[str], registered_name: s
         # The package travels with the model (minus the bundled images) so a serving container needs no install.
         code = tmp / "code" / "bin_counter"
         shutil.copytree(PACKAGE_DIR, code, ignore=shutil.ignore_patterns("sample", "__pycache__"))
-        example = pd.DataFrame({"image": [encode_image(p, max_side=96) for p in example_images[:2]]})
+        example = input_example(example_images)
         return mlflow.pyfunc.log_model(
             name="model",
             python_model=str(PACKAGE_DIR / "serving_model.py"),

@@ -112,9 +112,11 @@ def log_report(report: Report, split: str, model_id: str | None = None, dataset=
 
 
 def summary_lines(m: dict) -> str:
+    absent = len(m["counts_scored"]) < len(m["per_class"])
+    scored = f", macro over counts {','.join(map(str, m['counts_scored']))} (the others are absent)" if absent else ""
     return (f"accuracy {m['accuracy']:.4f}  macro P/R/F1 {m['precision_macro']:.4f}/{m['recall_macro']:.4f}/"
             f"{m['f1_macro']:.4f}  weighted F1 {m['f1_weighted']:.4f}  MAE {m['mae']:.3f}  RMSE {m['rmse']:.3f}  "
-            f"within one {m['within_one']:.3f}  (n={m['n']})")
+            f"within one {m['within_one']:.3f}  (n={m['n']}{scored})")
 
 
 def model_card(cfg, test_metrics: dict | None, datasets: dict, model_uri: str) -> str:

@@ -67,3 +67,20 @@ def test_parse_classes():
     for bad in ("x", "3", "5-1"):
         with pytest.raises(BinCounterError):
             abid.parse_classes(bad)
+
+
+def test_a_tiny_one_bit_png_of_40_megapixels_is_refused_before_decoding(monkeypatch):
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("1", (6300, 6300)).save(buffer, format="PNG", optimize=True)
+    assert len(buffer.getvalue()) < 20_000  # before: accepted, and 120 MB of RGB decoded per request row
+    with pytest.raises(ValueError, match=r"6300x6300, over the 12,000,000-pixel limit \(BIN_COUNTER_MAX_IMAGE_PIX"):
+        abid.read_image(buffer.getvalue())
+    photo = next((SAMPLE_DIR / "bin-images").glob("*.jpg"))
+    assert abid.read_image(photo).width > 0  # bin photos are far below it
+    monkeypatch.setenv("BIN_COUNTER_MAX_IMAGE_PIXELS", "1000")
+    with pytest.raises(ValueError, match="over the 1,000-pixel limit"):
+        abid.read_image(photo)

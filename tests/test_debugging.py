@@ -102,3 +102,13 @@ def test_profiler_report_renders_with_every_section(tiny_data, tmp_path):
                         f"--user-data-dir={tmp_path / 'chrome'}", "--window-size=1000,1400", f"--screenshot={png}",
                         f"file://{local}/profiler_report.html"], capture_output=True, timeout=120)
         assert png.stat().st_size > 20_000
+
+
+def test_profiled_training_leaves_no_temporary_folder_behind(tiny_data, tmp_path, monkeypatch):
+    import tempfile
+
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    train(TrainConfig(data=str(tiny_data), head="sgd", image_size=224, batch_size=8, feature_views=1, num_workers=0,
+                      epochs=1, cache_dir=str(tmp_path / "cache"), profile=True, checkpoint_dir=None))
+    assert not list((tmp_path / "tmp").glob("bin-counter-profile-*"))  # before: one per run, the trace inside

@@ -509,19 +509,22 @@ def test_relaunch_with_new_s3_data_never_resumes_the_old_jobs_checkpoints(sagema
     assert len(by_data) == 2, "the prefix is keyed by the data (and options), then by the launch"
 
 
-def test_optuna_storage_password_is_not_logged_or_printed(capsys, tmp_path):
+@pytest.mark.parametrize("storage", [f"postgresql://optuna:{PASSWORD}@127.0.0.1:1/optuna",
+                                     f"postgresql://optuna:{PASSWORD}/x#y@127.0.0.1:1/optuna",
+                                     f"postgresql://optuna@127.0.0.1:1/optuna?password={PASSWORD}"])
+def test_tune_refuses_a_storage_url_carrying_a_password(capsys, tmp_path, storage):
     from bin_counter.cli import main
     from bin_counter.commands.tune import SearchSpace, TuneConfig, study_params
     from bin_counter.config import TrainConfig
 
-    storage = f"postgresql://optuna:{PASSWORD}@127.0.0.1:1/optuna"
     params = study_params(TuneConfig(base=TrainConfig(), space=SearchSpace(), storage=storage))
-    assert params["storage"] == "postgresql://optuna:***@127.0.0.1:1/optuna"
-    with pytest.raises(SystemExit) as exit_info:  # no PostgreSQL there: the error names the storage, no password
+    assert PASSWORD not in params["storage"]  # masked even where it is never logged
+    with pytest.raises(SystemExit) as exit_info:  # before anything is logged: MLflow logs a -P storage=... itself
         main(["tune", "--storage", storage, "--data", str(tmp_path), "--n-trials", "1"])
     err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and err.startswith("error: cannot open Optuna storage")
-    assert "optuna:***@127.0.0.1" in err and PASSWORD not in err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and "carries a password" in err
+    assert "PGPASSFILE" in err and "PGPASSWORD" in err and PASSWORD not in err
+    assert not mlflow.search_runs(search_all_experiments=True, output_format="list")
 
 
 def test_main_prints_where_to_look_without_the_tracking_password(monkeypatch):

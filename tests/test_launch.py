@@ -196,3 +196,20 @@ def test_tracking_credentials_travel_as_a_secret_name_and_the_job_reads_them(sag
         tracking_credentials({"BIN_COUNTER_TRACKING_SECRET": "empty"})
     with pytest.raises(BinCounterError, match=r"^tracking secret missing: .*ResourceNotFound"):
         tracking_credentials({"BIN_COUNTER_TRACKING_SECRET": "missing"})
+
+
+@pytest.mark.parametrize("uri", ["http://127.0.0.2:5000", "http://127.1:5000", "http://localhost.localdomain:5000",
+                                 "http://[::ffff:127.0.0.1]:5000", "http://LOCALHOST.:5000", "http://0x7f.1:5000",
+                                 "http://[::1]:5000", "http://0.0.0.0:5000", "http://mlflow.localhost/"])
+def test_loopback_tracking_servers_by_any_spelling_are_local_stores(uri):
+    from bin_counter.cloud.sagemaker_jobs import is_local_store
+
+    assert is_local_store(uri)
+
+
+@pytest.mark.parametrize("uri", ["https://mlflow.example.com", "http://10.0.0.5:5000", "http://[2001:db8::1]:5000",
+                                 "http://128.0.0.1:5000", "arn:aws:sagemaker:us-east-1:1:mlflow-tracking-server/x"])
+def test_remote_tracking_servers_are_not_local_stores(uri):
+    from bin_counter.cloud.sagemaker_jobs import is_local_store
+
+    assert not is_local_store(uri)

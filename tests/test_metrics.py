@@ -41,3 +41,15 @@ def test_study_lines_match_sagemaker_regexes():
 
 def test_majority_baseline():
     assert majority_baseline([3, 3, 2], [3, 1, 3, 2]) == 0.5
+
+
+def test_perfect_predictions_on_a_split_without_a_count_score_one_not_point_eight():
+    from bin_counter.commands.evaluate import summary_lines
+
+    m = classification_metrics([1, 2, 3, 4, 4], [1, 2, 3, 4, 4], [1, 2, 3, 4, 5])  # no bin of count 5
+    assert m["f1_macro"] == m["precision_macro"] == m["recall_macro"] == 1.0  # before: 0.8
+    assert m["counts_scored"] == [1, 2, 3, 4] and list(m["per_class"]["class"]) == [1, 2, 3, 4, 5]
+    assert json_ready(m)["counts_scored"] == [1, 2, 3, 4] and "5" in json_ready(m)["per_class"]
+    assert "macro over counts 1,2,3,4" in summary_lines(m)
+    wrong = classification_metrics([1, 2], [5, 2], [1, 2, 3, 4, 5])  # a prediction of an absent count still costs
+    assert np.isclose(wrong["recall_macro"], 0.5)

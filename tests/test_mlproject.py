@@ -109,3 +109,20 @@ def test_main_has_no_option_it_would_ignore(capsys):
         parse(["main", "--out", "elsewhere"])
     assert "unrecognized arguments: --out" in capsys.readouterr().err
     assert train_config(parse(["main", "--data", "elsewhere"])).data == "elsewhere"
+
+
+def test_mlproject_tune_takes_a_storage_url_without_a_password_and_refuses_one_with():
+    """The password reaches libpq from PGPASSFILE/PGPASSWORD; one in `-P storage=` would be logged by MLflow."""
+    import subprocess
+    import sys
+
+    from bin_counter.commands.tune import refuse_password_in
+
+    command = entry_command("tune", storage="postgresql://postgres@127.0.0.1:5432/optuna")
+    args = parse(shlex.split(command)[3:])
+    assert args.storage == "postgresql://postgres@127.0.0.1:5432/optuna"
+    refuse_password_in(args.storage)  # accepted
+    command = entry_command("tune", storage="postgresql://postgres:hunter2@127.0.0.1:5432/optuna", n_trials="1")
+    result = subprocess.run([sys.executable, *shlex.split(command)[1:]], capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr and "PGPASSFILE" in result.stderr
+    assert "hunter2" not in result.stderr

@@ -137,3 +137,52 @@ def test_malformed_file_list_is_one_line(tmp_path):
     assert result.returncode == 2 and "must map counts" in result.stderr and "Traceback" not in result.stderr
 
 
+
+
+def test_prepare_into_a_folder_that_is_not_a_data_dir_deletes_none_of_its_files(tmp_path):
+    out = tmp_path / "photos"
+    (out / "images").mkdir(parents=True)
+    (out / "shards").mkdir()
+    mine = [out / "images" / "holiday.jpg", out / "shards" / "notes.txt", out / "todo.txt"]
+    for path in mine:
+        path.write_bytes(b"the user's own file")
+    with pytest.raises(BinCounterError, match="not a DATA_DIR written by prepare.*--replace"):
+        prepare(PrepareConfig(out=str(out), limit_per_class=1, workers=2))
+    assert not (out / "manifest.csv").exists()
+    result = prepare(PrepareConfig(out=str(out), limit_per_class=1, workers=2, replace=True))
+    again = prepare(PrepareConfig(out=str(out), limit_per_class=2, workers=2))  # prunes nothing it did not write
+    assert len(result.manifest) == 5 and len(again.manifest) == 10
+    assert all(path.read_bytes() == b"the user's own file" for path in mine)
+
+
+def test_rerun_after_an_interrupted_first_prepare_is_not_refused(tmp_path):
+    out = tmp_path / "d"
+    prepare(PrepareConfig(out=str(out), limit_per_class=1, workers=2))
+    (out / "dataset.json").unlink()  # what an interrupted first run leaves: dataset.json is written last
+    assert len(prepare(PrepareConfig(out=str(out), limit_per_class=1, workers=2)).manifest) == 5
+
+
+def test_prepare_with_fewer_images_prunes_the_ones_it_wrote_before(tmp_path):
+    out = tmp_path / "d"
+    prepare(PrepareConfig(out=str(out), limit_per_class=2, workers=2, shard_size=3))
+    result = prepare(PrepareConfig(out=str(out), limit_per_class=1, workers=2))
+    assert sorted(p.name for p in (out / "images").iterdir()) == sorted(f"{i}.jpg" for i in result.manifest["image_id"])
+    assert not (out / "shards").exists()
+
+
+def test_editing_the_source_image_never_changes_the_prepared_copy(tmp_path):
+    import os
+
+    root = make_abid_dir(tmp_path / "abid", per_class=1)
+    out = tmp_path / "d"
+    first = prepare(PrepareConfig(source=str(root), out=str(out), workers=2))
+    row = first.manifest.iloc[0]
+    source = root / "bin-images" / f"{row['image_id']}.jpg"
+    with open(source, "r+b") as handle:  # edited in place: the same inode
+        handle.seek(200)
+        handle.write(b"\x00" * 64)
+    assert sha256_of(out / row["path"]) == row["sha256"]  # before: a hard link, changed under its checksum
+    os.unlink(out / row["path"])
+    os.link(source, out / row["path"])  # as an earlier version left it
+    prepare(PrepareConfig(source=str(root), out=str(out), workers=2))
+    assert not os.path.samefile(source, out / row["path"])

@@ -77,3 +77,23 @@ def test_resume_refuses_other_settings_and_missing_checkpoints(tiny_data, tmp_pa
     with pytest.raises(BinCounterError, match="trained on other data"):
         train(TrainConfig(data=str(tiny_data), checkpoint_dir=str(tmp_path / "c"), resume="x", **OPTIONS))
     assert checkpoint.latest(tmp_path / "c").name == "x.pt"
+
+
+def test_sigterm_during_feature_extraction_marks_the_run_killed_without_a_false_checkpoint_hint(tiny_data, tmp_path):
+    """The logistic head's work is its feature pass: a spot reclaim there left the run RUNNING (the process died
+    of the signal), and an interrupt named a checkpoint that was never written."""
+    command = [sys.executable, "-m", "bin_counter", "train", "--data", str(tiny_data), "--checkpoint-dir",
+               str(tmp_path / "ckpt"), "--cache-dir", str(tmp_path / "cache"), "--num-workers", "0"]
+    process = subprocess.Popen(command, env={**os.environ, "TQDM_DISABLE": "1"}, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not mlflow.search_runs(search_all_experiments=True, output_format="list"):
+        time.sleep(0.2)
+    time.sleep(4)  # past building the model: into the feature pass (tens of seconds for 60 images at 320 px)
+    assert not list((tmp_path / "cache").glob("*.pt")), "the feature pass ended before the signal"
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 2 and "Traceback" not in err, err[-2000:]
+    assert "interrupted by SIGTERM before anything was checkpointed" in err and "--resume" not in err
+    (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert run.info.status == "KILLED" and not list((tmp_path / "ckpt").glob("*.pt"))

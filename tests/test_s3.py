@@ -135,3 +135,37 @@ def test_unreachable_endpoint_is_one_clear_line(tmp_path, monkeypatch, capsys):
         main(["prepare", "--source", "s3://abid", "--out", str(tmp_path / "d")])
     err = capsys.readouterr().err
     assert ended.value.code == 2 and "Traceback" not in err and "cannot reach S3" in err
+
+
+def test_interrupted_upload_never_leaves_an_index_naming_missing_data(aws, moto_endpoint, tmp_path, monkeypatch):
+    from conftest import LoopbackProxy
+
+    aws.create_bucket(Bucket="mine")
+    result = prepare(PrepareConfig(out=str(tmp_path / "d"), limit_per_class=4, workers=2, shard_size=4))
+    denied = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>AccessDenied</Code>'
+              b"<Message>Access Denied</Message></Error>")
+    proxy = LoopbackProxy(moto_endpoint, lambda handler, body: (403, denied) if handler.command == "PUT"
+                          and "test-000000.tar" in handler.path else None)  # the upload dies at a shard
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+    try:
+        with pytest.raises(BinCounterError, match="refused"):
+            upload_prepared(result, "s3://mine/v1", workers=8)
+    finally:
+        proxy.close()
+    time.sleep(1)  # uploads already running when the error came finish in the background
+    keys = {o["Key"] for o in aws.list_objects_v2(Bucket="mine").get("Contents", [])}
+    assert "v1/shards/train-000000.tar" in keys or "v1/images" in " ".join(keys)
+    assert not {"v1/manifest.csv", "v1/dataset.json", "v1/shards/index.json"} & keys
+
+
+def test_s3_data_dir_is_fetched_again_after_another_upload_to_its_prefix(aws, tmp_path, monkeypatch):
+    from bin_counter.cloud.s3 import local_copy
+    from bin_counter.core.manifest import read_classes
+
+    monkeypatch.chdir(tmp_path)
+    aws.create_bucket(Bucket="mine")
+    for classes, rows in (([1, 2, 3], "first"), ([0, 1, 2, 3, 4, 5], "second")):  # two prepare --upload runs
+        aws.put_object(Bucket="mine", Key="abid/dataset.json", Body=json.dumps({"classes": classes}))
+        aws.put_object(Bucket="mine", Key="abid/manifest.csv", Body=f"image_id\n{rows}\n")
+        local = local_copy("s3://mine/abid")
+        assert read_classes(local) == classes and rows in (local / "manifest.csv").read_text()  # before: the first

@@ -79,3 +79,15 @@ def test_prepare_options_are_prepare_configs_fields():
     assert {f.name for f in dataclasses.fields(PrepareConfig)} <= dests
     args = parse(["prepare", "--split", "0.6,0.2,0.2", "--top-bucket", "--seed", "3.0"])
     assert (args.split, args.top_bucket, args.seed) == ((0.6, 0.2, 0.2), True, 3)
+
+
+def test_settings_file_with_exponential_yaml_aliases_is_refused(tmp_path, capsys):
+    from bin_counter.cli import main
+
+    lines = ["run_name:", "- &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"- &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}]" for i in range(1, 8)]
+    (tmp_path / "bomb.yaml").write_text("\n".join(lines) + "\n")  # 271 bytes; before: a 5.1 MB run name
+    with pytest.raises(SystemExit) as ended:  # (an S3 --data without --stream stops the old code right after)
+        main(["train", "--config", str(tmp_path / "bomb.yaml"), "--data", "s3://bucket/data"])
+    err = capsys.readouterr().err
+    assert ended.value.code == 2 and "aliases (*name) are not accepted" in err and len(err.splitlines()) == 1

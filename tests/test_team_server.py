@@ -26,6 +26,7 @@ pytestmark = pytest.mark.slow
 
 SCRIPT = [sys.executable, "-m", "bin_counter.commands.team_server"]  # what `make server` / `make server-stop` run
 MODEL = "bins"
+CREDENTIALS: dict[str, str] = {}  # the server's admin, as a client gets it from .team-server/env
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +48,8 @@ def team():
     assert last.startswith("export MLFLOW_TRACKING_URI=http://127.0.0.1:"), started.stdout
     uri = last.split("=", 1)[1]
     pids = {name: pid for name, pid in server.running().items()}
+    CREDENTIALS.update({k: v for k, v in server.client_env().items() if k.startswith("MLFLOW_TRACKING_USER")
+                        or k == "MLFLOW_TRACKING_PASSWORD"})
     try:
         yield server, uri
     finally:
@@ -60,7 +63,7 @@ def client_env(uri: str, **extra) -> dict[str, str]:
     """A client's environment: the tracking URI, and no way to reach S3 itself."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "MLFLOW_S3_", "MLFLOW_TRACKING_"))}
     env.update(MLFLOW_TRACKING_URI=uri, AWS_CONFIG_FILE="/nonexistent", AWS_SHARED_CREDENTIALS_FILE="/nonexistent",
-               TQDM_DISABLE="1", MLFLOW_DISABLE_TELEMETRY="true", **extra)
+               TQDM_DISABLE="1", MLFLOW_DISABLE_TELEMETRY="true", **CREDENTIALS, **extra)
     return env
 
 
@@ -102,7 +105,8 @@ def test_train_promote_serve_predict_through_the_server(team, tiny_data, tmp_pat
     assert "champion" in promoted
     # the alias resolves through the server's REST API to the run just trained
     answer = requests.get(f"{uri}/api/2.0/mlflow/registered-models/alias", params={"name": MODEL, "alias": "champion"},
-                          timeout=30)
+                          timeout=30, auth=(CREDENTIALS["MLFLOW_TRACKING_USERNAME"],
+                                            CREDENTIALS["MLFLOW_TRACKING_PASSWORD"]))
     assert answer.status_code == 200, answer.text
     version = answer.json()["model_version"]
     assert version["version"] == "1" and version["run_id"] == run_id
@@ -157,12 +161,30 @@ def test_two_tune_workers_share_a_study_on_postgresql(team, tiny_data, tmp_path_
 
     import mlflow
 
+    for name, value in CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
     client = mlflow.MlflowClient(tracking_uri=uri)
     runs = [run for run in client.search_runs(experiment_ids=[e.experiment_id for e in client.search_experiments()],
                                               max_results=1000) if "trial_state" in run.data.tags]
     assert len(runs) == 4, "every trial is one MLflow run on the server, none lost or doubled"
     parents = {run.data.tags.get("mlflow.parentRunId") for run in runs}
     assert len(parents) <= 2 and None not in parents
+
+
+def test_an_unauthenticated_client_is_refused_by_the_team_server(team, monkeypatch):
+    import mlflow
+
+    server, uri = team
+    search = f"{uri}/api/2.0/mlflow/experiments/search"
+    assert requests.post(search, json={"max_results": 1}, timeout=30).status_code == 401  # before: 200, anyone
+    assert requests.post(search, json={"max_results": 1}, timeout=30, auth=("admin", "guess")).status_code == 401
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with pytest.raises(mlflow.exceptions.MlflowException):  # no registering (and no code/ to overwrite) for strangers
+        mlflow.MlflowClient(tracking_uri=uri).create_registered_model(MODEL + "-stranger")
+    assert (server.dir / "env").stat().st_mode & 0o777 == 0o600  # it holds the admin password
+    assert server.admin_password_file.stat().st_mode & 0o777 == 0o600
 
 
 def test_tune_storage_waits_out_a_postgres_restart(team, monkeypatch):
@@ -208,3 +230,65 @@ def test_stop_leaves_alone_a_recorded_pid_that_is_now_another_program(tmp_path):
     finally:
         stranger.kill()
         stranger.wait()
+
+
+def kept_with_real_s3(folder: Path) -> TeamServer:
+    """A folder as a start with --artifacts-destination s3://team/artifacts leaves it (the cluster stopped)."""
+    server = TeamServer(folder)
+    server.pg_data.mkdir(parents=True)
+    (server.pg_data / "PG_VERSION").write_text("15\n")
+    server.save_state({"pg_port": free_port(), "workers": 2, "mlflow_port": free_port(),
+                       "artifacts_destination": "s3://team/artifacts", "s3_endpoint": None})
+    return server
+
+
+def test_a_plain_start_never_wipes_a_database_kept_with_real_s3(tmp_path):
+    server = kept_with_real_s3(tmp_path / "server")
+    for destination in (None, "s3://other/artifacts"):  # `make server`, or another bucket
+        result = subprocess.run([*SCRIPT, "start", "--dir", str(server.dir),
+                                 *(["--artifacts-destination", destination] if destination else [])],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2 and "keeps the database of artifacts in s3://team/artifacts" in result.stderr
+        assert "--fresh" in result.stderr and (server.pg_data / "PG_VERSION").exists()  # before: rmtree'd
+
+
+def test_two_starts_of_one_folder_at_once_are_refused(tmp_path):
+    import fcntl
+
+    server = kept_with_real_s3(tmp_path / "server")
+    with open(server.dir / "start.lock", "w") as held:  # a start in progress holds it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        result = subprocess.run([*SCRIPT, "start", "--dir", str(server.dir), "--artifacts-destination",
+                                 "s3://team/artifacts"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "another `start` of" in result.stderr
+    assert (server.pg_data / "PG_VERSION").exists()
+
+
+def test_stop_leaves_alone_a_reused_pid_whose_command_line_mentions_mlflow(tmp_path):
+    server = TeamServer(tmp_path / "server")
+    server.pids.mkdir(parents=True)
+    stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "mlflow moto postgres"])
+    try:
+        for name in ("mlflow", "moto", "postgres"):
+            (server.pids / f"{name}.pid").write_text(f"{stranger.pid} 12345\n")  # another process's start time
+        assert server.stop() == [] and stranger.poll() is None  # before: killed, the substring test matched
+    finally:
+        stranger.kill()
+        stranger.wait()
+
+
+def test_private_files_are_never_readable_by_others_and_the_env_file_survives_odd_folder_names(tmp_path):
+    from bin_counter.commands.team_server import write_env, write_private
+
+    old = os.umask(0)
+    try:
+        (tmp_path / "pgpass").write_text("left by someone\n")
+        write_private(tmp_path / "pgpass", "127.0.0.1:*:*:postgres:secret\n")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "pgpass").stat().st_mode & 0o777 == 0o600
+    odd = tmp_path / "team server $HOME; x"
+    write_env(tmp_path / "env", {"PGPASSFILE": str(odd / "pgpass")})
+    shown = subprocess.run(["bash", "-c", f"source {tmp_path / 'env'}; printf %s \"$PGPASSFILE\""],
+                           capture_output=True, text=True)
+    assert shown.stdout == str(odd / "pgpass")  # before: split at the space, $HOME expanded

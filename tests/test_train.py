@@ -123,3 +123,16 @@ def test_full_forward_path_fine_tunes_last_stage(tiny_data, tmp_path):
     assert not list((tmp_path / "cache").glob("*.pt"))  # no feature cache once the backbone learns
 
 
+
+
+def test_one_missing_test_image_does_not_lose_the_trained_model(tiny_data, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    Path(read_manifest(data, "test")["abs_path"][0]).unlink()  # the first candidate for the input example
+    result = train(TrainConfig(data=str(data), image_size=224, tta=False, num_workers=0,
+                               cache_dir=str(tmp_path / "cache"), checkpoint_dir=None))
+    assert result.model_uri and mlflow.MlflowClient().get_run(result.run_id).info.status == "FINISHED"
+    example = mlflow.models.Model.load(result.model_uri).load_input_example(result.model_uri)
+    assert len(example) == 2

@@ -80,8 +80,8 @@ def test_transform_job_on_moto_then_join_staged_output(aws, photos, model_uri, t
     assert not [k for k in keys(aws, "") if k.endswith("model.tar.gz")]
 
     requests_ = keys(aws, "transform/count-today/requests/")
-    assert requests_ == [f"transform/count-today/requests/part-{i:05d}.json" for i in range(3)]
     index = json.loads(aws.get_object(Bucket="bins", Key="transform/count-today/index.json")["Body"].read())
+    assert requests_ == [f"transform/count-today/requests/part-{i:05d}-{index['nonce']}.json" for i in range(3)]
     staged = {}
     for part, key in zip(index["parts"], requests_):
         body = json.loads(aws.get_object(Bucket="bins", Key=key)["Body"].read())
@@ -158,3 +158,19 @@ def test_transform_errors_are_one_line(aws, args, message, capsys):
         main(["transform", *args])
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_.value.code == 2 and len(err) == 1 and message in err[0], err
+
+
+def test_a_reused_job_name_is_refused_before_its_staging_is_overwritten(aws, photos, model_uri, tmp_path, capsys):
+    command = ["transform", "--model-uri", model_uri, "--input", "s3://bins/today", "--staging", "s3://bins/t",
+               "--execution-role-arn", ROLE, "--image-url", IMAGE, "--region", "us-east-1", "--job-name", "again",
+               "--output", str(tmp_path / "out.csv")]
+    with pytest.raises(SystemExit):  # moto writes no output: nothing counted
+        main(command)
+    staged = {k: aws.get_object(Bucket="bins", Key=k)["Body"].read() for k in keys(aws, "t/again/")}
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(command)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and "s3://bins/t/again already holds a staged transform job" in err[-1]
+    assert {k: aws.get_object(Bucket="bins", Key=k)["Body"].read() for k in keys(aws, "t/again/")} == staged
+    assert transform_module.default_job_name() != transform_module.default_job_name()  # one second apart: two

@@ -164,15 +164,17 @@ def run_bounded(pool: ThreadPoolExecutor, work: Iterable, start, finish, limit: 
         raise
 
 
-def download(client, bucket: str, jobs: Iterable[tuple[str, Path]], workers: int, desc: str) -> TransferStats:
-    """Fetch (key, dest) pairs in parallel; a dest already present is complete (written atomically) and skipped.
+def download(client, bucket: str, jobs: Iterable[tuple[str, Path]], workers: int, desc: str,
+             refresh: bool = False) -> TransferStats:
+    """Fetch (key, dest) pairs in parallel; a dest already present is complete (written atomically) and skipped,
+    unless `refresh`: then it is fetched again and replaced atomically (a reader sees the old file or the new).
 
     What finished before a fatal error or an interrupt stays on disk, so a rerun resumes from there."""
     check_workers(workers)
     stats = TransferStats()
     todo = []
     for key, dest in jobs:
-        if dest.exists():
+        if dest.exists() and not refresh:
             stats.skipped += 1
         else:
             todo.append((key, dest))
@@ -234,7 +236,9 @@ def default_workers() -> int:
 
 def local_copy(data: str) -> Path:
     """A prepared DATA_DIR in S3 (from `prepare --upload`) gets its manifest and dataset.json fetched to a local
-    folder beside the working directory; images stay in S3 (read as shards with --stream)."""
+    folder beside the working directory; images stay in S3 (read as shards with --stream). They are fetched on
+    every call: another `prepare --upload` to the prefix changes them, and a stale copy would pair the old
+    classes, weights and dataset digest with the new shards."""
     if not data.startswith("s3://"):
         return Path(data)
     bucket, prefix = parse_s3_uri(data)
@@ -244,7 +248,7 @@ def local_copy(data: str) -> Path:
         raise BinCounterError(f"refusing {data} as a DATA_DIR: {exc}") from None
     client = make_client(is_anonymous(bucket, None))
     stats = download(client, bucket, [(prefix + name, local / name) for name in (MANIFEST, DATASET_JSON)],
-                        workers=2, desc=f"fetch {data}")
+                        workers=2, desc=f"fetch {data}", refresh=True)
     if stats.failed:
         raise BinCounterError(f"{data} is not a prepared DATA_DIR: {', '.join(sorted(stats.failed))} missing")
     return local

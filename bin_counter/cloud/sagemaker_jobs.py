@@ -10,11 +10,13 @@ a prefix of their own (the data's digest, then the launch), so a relaunch never 
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import logging
 import os
 import secrets
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -27,7 +29,7 @@ from bin_counter.core.uris import has_credentials, redact_uri
 from bin_counter.pyfunc import PACKAGE_DIR, requirements
 
 log = logging.getLogger(__name__)
-LOOPBACK = {"localhost", "127.0.0.1", "::1", "0.0.0.0"}
+LOCAL_NAMES = ("localhost", "localhost.localdomain")
 
 METRIC_DEFINITIONS = [{"Name": name, "Regex": regex} for name, regex in STUDY_REGEXES.items()]
 OBJECTIVE = "Average loss"
@@ -67,7 +69,24 @@ def is_local_store(uri: str) -> bool:
     """A store that only this machine reaches: a file, an sqlite database, a server on loopback."""
     parsed = urlparse(uri)
     return (not uri or parsed.scheme in ("", "file", "sqlite") or len(parsed.scheme) == 1  # a Windows drive
-            or (parsed.hostname or "") in LOOPBACK)
+            or is_loopback_host(parsed.hostname or ""))
+
+
+def is_loopback_host(host: str) -> bool:
+    """localhost by any name or spelling: 127.0.0.0/8 (`127.0.0.2`, `127.1` as inet_aton reads it), ::1,
+    0.0.0.0, and an IPv4-mapped IPv6 of those (`::ffff:127.0.0.1`)."""
+    host = host.lower().rstrip(".")
+    if host in LOCAL_NAMES or host.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        try:
+            address = ipaddress.ip_address(socket.inet_aton(host))  # the short and hex forms resolvers accept
+        except OSError:
+            return False
+    address = getattr(address, "ipv4_mapped", None) or address
+    return address.is_loopback or address.is_unspecified
 
 
 def tracking_environment(dry_run: bool = False, secret: str | None = None) -> dict:

@@ -172,14 +172,18 @@ class ShardStream(IterableDataset):
         self.epoch = epoch
 
     def _my_urls(self) -> list[str]:
+        """This reader's shards: training shards are split across ranks and workers; an evaluation stream is
+        split across the workers only, so every rank scores the whole split (metrics of a share would be that
+        share's, and a rank with no shard of a small split would have nothing to score)."""
         from bin_counter.core import distributed
 
         ctx, worker = distributed.current(), get_worker_info()
         urls = list(self.urls)
         if self.shuffle:
             random.Random(self.seed + self.epoch).shuffle(urls)
-        parts = ctx.world * (worker.num_workers if worker else 1)
-        me = ctx.rank * (worker.num_workers if worker else 1) + (worker.id if worker else 0)
+        ranks, rank = (ctx.world, ctx.rank) if self.shuffle else (1, 0)
+        parts = ranks * (worker.num_workers if worker else 1)
+        me = rank * (worker.num_workers if worker else 1) + (worker.id if worker else 0)
         return urls[me::parts]
 
     def _decoded(self) -> Iterator[tuple]:

@@ -70,14 +70,20 @@ def cache_path(cache: Path, bucket: str, key: str) -> Path | None:
         return None
 
 
+def metadata_key_beside(key: str) -> str | None:
+    """ABID's layout, as for local folders: X/bin-images/<id>.jpg is described by X/metadata/<id>.json only (a
+    document of the same id elsewhere, `tuesday/metadata/<id>.json`, is another bin's)."""
+    path = PurePosixPath(key)
+    if path.parent.name != abid.IMAGE_PREFIX.rstrip("/"):
+        return None
+    return str(path.parent.parent / abid.METADATA_PREFIX / f"{path.stem}.json").removeprefix("./")
+
+
 def pair_s3_keys(keys: list[str], bucket: str, cache: Path) -> tuple[list[dict], list[tuple[str, Path]]]:
-    """Rows (image_id, path, meta) for the image keys of a listing, each with the metadata document of its id if
-    there is one, and the (key, destination) downloads they need. Linear in the number of keys: an ABID prefix
-    lists hundreds of thousands."""
-    metadata: dict[str, str] = {}
-    # the shallowest document of an id wins: metadata/<id>.json over metadata/archive/<id>.json
-    for key in sorted((k for k in keys if k.endswith(".json")), key=lambda k: k.count("/"), reverse=True):
-        metadata[abid.id_from_key(key)] = key
+    """Rows (image_id, key, path, meta) for the image keys of a listing, each with the metadata document beside
+    it if there is one, and the (key, destination) downloads they need. Linear in the number of keys: an ABID
+    prefix lists hundreds of thousands."""
+    listed = set(keys)
     rows, jobs = [], {}
     for key in keys:
         if PurePosixPath(key).suffix.lower() not in IMAGE_SUFFIXES:
@@ -85,13 +91,12 @@ def pair_s3_keys(keys: list[str], bucket: str, cache: Path) -> tuple[list[dict],
         dest = cache_path(cache, bucket, key)
         if dest is None:
             continue
-        image_id = abid.id_from_key(key)
-        meta_key = metadata.get(image_id)
-        meta = cache_path(cache, bucket, meta_key) if meta_key else None
+        meta_key = metadata_key_beside(key)
+        meta = cache_path(cache, bucket, meta_key) if meta_key in listed else None
         jobs[key] = dest
         if meta is not None:
             jobs[meta_key] = meta
-        rows.append({"image_id": image_id, "path": dest, "meta": meta})
+        rows.append({"image_id": abid.id_from_key(key), "key": key, "path": dest, "meta": meta})
     return rows, list(jobs.items())
 
 
@@ -104,8 +109,9 @@ def images_in_s3(uri: str, cache: Path, workers: int = 8) -> pd.DataFrame:
         raise BinCounterError(f"no images under {uri}")
     s3.download(client, bucket, jobs, workers, desc=f"download {uri}")
     return pd.DataFrame([{"image_id": row["image_id"], "path": str(row["path"]),
-                          "expected_quantity": expected_from_metadata(row["meta"]) if row["meta"] else None}
-                         for row in rows], columns=["image_id", "path", "expected_quantity"])
+                          "expected_quantity": expected_from_metadata(row["meta"]) if row["meta"] else None,
+                          "key": row["key"]}  # ids repeat across prefixes: the key says which photo it was
+                         for row in rows], columns=["image_id", "path", "expected_quantity", "key"])
 
 
 def collect(source: str, cache: Path) -> pd.DataFrame:
@@ -376,7 +382,8 @@ def write_results(results: pd.DataFrame, output: str, check_share: float = DEFAU
     answer columns. Shared by `predict` and `transform`."""
     results = flag_for_check(results, check_share)
     results["expected_quantity"] = pd.to_numeric(results["expected_quantity"], errors="coerce").astype("Int64")
-    table = results[RESULT_COLUMNS].copy()
+    columns = RESULT_COLUMNS + [c for c in ("key",) if c in results]  # an S3 input's object key
+    table = results[columns].copy()
     table["image_id"] = table["image_id"].map(spreadsheet_safe)
     with atomic_path(Path(output)) as path:
         table.to_csv(path, index=False)

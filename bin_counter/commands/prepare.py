@@ -13,6 +13,7 @@ what is refused, and why, is listed in rejected.csv.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -33,7 +34,7 @@ from bin_counter.config import PrepareConfig
 from bin_counter.core import abid
 from bin_counter.core.files import (
     atomic_write_text,
-    link_or_copy,
+    copy_file,
     remove_partial_files,
     safe_join,
     sha256_of,
@@ -44,6 +45,8 @@ from bin_counter.core.manifest import DATASET_JSON, MANIFEST, REJECTED, SPLITS, 
 log = logging.getLogger(__name__)
 SAMPLE_DIR = Path(__file__).parents[1] / "sample"
 SHARD_DIR = "shards"  # = shards.SHARD_DIR, not imported from there: that module pulls in torch
+# Written into --out before anything else: a folder with it (or a dataset.json) was made by prepare.
+CLAIM = ".bin-counter-data"
 # ABID metadata is a few kB; a document past this is not ABID metadata and is not read into memory.
 MAX_METADATA_BYTES = 1 << 20
 
@@ -273,32 +276,62 @@ def remove_path(path: Path) -> None:
 
 
 def claim_output(out: Path, source: str, replace: bool) -> None:
-    """Refuse to mix two sources' datasets in one DATA_DIR; with `replace`, remove the other one first."""
+    """Refuse to mix two sources' datasets in one DATA_DIR, or to write into a folder prepare did not make (its
+    files would be overwritten or pruned); with `replace`, remove the other dataset's files first."""
     previous = previous_source(out)
-    if previous is None or previous == source_uri(source):
-        return
-    if not replace:
-        raise BinCounterError(f"{out} holds a dataset prepared from {previous}, not {source_uri(source)}: "
-                              "choose another --out, or pass --replace to replace it")
-    log.info("replacing the dataset of %s in %s", previous, out)
-    for name in ("images", SHARD_DIR, MANIFEST, REJECTED, DATASET_JSON, "raw"):
-        remove_path(out / name)
+    if previous is None:
+        foreign = out.is_dir() and not (out / CLAIM).exists() and any(out.iterdir())
+        if foreign and not replace:
+            raise BinCounterError(f"{out} is not empty and holds no {DATASET_JSON}: it is not a DATA_DIR written by "
+                                  "prepare; choose an empty or new --out, or pass --replace to write into it")
+    elif previous != source_uri(source):
+        if not replace:
+            raise BinCounterError(f"{out} holds a dataset prepared from {previous}, not {source_uri(source)}: "
+                                  "choose another --out, or pass --replace to replace it")
+        log.info("replacing the dataset of %s in %s", previous, out)
+        remove_written(out, {*listed_images(out), *listed_shards(out)})
+        for name in (MANIFEST, REJECTED, DATASET_JSON, "raw"):
+            remove_path(out / name)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / CLAIM).touch()  # an interrupted first prepare has no dataset.json yet; its rerun must not be refused
+
+
+def listed_images(out: Path) -> set[Path]:
+    """The images the DATA_DIR's current manifest lists: the ones an earlier prepare wrote."""
+    try:
+        paths = pd.read_csv(out / MANIFEST, dtype=str, usecols=["path"])["path"].dropna()
+    except (OSError, ValueError, pd.errors.ParserError):  # none yet, or unreadable: nothing is known to be ours
+        return set()
+    return {out / path for path in paths if not unsafe_reason(path) and path.startswith("images/")}
+
+
+def listed_shards(out: Path) -> set[Path]:
+    """shards/index.json and the shards it lists."""
+    index = out / SHARD_DIR / "index.json"
+    try:
+        names = [name for split in json.loads(index.read_bytes()).values() for name in split]
+    except (OSError, ValueError, TypeError, AttributeError):
+        return set()
+    return {index, *(out / SHARD_DIR / name for name in names if isinstance(name, str) and not id_problem(name))}
+
+
+def remove_written(out: Path, paths: set[Path]) -> None:
+    """Delete these files (what prepare wrote, never a folder of the user's), then the folders they leave empty."""
+    for path in paths:
+        if path.is_file() and not path.is_symlink() and path.resolve().is_relative_to(out.resolve()):
+            path.unlink()
+    for folder in ("images", SHARD_DIR):
+        with contextlib.suppress(OSError):  # not empty, or not there
+            (out / folder).rmdir()
 
 
 def place_image(src: Path, dest: Path) -> None:
-    """images/<id>.jpg is the source's file: one already there is kept only if it is that very file (a hard link)
-    or has the same bytes, never because an earlier, interrupted run left a file of that name."""
-    if dest.exists() and (os.path.samefile(src, dest) or sha256_of(src) == sha256_of(dest)):
+    """images/<id>.jpg is a copy of the source's file: one already there is kept only if it has the same bytes
+    and is not the source itself (a hard link an earlier version made), never because an earlier, interrupted run
+    left a file of that name."""
+    if dest.exists() and not os.path.samefile(src, dest) and sha256_of(src) == sha256_of(dest):
         return
-    link_or_copy(src, dest)
-
-
-def prune_images(images: Path, kept: set[str]) -> None:
-    """Remove images an earlier prepare of this source kept and this one did not (other filters or limits)."""
-    if images.is_dir() and not images.is_symlink():
-        for path in images.glob("*.jpg"):
-            if path.name not in kept:
-                path.unlink(missing_ok=True)
+    copy_file(src, dest)
 
 
 def gather_ids(cfg: PrepareConfig, out: Path) -> tuple[Path, list[str], list[dict], s3.TransferStats]:
@@ -337,12 +370,12 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
         )
 
     images = out / "images"
+    earlier = listed_images(out) | listed_shards(out)  # read before the new manifest replaces the list
     for row in tqdm(rows, desc="copy images", unit="image"):
         dest = safe_join(images, f"{row['image_id']}.jpg")
         place_image(safe_join(root, abid.image_key(row["image_id"])), dest)
         row["sha256"] = sha256_of(dest)
         row["path"] = f"images/{row['image_id']}.jpg"
-    prune_images(images, {f"{row['image_id']}.jpg" for row in rows})
     manifest = pd.DataFrame(rows)[["image_id", "count", "split", "sha256", "width", "height", "path",
                                    "expected_quantity"]]
     rejected = pd.DataFrame(refused + bad + dropped, columns=["image_id", "reason"])
@@ -351,7 +384,9 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
     description = {"classes": classes, "source": source_uri(cfg.source), "split": list(ratios), "seed": cfg.seed,
                    "top_bucket": cfg.top_bucket, "limit_per_class": cfg.limit_per_class}
     atomic_write_text(out / DATASET_JSON, json.dumps(description, indent=2) + "\n")
-    remove_path(out / SHARD_DIR)  # shards of an earlier prepare describe another manifest
+    # what an earlier prepare wrote and this one did not (other filters or limits; its shards describe another
+    # manifest), and nothing else: a file of the user's in images/ is not ours to delete
+    remove_written(out, earlier - {out / row["path"] for row in rows})
     if cfg.shard_size > 0:
         from bin_counter.cloud.shards import write_shards
 
@@ -360,17 +395,24 @@ def prepare(cfg: PrepareConfig) -> PrepareResult:
 
 
 def upload_prepared(result: PrepareResult, uri: str, workers: int, anonymous: bool | None = None) -> s3.TransferStats:
-    """Copy DATA_DIR's images, manifest, rejected list and dataset.json to s3://bucket/prefix/."""
+    """Copy DATA_DIR's images, shards, rejected list, shard index, manifest and dataset.json to s3://bucket/prefix/.
+
+    The files that make a prefix look like a DATA_DIR (the shard index, the manifest, dataset.json last) go up
+    one by one after everything they list, so an interrupted upload never leaves an index naming missing data."""
     bucket, prefix = s3.parse_s3_uri(uri)
     client = s3.make_client(s3.is_anonymous(bucket, anonymous) if anonymous else False, workers)
     s3.check_bucket(client, bucket, for_write=True)
-    jobs = [(result.out / path, prefix + path) for path in result.manifest["path"]]
-    jobs += [(result.out / name, prefix + name) for name in (MANIFEST, REJECTED, DATASET_JSON)]
-    shards = result.out / "shards"
+    data = [(result.out / path, prefix + path) for path in result.manifest["path"]]
+    shards = result.out / SHARD_DIR
+    index = [f"{SHARD_DIR}/index.json"] if (shards / "index.json").is_file() else []
     if shards.is_dir():
-        jobs += [(path, f"{prefix}shards/{path.name}") for path in sorted(shards.iterdir()) if path.is_file()
-                 and not path.name.startswith(".")]
-    return s3.upload(client, bucket, jobs, workers)
+        data += [(path, f"{prefix}{SHARD_DIR}/{path.name}") for path in sorted(shards.iterdir()) if path.is_file()
+                 and not path.name.startswith(".") and path.name != "index.json"]
+    stats = s3.upload(client, bucket, data, workers)
+    for name in (REJECTED, *index, MANIFEST, DATASET_JSON):  # one call each: a failure stops the ones after it
+        one = s3.upload(client, bucket, [(result.out / name, prefix + name)], workers=1)
+        stats.transferred, stats.skipped = stats.transferred + one.transferred, stats.skipped + one.skipped
+    return stats
 
 
 def summary(result: PrepareResult) -> str:

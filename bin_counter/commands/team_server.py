@@ -13,15 +13,19 @@ the server's proxy (`mlflow-artifacts:/`). Every process started is recorded in 
 those. The last line `start` prints is `export MLFLOW_TRACKING_URI=http://127.0.0.1:PORT`.
 
 The database password is generated, kept in DIR/pgpass (mode 0600) and handed to libpq with PGPASSFILE, so it never
-appears in a URI, a command line or a log.
+appears in a URI, a command line or a log. The server runs MLflow's basic-auth app; its admin password is generated
+likewise (DIR/admin-password), and clients read it with the URI from DIR/env (0600).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import glob
 import json
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -36,7 +40,8 @@ from bin_counter import BinCounterError
 DEFAULT_DIR = ".team-server"
 BUCKET = "mlflow-team"
 PG_USER = "postgres"  # the database superuser; also the OS user the server runs as when we are root
-DATABASES = ("mlflow", "optuna")
+DATABASES = ("mlflow", "optuna", "mlflow_auth")  # mlflow_auth: the basic-auth app's users and permissions
+ADMIN = "admin"
 FAKE_AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 # what each recorded pid's command line must contain before we signal it: a pid reused by another program is left alone
 MARKERS = {"mlflow": "mlflow", "moto": "moto", "postgres": "postgres"}
@@ -57,6 +62,7 @@ class TeamServer:
         self.logs = self.dir / "logs"
         self.state_file = self.dir / "state.json"
         self.pgpass = self.dir / "pgpass"
+        self.admin_password_file = self.dir / "admin-password"  # the server's admin, as MLflow's basic auth knows it
 
     # ---- state -------------------------------------------------------------------------------------------
 
@@ -70,13 +76,19 @@ class TeamServer:
         self.state_file.write_text(json.dumps(state, indent=1))
 
     def pid(self, name: str) -> int | None:
-        """The recorded pid of `name` if that process is still the one we started."""
+        """The recorded pid of `name` if that process is still the one we started: the same start time (a reused
+        pid has another) and a command line of its kind."""
         try:
-            pid = int((self.pids / f"{name}.pid").read_text().split()[0])
+            recorded = (self.pids / f"{name}.pid").read_text().split()
+            pid = int(recorded[0])
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except (OSError, ValueError, IndexError):
             return None
-        return pid if MARKERS[name] in cmdline else None
+        same_process = len(recorded) > 1 and recorded[1] == start_time(pid)
+        return pid if same_process and MARKERS[name] in cmdline else None
+
+    def record_pid(self, name: str, pid: int) -> None:
+        (self.pids / f"{name}.pid").write_text(f"{pid} {start_time(pid)}\n")
 
     def running(self) -> dict[str, int | None]:
         return {name: self.pid(name) for name in MARKERS}
@@ -98,9 +110,17 @@ class TeamServer:
         pages = s3.get_paginator("list_objects_v2").paginate(Bucket=state["bucket"])
         return [o["Key"] for page in pages for o in page.get("Contents", [])]
 
+    def admin_password(self) -> str:
+        """Generated with the database (its users live there), kept in a 0600 file, never in a URI."""
+        if not self.admin_password_file.exists():
+            write_private(self.admin_password_file, secrets.token_urlsafe(24) + "\n")
+        return self.admin_password_file.read_text().strip()
+
     def client_env(self) -> dict[str, str]:
-        """What a client (tune workers, a benchmark) needs besides MLFLOW_TRACKING_URI: the password file."""
-        return {"PGPASSFILE": str(self.pgpass), "MLFLOW_TRACKING_URI": self.tracking_uri()}
+        """What a client (tune workers, a benchmark) needs besides MLFLOW_TRACKING_URI: the password file and the
+        server's credentials, which MLflow's client sends as HTTP basic auth."""
+        return {"PGPASSFILE": str(self.pgpass), "MLFLOW_TRACKING_URI": self.tracking_uri(),
+                "MLFLOW_TRACKING_USERNAME": ADMIN, "MLFLOW_TRACKING_PASSWORD": self.admin_password()}
 
     # ---- PostgreSQL --------------------------------------------------------------------------------------
 
@@ -119,12 +139,10 @@ class TeamServer:
             shutil.rmtree(self.pg_dir)
         self.pg_dir.mkdir(parents=True)
         password = secrets.token_urlsafe(24)
-        self.pgpass.touch(mode=0o600)
-        self.pgpass.chmod(0o600)
-        self.pgpass.write_text(f"127.0.0.1:*:*:{PG_USER}:{password}\n")
+        write_private(self.pgpass, f"127.0.0.1:*:*:{PG_USER}:{password}\n")
+        self.admin_password_file.unlink(missing_ok=True)  # a new user store: a new admin
         pwfile = self.pg_dir / "pwfile"
-        pwfile.write_text(password + "\n")
-        pwfile.chmod(0o600)
+        write_private(pwfile, password + "\n")
         if os.geteuid() == 0:
             check_traversable(self.pg_dir)
             import pwd
@@ -148,8 +166,7 @@ class TeamServer:
         run([str(bindir / "pg_ctl"), "-D", str(self.pg_data), "-l", str(self.pg_dir / "postgres.log"),
              "-o", options, "-w", "-t", "60", "start"],
             "pg_ctl start", cwd=self.pg_dir, env=self.pg_env(), start_new_session=True, **self.as_pg_user())
-        pid = (self.pg_data / "postmaster.pid").read_text().split()[0]
-        (self.pids / "postgres.pid").write_text(pid + "\n")
+        self.record_pid("postgres", int((self.pg_data / "postmaster.pid").read_text().split()[0]))
 
     def create_databases(self, port: int) -> None:
         import psycopg
@@ -209,17 +226,31 @@ class TeamServer:
         """The server's environment: the only process that holds the S3 endpoint and credentials."""
         state = self.state()
         env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
-        env.update(PGPASSFILE=str(self.pgpass), MLFLOW_DISABLE_TELEMETRY="true")
+        env.update(PGPASSFILE=str(self.pgpass), MLFLOW_DISABLE_TELEMETRY="true",
+                   # basic auth: the admin is created on the first start, in the mlflow_auth database
+                   MLFLOW_AUTH_CONFIG_PATH=str(self.write_auth_config()), MLFLOW_AUTH_ADMIN_USERNAME=ADMIN,
+                   MLFLOW_AUTH_ADMIN_PASSWORD=self.admin_password(),
+                   MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_urlsafe(32))
         # the job runner (GenAI evaluation jobs, seven huey processes) does nothing for this project
         env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
         if state.get("s3_endpoint"):
             env.update(FAKE_AWS, MLFLOW_S3_ENDPOINT_URL=state["s3_endpoint"], AWS_ENDPOINT_URL=state["s3_endpoint"])
         return env
 
+    def write_auth_config(self) -> Path:
+        """MLflow's basic-auth settings (no secret in it): users in PostgreSQL, none but the admin."""
+        path = self.dir / "basic_auth.ini"
+        path.write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = {self.pg_url('mlflow_auth')}\n"
+                        f"admin_username = {ADMIN}\n"
+                        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+        return path
+
     def start_mlflow(self) -> None:
         state = self.state()
         mlflow = Path(sys.executable).parent / "mlflow"
-        command = [str(mlflow) if mlflow.exists() else "mlflow", "server",
+        # basic auth: without it anyone on the host could register models or overwrite their code/ through the
+        # artifact proxy, and that code runs wherever @champion is loaded
+        command = [str(mlflow) if mlflow.exists() else "mlflow", "server", "--app-name", "basic-auth",
                    "--backend-store-uri", self.pg_url("mlflow"),
                    "--artifacts-destination", state["artifacts_destination"],
                    "--host", "127.0.0.1", "--port", str(state["mlflow_port"]), "--workers", str(state["workers"])]
@@ -243,25 +274,61 @@ class TeamServer:
         process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                    cwd=self.dir, start_new_session=True)  # its own group: stopped as one, and
         log.close()                                                      # a Ctrl-C in the caller's shell spares it
-        (self.pids / f"{name}.pid").write_text(f"{process.pid}\n")
+        self.record_pid(name, process.pid)
         return process.pid
 
     # ---- the commands ------------------------------------------------------------------------------------
 
-    def start(self, artifacts_destination: str | None = None, workers: int = 2) -> str:
+    def kept_destination(self) -> str | None:
+        """The real S3 destination whose database this folder keeps, or None (none, or one of moto's: those
+        artifacts lived in memory, so its database is not worth keeping)."""
+        state = self.state()
+        if not (self.pg_data / "PG_VERSION").exists() or state.get("s3_endpoint"):
+            return None
+        return state.get("artifacts_destination")
+
+    def fresh_database_needed(self, artifacts_destination: str | None, fresh: bool) -> bool:
+        """Whether this start initialises the database; refuses to discard one kept with real S3 unless `fresh`."""
+        kept = self.kept_destination()
+        if kept is None or fresh:
+            return True
+        if artifacts_destination != kept:
+            raise BinCounterError(
+                f"{self.dir} keeps the database of artifacts in {kept} (its runs, registry and aliases): start it "
+                f"with --artifacts-destination {kept}, or pass --fresh to discard it")
+        return False
+
+    @contextlib.contextmanager
+    def start_lock(self):
+        """One `start` at a time per folder: two would initialise and start the same cluster at once."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.dir / "start.lock", "w") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise BinCounterError(f"another `start` of {self.dir} is running; wait for it") from None
+            yield
+
+    def start(self, artifacts_destination: str | None = None, workers: int = 2, fresh: bool = False) -> str:
+        with self.start_lock():
+            return self._start(artifacts_destination, workers, fresh)
+
+    def _start(self, artifacts_destination: str | None, workers: int, fresh: bool) -> str:
         running = self.running()
         if all(running.values()):
             return self.tracking_uri()
+        # moto keeps S3 in memory: a database that outlived its artifacts would list runs whose files are gone,
+        # so with moto every start is a fresh database; with real S3 the database is kept, and only --fresh
+        # discards it (a plain start after one with real S3 is refused, not a wipe of the team's runs).
+        initialise = self.fresh_database_needed(artifacts_destination, fresh)
         if any(running.values()):
             self.stop()  # a half-started set from an earlier failure: start clean
         bindir = ensure_postgres()
         for folder in (self.dir, self.pids, self.logs):
             folder.mkdir(parents=True, exist_ok=True)
-        # moto keeps S3 in memory: a database that outlived its artifacts would list runs whose files are gone,
-        # so with moto every start is a fresh database; with real S3 the database is kept.
-        if artifacts_destination is None or not (self.pg_data / "PG_VERSION").exists():
+        if initialise:
             self.init_postgres(bindir)
-        state = self.state() if artifacts_destination and self.state().get("pg_port") else {}
+        state = self.state() if not initialise and self.state().get("pg_port") else {}
         pg_port = state.get("pg_port") or free_port()
         state = {"pg_port": pg_port, "workers": workers, "mlflow_port": state.get("mlflow_port") or free_port()}
         try:
@@ -277,8 +344,7 @@ class TeamServer:
         except BaseException:
             self.stop()
             raise
-        env = self.dir / "env"
-        env.write_text("".join(f"export {k}={v}\n" for k, v in self.client_env().items()))
+        write_env(self.dir / "env", self.client_env())  # holds the admin password: 0600
         return self.tracking_uri()
 
     def stop(self) -> list[str]:
@@ -302,6 +368,27 @@ class TeamServer:
 
 
 # ---- helpers ---------------------------------------------------------------------------------------------
+
+
+def start_time(pid: int) -> str:
+    """The process's start time (clock ticks since boot, /proc/PID/stat field 22): a reused pid has another."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def write_private(path: Path, text: str) -> None:
+    """`text` in a file only its owner can read from the first byte on (write-then-chmod leaves a window)."""
+    path.unlink(missing_ok=True)
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as handle:
+        handle.write(text)
+
+
+def write_env(path: Path, values: dict[str, str]) -> None:
+    """A file to `source`, only its owner can read (it holds credentials): values quoted for the shell, so a folder
+    named with a space or a `$` stays itself."""
+    write_private(path, "".join(f"export {k}={shlex.quote(v)}\n" for k, v in values.items()))
 
 
 def first_line(exc: BaseException) -> str:
@@ -359,7 +446,7 @@ def ensure_postgres() -> Path:
 def wait_http(url: str, seconds: float, name: str, server: TeamServer) -> None:
     deadline = time.time() + seconds
     while time.time() < deadline:
-        pid = int((server.pids / f"{name}.pid").read_text())
+        pid = int((server.pids / f"{name}.pid").read_text().split()[0])
         if not alive(pid):  # not `server.pid`: a process just started may not show its command line yet
             raise BinCounterError(f"{name} exited while starting: {log_tail(server.logs / f'{name}.log')}")
         try:
@@ -420,6 +507,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="real S3 (s3://bucket/prefix, credentials from the environment) instead of a local moto "
                              "server; the database is then kept between starts")
     parser.add_argument("--workers", type=int, default=2, help="mlflow server worker processes (default 2)")
+    parser.add_argument("--fresh", action="store_true",
+                        help="start: discard a database kept with real S3 artifacts and initialise a new one")
     args = parser.parse_args(argv)
     server = TeamServer(args.dir)
     try:
@@ -427,7 +516,7 @@ def main(argv: list[str] | None = None) -> None:
             raise BinCounterError("--artifacts-destination must be s3://bucket/prefix, "
                                   f"got {args.artifacts_destination!r}")
         if args.command == "start":
-            uri = server.start(args.artifacts_destination, args.workers)
+            uri = server.start(args.artifacts_destination, args.workers, args.fresh)
             state = server.state()
             print(f"PostgreSQL  {server.pg_url('mlflow')} (password in {server.pgpass})")
             print(f"Optuna      tune --storage {server.pg_url('optuna')}  (with PGPASSFILE={server.pgpass})")

@@ -29,7 +29,7 @@ from bin_counter.core.data import ManifestImages, dihedral_views, eval_transform
 from bin_counter.core.debugger import Rules
 from bin_counter.core.engine import mean_over_views
 from bin_counter.core.features import FeatureViews, cached_features
-from bin_counter.core.manifest import read_classes, read_manifest
+from bin_counter.core.manifest import check_counts, read_classes, read_manifest
 from bin_counter.core.models import CountingModel, backbone_is_frozen, create_model, freeze
 from bin_counter.core.profiling import NO_PROFILE, Profile, profiler_findings, write_report
 from bin_counter.core.uris import redact_uri
@@ -62,10 +62,34 @@ def grad_norm(net: nn.Module) -> float:
     return float(torch.norm(torch.stack(norms))) if norms else 0.0
 
 
+def uneven_inputs(net):
+    """Under DDP, ranks may get different numbers of batches (shards of unequal length, a batch with no readable
+    image skipped on one rank): Join lets a rank that ran out shadow the others' gradient reductions instead of
+    leaving them waiting for ever."""
+    if isinstance(net, nn.parallel.DistributedDataParallel):
+        from torch.distributed.algorithms import Join
+
+        return Join([net])
+    return nullcontext()
+
+
 def train_one_epoch(net, criterion, optimizer, loader, device, scaler, desc="train", profiler=NO_PROFILE) -> dict:
     set_train_mode(net)
-    total_loss, correct, seen, norms = 0.0, 0, 0, []
-    start = waited = time.perf_counter()
+    norms: list[float] = []
+    start = time.perf_counter()
+    with uneven_inputs(net):
+        total_loss, correct, seen = _train_batches(net, criterion, optimizer, loader, device, scaler, desc, profiler,
+                                                   norms)
+    seconds = time.perf_counter() - start
+    total_loss, correct, seen = distributed.sum_across(total_loss, correct, seen)
+    return {"loss": total_loss / max(seen, 1), "accuracy": correct / max(seen, 1),
+            "grad_norm": float(np.mean(norms or [0])), "grad_norm_max": float(np.max(norms or [0])),
+            "seconds": seconds, "images_per_s": seen / seconds if seconds else 0.0}
+
+
+def _train_batches(net, criterion, optimizer, loader, device, scaler, desc, profiler, norms) -> tuple:
+    total_loss, correct, seen = 0.0, 0, 0
+    waited = time.perf_counter()
     for batch in tqdm(loader, desc=desc, unit="batch", leave=False):
         profiler.data_wait(time.perf_counter() - waited)
         if batch is None:
@@ -88,11 +112,7 @@ def train_one_epoch(net, criterion, optimizer, loader, device, scaler, desc="tra
         seen += len(labels)
         profiler.step(len(labels))
         waited = time.perf_counter()
-    seconds = time.perf_counter() - start
-    total_loss, correct, seen = distributed.sum_across(total_loss, correct, seen)
-    return {"loss": total_loss / max(seen, 1), "accuracy": correct / max(seen, 1),
-            "grad_norm": float(np.mean(norms or [0])), "grad_norm_max": float(np.max(norms or [0])),
-            "seconds": seconds, "images_per_s": seen / seconds if seconds else 0.0}
+    return total_loss, correct, seen
 
 
 class CountingLoss(nn.Module):
@@ -498,10 +518,11 @@ def test_split_report(cfg: TrainConfig, loaders: Loaders, frames: dict[str, pd.D
 def profiled_fit(cfg: TrainConfig, model, loaders: Loaders, classes, device, on_epoch, rules: Rules,
                  checkpointing: Checkpointing | None = None, log_epoch=None) -> FitResult:
     """fit() with the profiler over the first epoch; the report and its findings go to the active run."""
-    with Profile(device, cfg.batch_size) as profile:
-        result = fit(cfg, model, loaders, classes, device, on_epoch, rules, profiler=profile,
-                     checkpointing=checkpointing, log_epoch=log_epoch)
-    log_profile(profile, result)
+    with tempfile.TemporaryDirectory(prefix="bin-counter-profile-") as tmp:
+        with Profile(device, cfg.batch_size, Path(tmp)) as profile:
+            result = fit(cfg, model, loaders, classes, device, on_epoch, rules, profiler=profile,
+                         checkpointing=checkpointing, log_epoch=log_epoch)
+        log_profile(profile, result, Path(tmp))
     return result
 
 
@@ -510,21 +531,21 @@ def profiled_solve(cfg: TrainConfig, model, loaders: Loaders, classes, device, o
                    ) -> FitResult:
     """The solved head's real cost: a fresh frozen-feature pass over the training images (the cache bypassed, so
     there is something to measure) under the profiler, then the solve; the report goes to the active run."""
-    with Profile(device, cfg.batch_size, stage="feature pass") as profile:
-        split_features(replace(cfg, feature_cache=False), model, frame, classes, device, augmented=False,
-                       desc="profiled train", profiler=profile)
-        result = solve_head(cfg, model, loaders, classes, device, on_epoch, rules, checkpointing, log_epoch)
-    profile.solve_seconds = result.best_val["epoch_seconds"]
-    log_profile(profile, result)
+    with tempfile.TemporaryDirectory(prefix="bin-counter-profile-") as tmp:
+        with Profile(device, cfg.batch_size, Path(tmp), stage="feature pass") as profile:
+            split_features(replace(cfg, feature_cache=False), model, frame, classes, device, augmented=False,
+                           desc="profiled train", profiler=profile)
+            result = solve_head(cfg, model, loaders, classes, device, on_epoch, rules, checkpointing, log_epoch)
+        profile.solve_seconds = result.best_val["epoch_seconds"]
+        log_profile(profile, result, Path(tmp))
     return result
 
 
-def log_profile(profile: Profile, result: FitResult) -> None:
-    """The report (HTML, summary, operator table, traces), its figures as metrics and its findings as tags."""
-    with tempfile.TemporaryDirectory() as tmp:
-        paths = write_report(profile, result.findings, Path(tmp))
-        for path in paths.values():
-            mlflow.log_artifact(str(path), "profiler")
+def log_profile(profile: Profile, result: FitResult, folder: Path) -> None:
+    """The report (HTML, summary, operator table, traces) from the profiler's `folder`, its figures as metrics and
+    its findings as tags."""
+    for path in write_report(profile, result.findings, folder).values():
+        mlflow.log_artifact(str(path), "profiler")
     summary = profile.summary()
     mlflow.log_metrics({f"profile_{k}": v for k, v in summary.items() if isinstance(v, float) and np.isfinite(v)})
     for rule, message in profiler_findings(summary):
@@ -600,9 +621,10 @@ def calibration_images(cfg: TrainConfig, frames: dict[str, pd.DataFrame], count:
 
 
 def example_images(cfg: TrainConfig, frames: dict[str, pd.DataFrame], tmp: Path) -> list[str]:
-    """Two real images for the model's input example: files of the split, or the first of a shard."""
+    """Candidates for the model's input example, the first readable two are used: every file of the test, val and
+    train splits in that order (any may have gone since training), or the first two of a val shard."""
     if not cfg.stream:
-        return list(frames.get("test", frames["val"])["abs_path"][:2])
+        return [path for split in ("test", "val", "train") if split in frames for path in frames[split]["abs_path"]]
     from bin_counter.cloud.shards import samples, shard_urls
     from bin_counter.core.files import safe_join
 
@@ -688,6 +710,7 @@ def train(cfg: TrainConfig, on_epoch=None, save_model: bool = True, parent_run_i
     distributed.barrier()
     classes = read_classes(s3.local_copy(cfg.data))
     frames = split_frames(cfg.data)
+    check_counts(pd.concat(frames.values()), classes, cfg.data)
     digest = data_digest(frames)
     resumed = resume_state(cfg, digest)
     mlflow_run = tracking.run("train", parent_run_id, run_id=resumed["run_id"] if resumed else None,
@@ -707,22 +730,27 @@ def train(cfg: TrainConfig, on_epoch=None, save_model: bool = True, parent_run_i
             mlflow.log_dict(cfg.reproducible(), "config.yaml")  # `train --config` it to train the same again
         datasets = log_split_datasets(cfg, frames) if ctx.main else {}
         rules = start_rules(frames, classes, tag_run=ctx.main)
-        loaders = build_loaders(cfg, model, frames, classes, device)
         checkpointing = Checkpointing(checkpoint.path_for(cfg.checkpoint_dir, run_id), run_id, resumed, digest) \
             if cfg.checkpoint_dir else None
         try:
             fitter = {("logistic", False): solve_head, ("sgd", False): fit, ("sgd", True): profiled_fit,
                       ("logistic", True): functools.partial(profiled_solve, frame=frames["train"])}[
                 cfg.head, cfg.profile]
+            # feature extraction (in build_loaders) is the longest step of a solved head: a spot reclaim or Ctrl-C
+            # there must end the run as KILLED too, not leave it RUNNING
             with checkpoint.interruptible():
+                loaders = build_loaders(cfg, model, frames, classes, device)
                 result = fitter(cfg, model, loaders, classes, device, on_epoch, rules, checkpointing=checkpointing,
                                 log_epoch=log_epoch_to_run if ctx.main else None)
         except checkpoint.TrainingInterrupted as signal_name:
             if ctx.main:
                 mlflow.end_run("KILLED")
-            where = f"checkpointed in {checkpointing.path}; " if checkpointing else ""
-            raise BinCounterError(f"interrupted by {signal_name}: finished epochs are {where}rerun with --resume "
-                                  f"to continue run {run_id}") from None
+            if checkpointing is not None and checkpointing.path.exists():
+                raise BinCounterError(f"interrupted by {signal_name}: finished epochs are checkpointed in "
+                                      f"{checkpointing.path}; rerun with --resume to continue run {run_id}") from None
+            # nothing to resume: interrupted before the first epoch ended, or a solved head (it has no epochs)
+            raise BinCounterError(f"interrupted by {signal_name} before anything was checkpointed; run {run_id} is "
+                                  "marked KILLED: rerun the same command to start again") from None
         test_metrics, model_uri, calibration = None, None, None
         if ctx.main:
             test_metrics, model_uri, calibration = log_outcome(cfg, model, loaders, result, frames, classes, device,

@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import re
+import secrets
 import tempfile
 import time
 from pathlib import Path
@@ -55,14 +56,17 @@ def stage_requests(images: pd.DataFrame, folder: Path, params: dict | None = Non
     """Request files in `folder` and the index that maps their rows back to images.
 
     An image that cannot be read here, or alone exceeds a request, is not sent; the index keeps it with its reason.
+    The request files' names hold a nonce of this staging, and so do their outputs' (<request>.out): the join
+    only reads outputs of these very requests, never another job's with the same row counts.
     """
     parts, current, size, skipped = [], [], 0, []
     empty = len(request_body([]))
+    nonce = secrets.token_hex(4)
 
     def flush():
         nonlocal current, size
         if current:
-            name = f"part-{len(parts):05d}.json"
+            name = f"part-{len(parts):05d}-{nonce}.json"
             (folder / name).write_bytes(request_body([row.pop("b64") for row in current],
                                                      [row["expected_quantity"] for row in current], params))
             parts.append({"file": name, "rows": current})
@@ -86,11 +90,20 @@ def stage_requests(images: pd.DataFrame, folder: Path, params: dict | None = Non
         current.append({**entry, "b64": b64})
         size += cost
     flush()
-    return {"parts": parts, "skipped": skipped}
+    return {"parts": parts, "skipped": skipped, "nonce": nonce}
 
 
 def default_job_name() -> str:
-    return time.strftime("bin-counter-%Y%m%d-%H%M%S", time.gmtime())
+    # a random suffix as for training jobs: two transforms started in one second must not share a staging prefix
+    return time.strftime("bin-counter-%Y%m%d-%H%M%S-", time.gmtime()) + secrets.token_hex(3)
+
+
+def refuse_staged(staging: str) -> None:
+    """A job's staging prefix is written once: staging again over it would mix two jobs' requests and outputs."""
+    bucket, prefix = s3.parse_s3_uri(staging)
+    if next(iter(s3.list_keys(s3.make_client(), bucket, prefix)), None) is not None:
+        raise BinCounterError(f"{staging} already holds a staged transform job: choose another --job-name (or "
+                              f"join it: bin-counter transform --join {staging})")
 
 
 def check_job_name(name: str) -> str:
@@ -162,6 +175,8 @@ def join(staging: str) -> pd.DataFrame:
         raise s3.explain(exc, staging) from None
     rows = []
     for part in index["parts"]:
+        if index.get("nonce") and index["nonce"] not in part["file"]:  # an index edited, or of an older version
+            raise BinCounterError(f"{staging}/{INDEX} lists {part['file']}, not a request of its staging")
         key = f"{prefix}output/{part['file']}.out"
         try:
             body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
@@ -222,6 +237,7 @@ def transform(model_uri: str, source: str, staging: str, region: str, execution_
             return plan
         if not index["parts"]:
             raise BinCounterError(f"no readable image in {source}: nothing to send")
+        refuse_staged(job_staging)
         upload_staged(requests_dir, job_staging, index)
     print(f"staged {len(images)} images in {len(index['parts'])} requests under {job_staging}/requests/")
     import mlflow.sagemaker

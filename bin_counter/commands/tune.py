@@ -242,6 +242,24 @@ for _name, _member in list(vars(optuna.storages.RDBStorage).items()):
         setattr(ReconnectingRDBStorage, _name, _retry_on_lost_connection(_member))
 
 
+def refuse_password_in(storage: str | None) -> None:
+    """A password in --storage is logged by MLflow (`mlflow run -P storage=...`, declared or not), printed in its
+    command line and readable in the process list before we could mask it: it may only come from libpq's files."""
+    import sqlalchemy.engine
+    import sqlalchemy.exc
+
+    try:
+        url = sqlalchemy.engine.make_url(storage) if storage else None
+    except sqlalchemy.exc.ArgumentError:
+        return  # not a URL at all: open_study says so
+    query = "?" + storage.partition("?")[2] if storage else ""  # ?password= is libpq's too
+    if url is not None and (url.password is not None or tracking.has_credentials(query)):
+        raise BinCounterError(
+            f"--storage {tracking.redact_uri(storage)} carries a password, which would be logged and shown on "
+            "command lines: drop it from the URL and give it to libpq in a PGPASSFILE (host:port:database:user:"
+            "password lines, mode 0600; default ~/.pgpass) or PGPASSWORD")
+
+
 def open_study(cfg: TuneConfig, pruner: optuna.pruners.BasePruner | None = None) -> optuna.Study:
     """Create or resume the study; by default a pruner stops trials whose validation loss lags the median."""
     # Workers sharing a storage must not draw the same "random" trials, so each mixes its process id into the
@@ -626,6 +644,7 @@ def validate(cfg: TuneConfig) -> None:
     cfg.base.validate()
     if cfg.n_trials < 1:
         raise BinCounterError("--n-trials must be >= 1")
+    refuse_password_in(cfg.storage)
     if cfg.search == "study":
         if cfg.base.head != "sgd":
             raise BinCounterError("the study's search is over the SGD head's batch size, lr and epochs: use "

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -16,8 +17,18 @@ from bin_counter import BinCounterError
 PUBLIC_BUCKET = "aft-vbi-pds"
 IMAGE_PREFIX = "bin-images/"
 METADATA_PREFIX = "metadata/"
-# A real bin photo is ~0.1 MP; anything past this is a decompression bomb or not a bin photo.
-MAX_IMAGE_PIXELS = 40_000_000
+# A real bin photo is ~0.1 MP (all under 1 MP); past a phone photo's 12 MP it is a decompression bomb or not a bin
+# photo: a 6.5 kB 1-bit PNG of 40 MP decodes to 120 MB of RGB. BIN_COUNTER_MAX_IMAGE_PIXELS raises it.
+DEFAULT_MAX_IMAGE_PIXELS = 12_000_000
+PIXELS_VARIABLE = "BIN_COUNTER_MAX_IMAGE_PIXELS"
+
+
+def max_image_pixels() -> int:
+    try:
+        value = int(os.environ.get(PIXELS_VARIABLE, DEFAULT_MAX_IMAGE_PIXELS))
+    except ValueError:
+        return DEFAULT_MAX_IMAGE_PIXELS
+    return value if value > 0 else DEFAULT_MAX_IMAGE_PIXELS
 # Bin photos are JPEG (PNG for crops and tests). Every other PIL plugin is attack surface we do not need (EPS even
 # runs Ghostscript), so no other plugin is allowed to parse a file. PIL's JPEG plugin names a JPEG with a second
 # frame MPO: still a JPEG.
@@ -104,8 +115,9 @@ def read_image(source: str | Path | bytes) -> Image.Image:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source, formats=OPENERS) as image:
             if image.format not in ACCEPTED_FORMATS:
                 raise ValueError(f"image format {image.format} is not accepted (only JPEG and PNG)")
-            if image.width * image.height > MAX_IMAGE_PIXELS:
-                raise ValueError(f"image is {image.width}x{image.height}, over the {MAX_IMAGE_PIXELS:,}-pixel limit")
+            if image.width * image.height > max_image_pixels():
+                raise ValueError(f"image is {image.width}x{image.height}, over the {max_image_pixels():,}-pixel "
+                                 f"limit ({PIXELS_VARIABLE})")
             return ImageOps.exif_transpose(image).convert("RGB")
     except ValueError:
         raise

@@ -50,12 +50,17 @@ def device(ctx: Context) -> torch.device:
     return torch.device(f"cuda:{ctx.local_rank}" if torch.cuda.is_available() else "cpu")
 
 
-def gather_rows(local: torch.Tensor, indices: torch.Tensor, total: int) -> torch.Tensor:
-    """Reassemble a tensor whose rows `indices` each rank computed; every rank gets all `total` rows."""
+def gather_rows(local: torch.Tensor | None, indices: torch.Tensor, total: int) -> torch.Tensor | None:
+    """Reassemble a tensor whose rows `indices` each rank computed; every rank gets all `total` rows. A rank with
+    nothing to give sends None (its rows stay zero); None when every rank did."""
     parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, (indices.cpu(), local.cpu()))
-    out = torch.zeros((total, *local.shape[1:]), dtype=local.dtype)
-    for part_indices, part in parts:
+    dist.all_gather_object(parts, (indices.cpu(), None if local is None else local.cpu()))
+    given = [(part_indices, part) for part_indices, part in parts if part is not None]
+    if not given:
+        return None
+    template = given[0][1]
+    out = torch.zeros((total, *template.shape[1:]), dtype=template.dtype)
+    for part_indices, part in given:
         out[part_indices] = part
     return out
 

@@ -14,6 +14,7 @@ REJECTED = "rejected.csv"
 DATASET_JSON = "dataset.json"
 COLUMNS = ["image_id", "count", "split", "sha256", "width", "height", "path", "expected_quantity"]
 SPLITS = ("train", "val", "test")
+SHA256 = r"[0-9a-f]{64}"
 
 
 def write_csv(frame: pd.DataFrame, path: Path) -> None:
@@ -40,6 +41,12 @@ def read_manifest(data_dir: Path, split: str | None = None, name: str = MANIFEST
     if refused is not None:
         raise BinCounterError(f"{path}: image path {refused!r} refused ({unsafe_reason(refused)}); "
                               f"paths must stay in {data_dir}")
+    # the feature cache keys images by sha256: rows with an empty or made-up one would share one image's features
+    bad = ~frame["sha256"].fillna("").str.fullmatch(SHA256)
+    if bad.any():
+        first = frame[bad].iloc[0]
+        raise BinCounterError(f"{path}: image {first['image_id']!r} has no valid sha256 ({first['sha256']!r}; "
+                              f"{int(bad.sum())} rows in all): rerun `bin-counter prepare`")
     frame["abs_path"] = [str(Path(data_dir) / p) for p in frame["path"]]
     if split is not None:
         frame = frame[frame["split"] == split].reset_index(drop=True)
@@ -57,9 +64,22 @@ def read_classes(data_dir: Path) -> list[int]:
     path = Path(data_dir) / DATASET_JSON
     if not path.exists():
         raise BinCounterError(f"no {DATASET_JSON} in {data_dir}: run `bin-counter prepare --out {data_dir}` first")
-    return [int(c) for c in json.loads(path.read_text())["classes"]]
+    try:
+        return [int(c) for c in json.loads(path.read_text())["classes"]]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BinCounterError(f"{path} has no list of classes ({one_line(exc)}): rerun `bin-counter prepare`") from None
+
+
+def check_counts(frame: pd.DataFrame, classes: list[int], data_dir: Path) -> None:
+    """Every manifest count is one of dataset.json's classes (a hand-edited manifest's may not be)."""
+    outside = sorted({str(c) for c in frame["count"]} - {str(c) for c in classes})
+    if outside:
+        raise BinCounterError(f"{Path(data_dir) / MANIFEST} has counts {', '.join(outside)} outside the classes "
+                              f"{classes} of its {DATASET_JSON}: rerun `bin-counter prepare`")
 
 
 def read_split(data_dir: Path, split: str) -> tuple[pd.DataFrame, list[int]]:
     """One split of a prepared DATA_DIR and the classes it was prepared for."""
-    return read_manifest(data_dir, split), read_classes(data_dir)
+    frame, classes = read_manifest(data_dir, split), read_classes(data_dir)
+    check_counts(frame, classes, data_dir)
+    return frame, classes

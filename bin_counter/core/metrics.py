@@ -41,12 +41,16 @@ def decode(probs: np.ndarray, classes: list[int], how: str = "argmax", cost: flo
 def classification_metrics(y_true, y_pred, classes: list[int]) -> dict:
     """Accuracy, macro/weighted P/R/F1, per-class table, confusion matrix, and the ordinal errors.
 
-    Labels are counts (not class indices), so RMSE/MAE are in objects per bin.
+    Labels are counts (not class indices), so RMSE/MAE are in objects per bin. Macro averages are over the counts
+    present in y_true (`counts_scored`): a count the split lacks has no recall to average, and scoring it 0 would
+    put perfect predictions at 0.8. The per-class table keeps every class.
     """
     y_true, y_pred = np.asarray(y_true, dtype=int), np.asarray(y_pred, dtype=int)
-    out: dict = {"accuracy": float(accuracy_score(y_true, y_pred)), "n": int(len(y_true))}
+    present = [c for c in classes if c in set(y_true.tolist())]
+    out: dict = {"accuracy": float(accuracy_score(y_true, y_pred)), "n": int(len(y_true)), "counts_scored": present}
     for average in ("macro", "weighted"):
-        p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, labels=classes, average=average, zero_division=0)
+        p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, labels=present or classes, average=average,
+                                                     zero_division=0)
         out.update({f"precision_{average}": float(p), f"recall_{average}": float(r), f"f1_{average}": float(f)})
     p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=classes, average=None, zero_division=0)
     out["per_class"] = pd.DataFrame({"class": classes, "precision": p, "recall": r, "f1": f, "support": s})
@@ -121,4 +125,5 @@ def json_ready(metrics: dict) -> dict:
         out["count_sets"] = {str(int(r["count"])): {"coverage": r["coverage"], "mean_set_size": r["mean_set_size"],
                                                     "images": int(r["images"])}
                              for _, r in metrics["sets_per_count"].iterrows()}
+    out["counts_scored"] = [int(c) for c in metrics["counts_scored"]]
     return out

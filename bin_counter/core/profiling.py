@@ -13,7 +13,6 @@ import base64
 import html
 import io
 import json
-import tempfile
 import threading
 import time
 from contextlib import contextmanager, nullcontext
@@ -97,6 +96,7 @@ class Profile:
 
     device: torch.device
     batch_size: int
+    out: Path  # where the trace goes: the caller's folder, which it removes (a temporary one would be left behind)
     wait: int = 1
     warmup: int = 1
     active: int = 3
@@ -106,7 +106,6 @@ class Profile:
     solve_seconds: float | None = None  # the solved head's fit, after the feature pass
 
     def __post_init__(self):
-        self.out = Path(tempfile.mkdtemp(prefix="bin-counter-profile-"))
         self._current: dict = {}
         self.engine_profiles: list[Path] = []
         self.engine = "torch"

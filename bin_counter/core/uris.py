@@ -5,6 +5,11 @@ import re
 
 # user:password@ (or token@) in any URI, up to the last @ of its authority; and secrets passed as query parameters
 _USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^\s/?#]*)@")
+# SQLAlchemy (Optuna's storage) reads user:password@ by its own grammar: the password runs to the next @ and may
+# hold `/`, `?` and `#` unencoded, where RFC 3986's userinfo above stops (make_url's pattern, minus what cannot be
+# in a URI quoted in a message: spaces and quotes).
+_SQLALCHEMY_USERINFO = re.compile(
+    r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>(?P<user>[^\s:/'\"]*):[^\s@'\"]*)@")
 _SECRET_QUERY = re.compile(r"(?P<key>[?&](?:password|passwd|pwd|token|access_token|secret|api_key|apikey)=)[^&\s#]*",
                            re.IGNORECASE)
 
@@ -22,7 +27,7 @@ def redact_uri(text: str, drop: bool = False) -> str:
         user, has_password, _ = match["userinfo"].partition(":")
         return f"{match['scheme']}{user}:***@" if has_password else f"{match['scheme']}***@"
 
-    text = _USERINFO.sub(userinfo, str(text))
+    text = _USERINFO.sub(userinfo, _SQLALCHEMY_USERINFO.sub(userinfo, str(text)))
     if drop:
         text = _SECRET_QUERY.sub(lambda match: match["key"][0].replace("&", ""), text)  # keeps a leading ?
         return re.sub(r"\?(?=[\s#]|$)", "", text.replace("?&", "?"))

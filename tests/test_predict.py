@@ -10,8 +10,10 @@ from bin_counter.commands.prepare import SAMPLE_DIR
 PHOTO = next((SAMPLE_DIR / "bin-images").glob("*.jpg")).read_bytes()
 
 
-def count_three(paths: list[str]) -> pd.DataFrame:
+def count_three(paths: list[str], records=None, params=None) -> pd.DataFrame:
     return pd.DataFrame({"predicted_count": [3] * len(paths), "confidence": [0.9] * len(paths),
+                         "count_set": ["2|3|4"] * len(paths), "uncertainty": [1.0] * len(paths),
+                         "record_p": [0.5] * len(paths), "record_check": ["consistent"] * len(paths),
                          "error": [""] * len(paths)})
 
 

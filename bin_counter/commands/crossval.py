@@ -141,7 +141,7 @@ def crossval(source: str, recipes: list[str], folds: int = 5, repeats: int = 1, 
     if unknown:
         raise BinCounterError(f"unknown recipe(s) {unknown}; choose from {', '.join(RECIPES)}")
     if folds < 2 or repeats < 1:
-        raise BinCounterError(f"crossval needs --folds >= 2 and --repeats >= 1 (got {folds} and {repeats})")
+        raise BinCounterError(f"--folds must be at least 2 and --repeats at least 1 (got {folds} and {repeats})")
     base = base or TrainConfig()
     work = Path(".cache") / "crossval" / hashlib.sha256(f"{source}:{classes}".encode()).hexdigest()[:12]
     manifest = prepare(PrepareConfig(source=source, out=str(work / "all"), split=(1.0, 0.0, 0.0), classes=classes,

@@ -15,9 +15,17 @@ for _ in $(seq 60); do curl -sf "http://127.0.0.1:$port/health" >/dev/null && br
 api="http://127.0.0.1:$port/api/2.0/mlflow"
 experiment=$(curl -sf "$api/experiments/get-by-name?experiment_name=bin-counter" | .venv/bin/python -c \
   'import json,sys; print(json.load(sys.stdin)["experiment"]["experiment_id"])')
-runs=$(curl -sf -X POST "$api/runs/search" -H 'Content-Type: application/json' \
-  -d "{\"experiment_ids\": [\"$experiment\"], \"filter\": \"tags.bin_counter.command IN ('train', 'evaluate')\"}" |
-  .venv/bin/python -c 'import json,sys; print(json.dumps([r["info"]["run_id"] for r in json.load(sys.stdin)["runs"]][:4]))')
+runs=$(.venv/bin/python - "$api" "$experiment" <<'PY'
+import json, sys, urllib.request
+api, experiment = sys.argv[1:]
+request = urllib.request.Request(f"{api}/runs/search", json.dumps({"experiment_ids": [experiment]}).encode(),
+                                 {"Content-Type": "application/json"})
+runs = json.load(urllib.request.urlopen(request))["runs"]
+command = {r["info"]["run_id"]: {t["key"]: t["value"] for t in r["data"]["tags"]}.get("bin_counter.command")
+           for r in runs}
+print(json.dumps([run for run, name in command.items() if name in ("main", "train", "evaluate")][:4]))
+PY
+)
 model=$(curl -sf -X POST "$api/logged-models/search" -H 'Content-Type: application/json' \
   -d "{\"experiment_ids\": [\"$experiment\"]}" | .venv/bin/python -c \
   'import json,sys; print(json.load(sys.stdin)["models"][0]["info"]["model_id"])')

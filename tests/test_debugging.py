@@ -88,8 +88,8 @@ def test_profiler_report_renders_with_every_section(tiny_data, tmp_path):
         assert f"<h2>{section}</h2>" in html
     assert html.count("data:image/png;base64,") == 2 and "src=\"http" not in html  # self-contained
     assert "batch_too_small" in html and run.data.tags["profiler.batch_too_small"].startswith("batch size 4")
-    assert 0 < run.data.metrics["profile_images_per_s"] and 0.99 < sum(
-        run.data.metrics[f"profile_{p}_share"] for p in ("data", "forward", "backward", "optimizer")) < 1.01
+    assert 0 < run.data.metrics["profile/images_per_s"] and 0.99 < sum(
+        run.data.metrics[f"profile/{p}_share"] for p in ("data", "forward", "backward", "optimizer")) < 1.01
     assert "aten::" in (tmp_path / "profiler" / "top_operators.txt").read_text()
     assert '"traceEvents"' in (tmp_path / "profiler" / "trace.json").read_text()[:2000]
     # system metrics are on for every run

@@ -34,8 +34,9 @@ def test_torchrun_two_processes_match_one(tmp_path, mlflow_store):
     (ddp,) = [r for r in runs if r.data.params.get("world_size") == "2"]
     assert ddp.info.status == "FINISHED"
     assert "model/MLmodel" in {a.path for a in client.list_artifacts(ddp.info.run_id, "model")}
-    history = {key: [m.value for m in sorted(client.get_metric_history(ddp.info.run_id, key), key=lambda m: m.step)]
-               for key in ("train_loss", "val_loss")}
+    history = {key.replace("/", "_"): [m.value for m in sorted(client.get_metric_history(ddp.info.run_id, key),
+                                                                  key=lambda m: m.step)]
+               for key in ("train/loss", "val/loss")}
     assert len(history["val_loss"]) == 4
     # written once, by rank 0: one file per preprocessing (training views; evaluation views for val and test)
     ddp_cache = sorted((tmp_path / "cache-ddp").glob("*.pt"))
@@ -105,4 +106,4 @@ def test_torchrun_streams_an_odd_number_of_shards_with_two_workers_per_rank(tmp_
     (run,) = [r for r in mlflow.search_runs(search_all_experiments=True, output_format="list")
               if r.data.params.get("world_size") == "2"]
     assert run.info.status == "FINISHED"
-    assert run.data.metrics["test_n"] == (prepared["split"] == "test").sum()  # the whole split, not rank 0's share
+    assert run.data.metrics["test/n"] == (prepared["split"] == "test").sum()  # the whole split, not rank 0's share

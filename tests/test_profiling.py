@@ -69,8 +69,8 @@ def test_readme_profiling_command_logs_the_feature_pass_report(command, tiny_dat
     summary = (local / "profiler_summary.md").read_text()
     assert "solve (after the feature pass)" in summary
     metrics = run.data.metrics
-    assert metrics["profile_images_per_s"] > 0 and metrics["profile_solve_seconds"] > 0
-    assert 0.99 < metrics["profile_data_share"] + metrics["profile_forward_share"] < 1.01
+    assert metrics["profile/images_per_s"] > 0 and metrics["profile/solve_seconds"] > 0
+    assert 0.99 < metrics["profile/data_share"] + metrics["profile/forward_share"] < 1.01
     assert any(k.startswith("system/cpu_utilization_percentage") for k in metrics)
     assert '"traceEvents"' in (local / "trace.json").read_text()[:2000]
     assert "test_accuracy" in metrics  # the profiled run is still a whole training

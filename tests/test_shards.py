@@ -136,7 +136,7 @@ def test_train_streams_shards_from_disk_and_from_s3(sharded, aws, tmp_path):
                               num_workers=0,
                               checkpoint_dir=None), save_model=False)
     run = mlflow.get_run(local.run_id)
-    assert run.data.params["stream"] == "True" and run.data.metrics["test_n"] == 10
+    assert run.data.params["stream"] == "True" and run.data.metrics["test/n"] == 10
 
     aws.create_bucket(Bucket="mine")
     result = prepare(PrepareConfig(out=str(sharded), limit_per_class=8, split=(0.5, 0.25, 0.25), workers=2,

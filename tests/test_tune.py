@@ -217,7 +217,7 @@ def test_pruned_trial_is_stopped_and_marked(tiny_data, tmp_path):
     assert trial.state == optuna.trial.TrialState.PRUNED and max(trial.intermediate_values) == 2
     (run,) = child_runs(parent.info.run_id)
     assert run.data.tags["trial_state"] == "PRUNED" and run.info.status == "KILLED"
-    assert len(mlflow.MlflowClient().get_metric_history(run.info.run_id, "val_loss")) == 2
+    assert len(mlflow.MlflowClient().get_metric_history(run.info.run_id, "val/loss")) == 2
 
 
 @slow

@@ -547,7 +547,7 @@ def log_profile(profile: Profile, result: FitResult, folder: Path) -> None:
     for path in write_report(profile, result.findings, folder).values():
         mlflow.log_artifact(str(path), "profiler")
     summary = profile.summary()
-    mlflow.log_metrics({f"profile_{k}": v for k, v in summary.items() if isinstance(v, float) and np.isfinite(v)})
+    mlflow.log_metrics({f"profile/{k}": v for k, v in summary.items() if isinstance(v, float) and np.isfinite(v)})
     for rule, message in profiler_findings(summary):
         log.warning("profiler: %s: %s", rule, message)
         mlflow.set_tag(f"profiler.{rule}", message)

@@ -73,4 +73,4 @@ def test_readme_profiling_command_logs_the_feature_pass_report(command, tiny_dat
     assert 0.99 < metrics["profile/data_share"] + metrics["profile/forward_share"] < 1.01
     assert any(k.startswith("system/cpu_utilization_percentage") for k in metrics)
     assert '"traceEvents"' in (local / "trace.json").read_text()[:2000]
-    assert "test_accuracy" in metrics  # the profiled run is still a whole training
+    assert "test/accuracy" in metrics  # the profiled run is still a whole training

@@ -175,7 +175,7 @@ def test_model_search_end_to_end_registers_the_chosen_configuration_trained_by_t
         assert trial0.data.params[key] == str(getattr(TrainConfig(), key)), key
     assert trial0.data.tags["default_configuration"] == "True" and "oof/accuracy" in trial0.data.metrics
     chosen = children["chosen"]  # trained by `train`: the logistic head on train+val, its test metrics
-    assert chosen.data.tags["bin_counter.command"] == "chosen" and "test_accuracy" in chosen.data.metrics
+    assert chosen.data.tags["bin_counter.command"] == "train" and "test/accuracy" in chosen.data.metrics
     assert {k: chosen.data.params[k] for k in out["best_params"]} == {k: str(v) for k, v in out["best_params"].items()}
     parent = mlflow.get_run(out["parent_run_id"])
     assert parent.data.params["default_head"] == "logistic" and "best_head" in parent.data.params

@@ -91,7 +91,7 @@ def test_mlflow_run_prepare_train_evaluate_on_a_tiny_split(tmp_path, mlflow_stor
     mlflow_run("evaluate", model_uri=model_uri, data=data)
     evaluations = mlflow.search_runs(experiment_names=["entry-points"],
                                      filter_string="tags.mlflow.project.entryPoint = 'evaluate'")
-    assert len(evaluations) == 1 and 0 <= evaluations["metrics.accuracy"].iloc[0] <= 1
+    assert len(evaluations) == 1 and 0 <= evaluations["metrics.test/accuracy"].iloc[0] <= 1
 
 
 def test_mlproject_compare_lets_the_study_yaml_and_recipes_decide():

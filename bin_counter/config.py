@@ -143,7 +143,7 @@ class TrainConfig:
 DECODES = ("argmax", "expected", "ordinal")
 DEFAULT_RECIPE = "counting"
 # where and how a run works, not what it learns
-RUN_BOOKKEEPING = ("cache_dir", "num_workers", "resume", "register_as", "run_name", "checkpoint_dir", "profile",
+RUN_BOOKKEEPING = ("cache_dir", "num_workers", "resume", "register_as", "run_name", "checkpoint_dir",
                    "feature_cache")
 # what only the SGD head reads: a solved head has no batches, epochs or random training views
 SGD_ONLY = {"batch_size", "lr", "epochs", "weight_decay", "loss", "expected_weight", "backbone_lr", "feature_views",

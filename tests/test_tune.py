@@ -254,7 +254,7 @@ def test_two_workers_share_one_study(tiny_data, tmp_path):
                                     output_format="list")
     trial_runs += mlflow.search_runs(search_all_experiments=True, filter_string="tags.trial_state = 'PRUNED'",
                                      output_format="list")
-    assert len([r for r in trial_runs if r.data.params.get("cache_dir") == str(tmp_path / "cache")]) == 4 + 1
+    assert len(trial_runs) == 4 + 1  # the workers' four and the warm-up's one, in this test's own store
     params = [tuple(sorted(t.params.items())) for t in finished]
     assert len(set(params)) == 4, "a trial was duplicated"
 

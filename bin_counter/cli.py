@@ -200,7 +200,7 @@ has no conditional space."""
 
 
 def add_tune(sub) -> None:
-    from bin_counter.commands.tune import OBJECTIVES
+    from bin_counter.config import TUNE_OBJECTIVES as OBJECTIVES
 
     p = sub.add_parser("tune", help="hyperparameter search (Optuna locally, or a SageMaker tuning job)",
                        description=TUNE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -141,6 +141,8 @@ class TrainConfig:
 
 
 DECODES = ("argmax", "expected", "ordinal")
+# what `tune --objective` can choose, and which way is better (here, so the CLI's help needs no import of tune)
+TUNE_OBJECTIVES = {"accuracy": "maximize", "f1_macro": "maximize", "mae": "minimize"}
 DEFAULT_RECIPE = "counting"
 # where and how a run works, not what it learns
 RUN_BOOKKEEPING = ("cache_dir", "num_workers", "resume", "register_as", "run_name", "checkpoint_dir",

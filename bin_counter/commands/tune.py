@@ -53,6 +53,7 @@ from bin_counter.commands.train import (
     train,
 )
 from bin_counter.config import DECODES, TrainConfig, as_params
+from bin_counter.config import TUNE_OBJECTIVES as OBJECTIVES
 from bin_counter.core import heads, metrics
 from bin_counter.core.data import make_loader
 from bin_counter.core.features import FeatureViews
@@ -105,7 +106,6 @@ def parse_range(text: str, cast=float) -> tuple:
 
 
 HEADS = ("logistic", "sgd")
-OBJECTIVES = {"accuracy": "maximize", "f1_macro": "maximize", "mae": "minimize"}
 MIN_RECALL = 0.10  # a trial that gives up a count (recall below this) is not eligible
 
 

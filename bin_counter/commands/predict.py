@@ -142,6 +142,14 @@ ANSWER_COLUMNS = {"predicted_count": -1, "confidence": float("nan"), "count_set"
                   "record_p": float("nan"), "record_check": "", "error": ""}  # with what a row has without them
 
 
+def with_answer_columns(frame: pd.DataFrame) -> pd.DataFrame:
+    """Every answer column, empty where the model gave none (a model logged before count sets answers without
+    them), in ANSWER_COLUMNS' order after the others."""
+    for name, empty in ANSWER_COLUMNS.items():
+        frame[name] = frame[name].fillna(empty) if name in frame else empty
+    return frame
+
+
 def unanswered(rows: int, error: str = "") -> pd.DataFrame:
     return pd.DataFrame({name: [error if name == "error" else empty] * rows for name, empty in ANSWER_COLUMNS.items()})
 
@@ -202,9 +210,7 @@ def from_response(body: bytes, rows: int) -> pd.DataFrame:
         raise RequestFailed(f"{REQUEST_FAILED}: the answer is not the model's JSON ({body[:100]!r})") from None
     if len(frame) != rows or not {"predicted_count", "confidence", "error"} <= set(frame.columns):
         raise RequestFailed(f"{REQUEST_FAILED}: the answer has {len(frame)} predictions for {rows} images")
-    for name, empty in ANSWER_COLUMNS.items():  # a model logged before count sets answers without them
-        frame[name] = frame[name].fillna(empty) if name in frame else empty
-    return frame[list(ANSWER_COLUMNS)]
+    return with_answer_columns(frame)[list(ANSWER_COLUMNS)]
 
 
 class RemoteModel:
@@ -248,11 +254,7 @@ class LoadedModel:
         from bin_counter.pyfunc import predict_files
 
         # read and sent as base64 here: the model itself opens no files
-        answer = predict_files(self.model, paths, records, params)
-        for name, empty in ANSWER_COLUMNS.items():  # a model logged before count sets answers without them
-            if name not in answer:
-                answer[name] = empty
-        return answer
+        return with_answer_columns(predict_files(self.model, paths, records, params))
 
 
 class LocalModel(LoadedModel):
@@ -333,8 +335,9 @@ def count_images(counter: Counter, paths: list[str], batch_size: int, desc: str 
 
 
 def least_certain(results: pd.DataFrame, among: pd.Series, share: float) -> pd.Series:
-    """The `share` of the rows in `among` that the model is least sure of (highest uncertainty): the bins a
-    limited human budget is best spent on (the risk-coverage curve in the runs shows the ranking works)."""
+    """The `share` of the rows in `among` that the model is least sure of (highest entropy): where a limited
+    human budget finds the most errors, though on the dev folds only slightly more than a random sample would
+    (experiments/README.md, the risk-coverage curve of every run)."""
     candidates = results.loc[among, "uncertainty"].dropna()
     take = int(math.ceil(share * len(candidates))) if share > 0 else 0
     chosen = candidates.sort_values(ascending=False, kind="stable").index[:take]

@@ -510,8 +510,8 @@ def test_split_report(cfg: TrainConfig, loaders: Loaders, frames: dict[str, pd.D
     table = pd.concat([table, answer_frame(test["probs"], classes, cfg.decoding, calibration)], axis=1)
     table["error"] = ""
     report = reports.split_report(table, classes)
-    report.metrics.update(loss=test["loss"], raw_probs=test["probs"], probs=calibration.probabilities(test["probs"]),
-                          y_true=test["y_true"])
+    report.metrics.update(loss=test["loss"], raw_probs=test["probs"], y_true=test["y_true"],
+                          probs=reports.probability_columns(table, classes))  # calibrated, as answered
     return report
 
 

@@ -16,7 +16,7 @@ import torch
 from bin_counter import BinCounterError
 from bin_counter.commands.prepare import SAMPLE_DIR
 from bin_counter.core.data import eval_transform
-from bin_counter.core.engine import Backbone, OnnxEngine, TorchEngine, ViewAveraged, export_onnx, probability_engine
+from bin_counter.core.engine import FeaturesOnly, OnnxEngine, TorchEngine, ViewAveraged, export_onnx, probability_engine
 from bin_counter.core.models import create_model
 from bin_counter.pyfunc import encode_image, log_model
 
@@ -59,8 +59,8 @@ def test_onnx_graph_gives_the_eager_probabilities_with_views_folded_into_one_bat
 
 def test_onnx_backbone_gives_the_eager_features(counting_model):
     images = batch_of(real_photos(6))
-    eager = TorchEngine(Backbone(counting_model), CPU)(images)
-    onnx = OnnxEngine(export_onnx(Backbone(counting_model), SIZE))(images)
+    eager = TorchEngine(FeaturesOnly(counting_model), CPU)(images)
+    onnx = OnnxEngine(export_onnx(FeaturesOnly(counting_model), SIZE))(images)
     assert onnx.shape == eager.shape == (6, 1280)
     np.testing.assert_allclose(onnx.numpy(), eager.numpy(), atol=1e-3, rtol=1e-3)
 
@@ -68,7 +68,7 @@ def test_onnx_backbone_gives_the_eager_features(counting_model):
 def test_export_leaves_the_callers_model_as_it_was(counting_model):
     counting_model.train()
     try:
-        export_onnx(Backbone(counting_model), 224)
+        export_onnx(FeaturesOnly(counting_model), 224)
         assert counting_model.training and counting_model.head[0].training
     finally:
         counting_model.eval()
@@ -171,5 +171,5 @@ def test_exports_from_parallel_threads_do_not_collide(counting_model):
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(3) as pool:
-        graphs = list(pool.map(lambda _: export_onnx(Backbone(counting_model), 64), range(3)))
+        graphs = list(pool.map(lambda _: export_onnx(FeaturesOnly(counting_model), 64), range(3)))
     assert len(set(map(len, graphs))) == 1 and len(graphs[0]) > 1_000_000

@@ -204,7 +204,7 @@ def tiny_model(tmp_path_factory) -> Path:
     torch.save(create_model("resnet18", 5, pretrained=False).state_dict(), root / "weights.pt")
     (root / "config.json").write_text(json.dumps({"backbone": "resnet18", "classes": [1, 2, 3, 4, 5],
                                                   "image_size": 32, "tta": False}))
-    mlflow.pyfunc.save_model(str(root / "model"), python_model=str(PACKAGE_DIR / "serving_model.py"),
+    mlflow.pyfunc.save_model(str(root / "model"), python_model=str(PACKAGE_DIR / "serving" / "served.py"),
                              artifacts={"weights": str(root / "weights.pt"), "config": str(root / "config.json")},
                              signature=signature([1, 2, 3, 4, 5]), pip_requirements=["mlflow"])
     return root / "model"
@@ -212,11 +212,13 @@ def tiny_model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def served(tiny_model):
-    """MLflow's own scoring app (what `mlflow models serve` and the SageMaker container run) on 127.0.0.1."""
+    """`bin-counter serve`'s app (MLflow's own scoring app, what `mlflow models serve` and the SageMaker
+    container run, behind the request bound) on 127.0.0.1."""
     import uvicorn
-    from mlflow.pyfunc import scoring_server
 
-    app = scoring_server.init(mlflow.pyfunc.load_model(str(tiny_model)))
+    from bin_counter.serving.server import bounded_app
+
+    app = bounded_app(mlflow.pyfunc.load_model(str(tiny_model)))
     os.environ.pop("_MLFLOW_IS_IN_SERVING_ENVIRONMENT", None)  # init() marks the whole test process as serving
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -268,13 +270,42 @@ def test_fifo_path_over_http_does_not_block_a_worker(served, tmp_path):
             pass
 
 
-def test_more_rows_than_the_limit_is_a_400_before_any_decoding(served, monkeypatch):
-    rows = [{"image": tiny_png()}] * 65  # the default limit is 64
+def test_more_rows_than_the_server_bound_is_a_400_before_any_decoding(served, monkeypatch):
+    rows = [{"image": tiny_png()}] * 65  # the default bound is 64
     response = invoke(served, rows)
-    assert response.status_code == 400 and "BIN_COUNTER_MAX_ROWS" in response.json()["message"]
-    monkeypatch.setenv("BIN_COUNTER_MAX_ROWS", "4")  # read per request, in the serving process
+    assert response.status_code == 400 and "BIN_COUNTER_MAX_REQUEST_ROWS" in response.json()["message"]
+    monkeypatch.setenv("BIN_COUNTER_MAX_REQUEST_ROWS", "4")  # read per request, in the serving process
     assert invoke(served, rows[:5]).status_code == 400
     assert invoke(served, rows[:4]).status_code == 200
+    split = {"dataframe_split": {"columns": ["image"], "data": [[tiny_png()]] * 5}}
+    assert requests.post(served + "/invocations", json=split, timeout=30).status_code == 400
+    csv = "image\n" + "\n".join([tiny_png()] * 5) + "\n"
+    response = requests.post(served + "/invocations", data=csv, headers={"Content-Type": "text/csv"}, timeout=30)
+    assert response.status_code == 400 and "5 rows" in response.json()["message"]
+
+
+def test_request_over_the_server_byte_bound_is_a_413_before_it_is_read_whole(served, monkeypatch):
+    monkeypatch.setenv("BIN_COUNTER_MAX_REQUEST_BYTES", "8000")
+    rows = [{"image": b64_file(SAMPLE_IMAGES[0])}]
+    assert len(json.dumps({"dataframe_records": rows})) > 8000
+    response = invoke(served, rows)
+    assert response.status_code == 413 and "BIN_COUNTER_MAX_REQUEST_BYTES" in response.json()["message"]
+    # chunked, so no Content-Length announces it: the bound is counted as the body arrives
+    body = json.dumps({"dataframe_records": rows}).encode()
+    chunked = requests.post(served + "/invocations", data=iter([body[:5000], body[5000:]]),
+                            headers={"Content-Type": "application/json"}, timeout=30)
+    assert chunked.status_code == 413
+    assert invoke(served, [{"image": tiny_png()}]).status_code == 200
+    assert requests.get(served + "/ping", timeout=10).status_code == 200
+
+
+def test_the_model_itself_takes_batches_far_above_the_http_bound(tiny_model):
+    """0.2 put the HTTP bound in the model: a notebook's or Spark's batch of 256 rows was refused in-process."""
+    model = mlflow.pyfunc.load_model(str(tiny_model))
+    frame = pd.DataFrame({"image": [b64_file(SAMPLE_IMAGES[i % 5]) for i in range(256)]})
+    answers = model.predict(frame)
+    assert len(answers) == 256 and (answers["error"] == "").all()
+    assert answers["predicted_count"].iloc[:5].tolist() == answers["predicted_count"].iloc[5:10].tolist()
 
 
 def test_image_over_the_byte_limit_is_a_400(served, monkeypatch):

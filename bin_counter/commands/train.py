@@ -33,7 +33,7 @@ from bin_counter.core.manifest import check_counts, read_classes, read_manifest
 from bin_counter.core.models import CountingModel, backbone_is_frozen, create_model, freeze
 from bin_counter.core.profiling import NO_PROFILE, Profile, profiler_findings, write_report
 from bin_counter.core.uris import redact_uri
-from bin_counter.pyfunc import log_model
+from bin_counter.serving.packaging import log_model
 
 log = logging.getLogger(__name__)
 

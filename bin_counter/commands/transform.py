@@ -29,15 +29,8 @@ import pandas as pd
 
 from bin_counter import BinCounterError
 from bin_counter.cloud import s3
-from bin_counter.commands.predict import (
-    ANSWER_COLUMNS,
-    DEFAULT_CHECK_SHARE,
-    REQUEST_FAILED,
-    attach_records,
-    collect,
-    payload,
-    write_results,
-)
+from bin_counter.commands.predict import DEFAULT_CHECK_SHARE, attach_records, collect, write_results
+from bin_counter.serving.clients import ANSWER_COLUMNS, REQUEST_FAILED, payload
 from bin_counter.tracking import redact_uri
 
 log = logging.getLogger(__name__)

@@ -1,31 +1,19 @@
 """Images -> tensors: loading with clear failures, the study's transforms, Dataset/DataLoader over a manifest."""
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import logging
 
 import pandas as pd
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import transforms
 
 from bin_counter.core.abid import read_image as open_image  # noqa: F401  (the loaders' and the pyfunc's entry point)
 from bin_counter.core.models import backbone_spec
+from bin_counter.core.pixels import decode_base64_image  # noqa: F401  (its old home)
 
 log = logging.getLogger(__name__)
-
-
-def decode_base64_image(text: str) -> Image.Image:
-    if not isinstance(text, str) or not text.strip():
-        raise ValueError("empty image field")
-    try:
-        raw = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise ValueError("image field is not valid base64") from None
-    return open_image(raw)
 
 
 def eval_transform(backbone: str, image_size: int = 224) -> transforms.Compose:

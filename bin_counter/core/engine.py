@@ -1,13 +1,10 @@
-"""The forward pass of inference, run by eager PyTorch or by ONNX Runtime.
+"""The PyTorch side of inference: eager forward passes (CUDA + AMP where a GPU is), the ONNX export of the
+counting model, int8 quantisation, and the choice between them and ONNX Runtime (`core.inference`).
 
 On CPU the model is the whole cost of checking a bin, and ONNX Runtime runs these convnets several times faster
 than eager PyTorch (experiments/benchmarks/bench_inference.py). So the logged model carries an ONNX graph of the
 whole counting model, test-time views included (the four flips/transposes are one batched forward inside the
 graph), exported once when the model is logged; loading it needs neither a compiler nor PyTorch's exporter.
-
-Which engine runs, chosen per process:
-  BIN_COUNTER_ENGINE=onnx   ONNX Runtime (the default on CPU)
-  BIN_COUNTER_ENGINE=torch  eager PyTorch of the same logged weights (the default when a GPU is there: AMP on CUDA)
 ONNX Runtime missing, or a model logged before the graph existed, falls back to PyTorch with a warning.
 """
 from __future__ import annotations
@@ -15,25 +12,22 @@ from __future__ import annotations
 import copy
 import io
 import logging
-import os
 import tempfile
 import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-import numpy as np
 import torch
 from torch import nn
 
-from bin_counter import BinCounterError, one_line
+from bin_counter import one_line
 from bin_counter.core.data import dihedral_views
+from bin_counter.core.inference import INPUT, OUTPUT, OnnxSession, onnx_runtime_missing, requested_engine
 
 log = logging.getLogger(__name__)
 
-ENGINE_VARIABLE = "BIN_COUNTER_ENGINE"
-ENGINES = ("onnx", "torch")
-INPUT, OUTPUT = "image", "output"
 OPSET = 17
 
 
@@ -57,8 +51,9 @@ class ViewAveraged(nn.Module):
         return mean_over_views(self.model, views)
 
 
-class Backbone(nn.Module):
-    """The pooled features of the frozen backbone, the part of the model the feature cache stores."""
+class FeaturesOnly(nn.Module):
+    """The counting model without its head: the pooled features of the frozen backbone, what the feature cache
+    stores."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -106,40 +101,11 @@ class TorchEngine:
             return self.module(images).float().cpu()
 
 
-class OnnxEngine:
-    name = "onnx"
-
-    def __init__(self, graph: str | Path | bytes, profile_prefix: Path | None = None):
-        """`profile_prefix`: ONNX Runtime's own profiler records every node's run there (end_profiling)."""
-        import onnxruntime
-
-        options = onnxruntime.SessionOptions()
-        options.log_severity_level = 3  # its warnings about unused initialisers say nothing to a user
-        if profile_prefix is not None:
-            options.enable_profiling = True
-            options.profile_file_prefix = str(profile_prefix)
-        source = graph if isinstance(graph, bytes) else str(graph)
-        self.session = onnxruntime.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+class OnnxEngine(OnnxSession):
+    """ONNX Runtime for callers holding torch tensors (training's feature pass, the profiler)."""
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        array = np.ascontiguousarray(images.detach().cpu().numpy(), dtype=np.float32)
-        return torch.from_numpy(self.session.run([OUTPUT], {INPUT: array})[0])
-
-
-def requested_engine() -> str | None:
-    """The engine BIN_COUNTER_ENGINE asks for, or None for the default; an unknown name is an error."""
-    value = os.environ.get(ENGINE_VARIABLE, "").strip().lower()
-    if value and value not in ENGINES:
-        raise BinCounterError(f"{ENGINE_VARIABLE}={value!r}: choose one of {', '.join(ENGINES)}")
-    return value or None
-
-
-def onnx_runtime_missing() -> str | None:
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError as exc:
-        return f"onnxruntime cannot be imported ({exc})"
-    return None
+        return torch.from_numpy(self.run(images.detach().cpu().numpy()))
 
 
 def use_onnx(device: torch.device, graph: Path | None = None, graph_needed: bool = True) -> bool:
@@ -156,9 +122,10 @@ def use_onnx(device: torch.device, graph: Path | None = None, graph_needed: bool
     return True
 
 
-def probability_engine(model: nn.Module, tta: bool, device: torch.device, graph: str | Path | None,
-                       int8: bool = False) -> Engine:
-    """The engine of a logged model: its ONNX graph, or its weights in eager PyTorch."""
+def probability_engine(model: nn.Module | Callable[[], nn.Module], tta: bool, device: torch.device,
+                       graph: str | Path | None, int8: bool = False) -> Engine:
+    """The engine of a logged model: its ONNX graph, or its weights in eager PyTorch. `model` may be a function
+    that builds it, so that a process that runs the graph never loads the weights."""
     if use_onnx(device, Path(graph) if graph else None):
         try:
             return OnnxEngine(graph)
@@ -167,7 +134,8 @@ def probability_engine(model: nn.Module, tta: bool, device: torch.device, graph:
     if int8:  # the int8 graph is what was asked for; these are the fp32 weights it was made from
         log.warning("running the fp32 weights in eager PyTorch, not the model's int8 graph: counts can differ "
                     "from the int8 model's")
-    return TorchEngine(ViewAveraged(model, tta), device)
+    module = model if isinstance(model, nn.Module) else model()
+    return TorchEngine(ViewAveraged(module, tta), device)
 
 
 def feature_engine(model: nn.Module, image_size: int, device: torch.device,
@@ -175,8 +143,8 @@ def feature_engine(model: nn.Module, image_size: int, device: torch.device,
     """The frozen backbone for feature extraction; on CPU exported to ONNX first (seconds, paid once per
     extraction, against minutes of extraction). `profile_prefix` turns on ONNX Runtime's profiler."""
     if not use_onnx(device, graph_needed=False):
-        return TorchEngine(Backbone(model), device)
-    return OnnxEngine(export_onnx(Backbone(model), image_size), profile_prefix)
+        return TorchEngine(FeaturesOnly(model), device)
+    return OnnxEngine(export_onnx(FeaturesOnly(model), image_size), profile_prefix)
 
 
 def quantize_int8(graph: bytes, calibration: list[torch.Tensor]) -> bytes:

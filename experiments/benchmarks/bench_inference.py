@@ -45,7 +45,7 @@ from bin_counter.core.abid import read_image as open_image  # noqa: E402
 from bin_counter.core.data import eval_transform  # noqa: E402
 from bin_counter.core.engine import OnnxEngine, TorchEngine, ViewAveraged, export_onnx, quantize_int8  # noqa: E402
 from bin_counter.core.models import create_model  # noqa: E402
-from bin_counter.pyfunc import log_model  # noqa: E402
+from bin_counter.serving.packaging import log_model  # noqa: E402
 
 SHARED_SAMPLE = Path(__file__).resolve().parents[3] / "shared" / "abid-sample"
 CPU = torch.device("cpu")

@@ -26,11 +26,12 @@ import numpy as np  # noqa: E402
 import requests  # noqa: E402
 from served import served  # noqa: E402
 
-from bin_counter.commands.predict import LocalModel, count_images, images_in_manifest  # noqa: E402
+from bin_counter.commands.predict import images_in_manifest  # noqa: E402
 from bin_counter.commands.prepare import prepare  # noqa: E402
 from bin_counter.commands.train import train  # noqa: E402
 from bin_counter.config import PrepareConfig, TrainConfig  # noqa: E402
 from bin_counter.core.manifest import read_manifest  # noqa: E402
+from bin_counter.serving.clients import LocalModel, count_images  # noqa: E402
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ from sklearn.model_selection import RepeatedStratifiedKFold
 
 from bin_counter.config import TrainConfig
 from bin_counter.core.data import ManifestImages, dihedral_views, eval_transform
-from bin_counter.core.engine import Backbone, OnnxEngine, export_onnx, quantize_int8
+from bin_counter.core.engine import FeaturesOnly, OnnxEngine, export_onnx, quantize_int8
 from bin_counter.core.heads import fit_logistic
 from bin_counter.core.manifest import read_manifest
 from bin_counter.core.metrics import decode
@@ -34,7 +34,7 @@ images = ManifestImages(manifest, CLASSES, eval_transform(cfg.backbone, cfg.imag
 start = time.time()
 calibration_rows = np.random.default_rng(0).choice(splits[0][0], 64, replace=False)  # fold 0's training images
 calibration = [torch.stack([images[int(i)][0] for i in calibration_rows[k:k + 16]]) for k in range(0, 64, 16)]
-int8 = OnnxEngine(quantize_int8(export_onnx(Backbone(model), cfg.image_size), calibration))
+int8 = OnnxEngine(quantize_int8(export_onnx(FeaturesOnly(model), cfg.image_size), calibration))
 print(f"quantised in {time.time() - start:.0f} s")
 start = time.time()
 x8 = torch.zeros_like(x32)

@@ -83,6 +83,9 @@ class TrainConfig:
     # (experiments/inference), 88% of counts identical: a switch, not the default
     int8: bool = setting(False, "log an int8 inference graph calibrated on training images (faster; "
                                 "88% of counts identical)")
+    # cpu: the ONNX graph on ONNX Runtime, requirements without torch; cuda: eager PyTorch with AMP on a GPU
+    serve_device: str = setting("cpu", "what the logged model is served on: cpu (ONNX Runtime, no torch in its "
+                                       "requirements) or cuda (PyTorch + AMP, the torch stack in its requirements)")
     stream: bool = setting(False, "stream the WebDataset shards of --data (a DATA_DIR or s3://...) instead of "
                                   "image files; no feature cache")
     checkpoint_dir: str | None = setting("checkpoints", "where every finished epoch is checkpointed (per run)")
@@ -134,6 +137,7 @@ class TrainConfig:
             "the logistic head is solved on frozen features: use --head sgd to fine-tune (--unfreeze-last) or "
             "--stream": self.head == "sgd" or (self.unfreeze_last == 0 and not self.stream),
             "--int8 calibrates on training image files: not with --stream": not (self.int8 and self.stream),
+            "serve_device must be cpu or cuda": self.serve_device in ("cpu", "cuda"),
         }
         for message, ok in checks.items():
             if not ok:

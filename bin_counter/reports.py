@@ -139,7 +139,11 @@ def model_card(cfg, test_metrics: dict | None, datasets: dict, model_uri: str) -
         "experiments/crossval.md.",
         f"- **Input**: base64 JPEG/PNG in an `image` column, {cfg.image_size} px, "
         f"{'4 test-time views averaged' if cfg.tta else 'one view'}; decoding `{cfg.decode}`.",
-        "- **Request limits**: rows per request BIN_COUNTER_MAX_ROWS, bytes per image BIN_COUNTER_MAX_IMAGE_BYTES.",
+        "- **Request limits**: bytes per image BIN_COUNTER_MAX_IMAGE_BYTES (every caller); no row limit in the "
+        "model (in-process and Spark batches of any size); requests bounded at the server: `bin-counter serve` "
+        "(BIN_COUNTER_MAX_REQUEST_BYTES, BIN_COUNTER_MAX_REQUEST_ROWS), a SageMaker endpoint's 6 MB.",
+        f"- **Serving**: {cfg.serve_device} — "
+        f"{'ONNX Runtime, requirements without torch' if cfg.serve_device == 'cpu' else 'PyTorch with AMP'}.",
         "- **Intended use**: counting 1–5 objects in ABID-like bin photos and choosing which bins a person checks. "
         "**Known limits**: right about one time in three on unseen photos; counts outside the classes (empty bins, "
         "dozens) are answered with the nearest class.",

@@ -15,6 +15,7 @@ import pandas as pd
 
 from bin_counter.core.uris import has_credentials, redact_uri  # noqa: F401 (commands use them from here)
 
+log = logging.getLogger(__name__)
 DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
 DEFAULT_EXPERIMENT = "bin-counter"
 EXPERIMENT_DESCRIPTION = (
@@ -50,7 +51,7 @@ def describe_experiment(experiment_of) -> None:
             if key not in experiment.tags:
                 mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, key, value)
     except mlflow.exceptions.MlflowException as exc:  # a read-only user, an old server: the runs matter, not this
-        logging.getLogger(__name__).debug("experiment not described: %s", exc)
+        log.debug("experiment not described: %s", exc)
 
 
 def run_title(*parts: str | None) -> str:
@@ -140,6 +141,21 @@ def dataset_digest(manifest: pd.DataFrame) -> str:
     """MLflow's digest of a manifest, the same one `log_dataset` records on runs."""
     with quiet_dataset_hints():
         return dataset_of(manifest).digest
+
+
+def linkable_model_id(model) -> str | None:
+    """The loaded model's MLflow 3 model id when this tracking store holds that logged model, else None: a model
+    registered from copied artifacts (or logged in another store) names a model id the store has never seen, and
+    linking a metric to it fails the whole run."""
+    model_id = getattr(model, "model_id", None)
+    if not model_id:
+        return None
+    try:
+        mlflow.get_logged_model(model_id)
+    except mlflow.exceptions.MlflowException:
+        log.info("model %s is not in this tracking store: its metrics are logged unlinked", model_id)
+        return None
+    return model_id
 
 
 def log_dataset(manifest: pd.DataFrame, source: str, name: str, context: str, model_id: str | None = None):

@@ -36,7 +36,7 @@ def evaluate_into_run(run_id: str, model_uri: str, data: str, split: str = "test
     frame, classes = read_split(Path(data), split)
     report = evaluate_model(model, frame, classes)
     with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
-        log_report(report, split, model_id=model.model_id)
+        log_report(report, split, model_id=tracking.linkable_model_id(model))
     return report
 
 
@@ -45,17 +45,18 @@ def evaluate(model_uri: str, data: str, split: str = "test", output: str | None 
     frame, classes = read_split(Path(data), split)
     model = load_model(model_uri)
     with tracking.run("evaluate", model_uri=model_uri, split=split):
+        model_id = tracking.linkable_model_id(model)
         tracking.log_params({"model_uri": model_uri, "data": str(data), "split": split})
         dataset = tracking.log_dataset(frame, str(Path(data).resolve()), f"abid-{split}", context=split,
-                                       model_id=model.model_id)
+                                       model_id=model_id)
         mlflow.set_tag("dataset_digest", dataset.digest)
         report = evaluate_model(model, frame, classes, batch_size)
         full = read_manifest(Path(data))
         reference = full[full["split"] == "train"] if (full["split"] == "train").any() else full
         baseline = metrics.majority_baseline(reference["count"], frame["count"])
-        mlflow.log_metric(metrics.metric_key(split, "majority_accuracy"), baseline, model_id=model.model_id,
+        mlflow.log_metric(metrics.metric_key(split, "majority_accuracy"), baseline, model_id=model_id,
                           dataset=dataset)
-        log_report(report, split, model_id=model.model_id, dataset=dataset)
+        log_report(report, split, model_id=model_id, dataset=dataset)
     print(summary_lines(report.metrics))
     print(f"majority-class baseline accuracy {baseline:.4f}")
     print(report.metrics["per_class"].to_string(index=False))

@@ -53,7 +53,8 @@ def score(name: str, version, frame, classes, metric: str, role: str, dataset) -
     model = load_model(f"models:/{name}/{version.version}")
     report = evaluate_model(model, frame, classes)
     value = float(report.metrics[metric])
-    mlflow.log_metric(metrics.metric_key(role, metric), value, model_id=model.model_id, dataset=dataset)
+    mlflow.log_metric(metrics.metric_key(role, metric), value, model_id=tracking.linkable_model_id(model),
+                      dataset=dataset)
     return value
 
 

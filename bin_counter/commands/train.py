@@ -683,7 +683,7 @@ def log_outcome(cfg: TrainConfig, model, loaders: Loaders, result: FitResult, fr
         with tempfile.TemporaryDirectory() as tmp:
             model_info = log_model(model.cpu(), config, example_images(cfg, frames, Path(tmp)),
                                    cfg.register_as, calibration_images(cfg, frames), model_type=model_type,
-                                   tags=tags)
+                                   tags=tags, device=cfg.serve_device)
         if cfg.register_as and model_info.registered_model_version:
             mlflow.MlflowClient().update_model_version(
                 cfg.register_as, model_info.registered_model_version,

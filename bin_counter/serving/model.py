@@ -105,9 +105,16 @@ def serving_engine(config: dict, artifacts: dict):
     """numpy batch -> class probabilities: the ONNX graph, or the weights in PyTorch where torch is installed
     and is asked for (or a GPU is there, or the model has no graph)."""
     graph = artifacts.get("onnx")
-    if find_spec("torch") is None:
+    if not torch_installed():
         return slim_engine(config, graph)
     return torch_side_engine(config, artifacts["weights"], graph)
+
+
+def torch_installed() -> bool:
+    try:
+        return find_spec("torch") is not None
+    except ImportError:  # an import hook that refuses it
+        return False
 
 
 def slim_engine(config: dict, graph: str | None) -> OnnxSession:

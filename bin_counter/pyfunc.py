@@ -10,7 +10,7 @@ from bin_counter.serving.clients import (  # noqa: F401
 )
 from bin_counter.serving.limits import limit, max_image_bytes  # noqa: F401
 from bin_counter.serving.model import (  # noqa: F401
-    BATCH,
+    VIEWS_PER_FORWARD,
     PATHS_REFUSED,
     BinCounterModel,
     decode_image,

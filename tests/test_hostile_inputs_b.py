@@ -320,9 +320,7 @@ def test_image_over_the_byte_limit_is_a_400(served, monkeypatch):
 
 def test_rows_are_decoded_batch_by_batch_not_all_before_the_first_forward(tiny_model):
     """Decoding every row up front is what made ~95k tiny PNG rows need ~57 GB. Here row 35 is not an image:
-    the first batch (rows 0-31) must already have gone through the network when row 35 is decoded."""
-    from bin_counter.pyfunc import BATCH
-
+    the batches before it must already have gone through the network when row 35 is decoded."""
     model = mlflow.pyfunc.load_model(str(tiny_model))
     forwards, served = [], model.unwrap_python_model()
     engine = served.engine
@@ -336,7 +334,7 @@ def test_rows_are_decoded_batch_by_batch_not_all_before_the_first_forward(tiny_m
     rows[35] = base64.b64encode(b"not an image at all").decode()
     with pytest.raises(mlflow.exceptions.MlflowException, match="row 35"):
         model.predict(pd.DataFrame({"image": rows}))
-    assert forwards == [BATCH], "rows were decoded before the first batch was counted"
+    assert forwards == [served.batch_size] * (35 // served.batch_size), "rows were decoded before the first batch was counted"
     ok = model.predict(pd.DataFrame({"image": rows}), params={"on_error": "skip"})
     assert list(ok["error"] != "") == [i == 35 for i in range(40)]
 

@@ -279,6 +279,14 @@ def test_deploy_to_sagemaker_on_moto(use_registry, aws, capsys):
     assert [d["EndpointName"] for d in client.list_deployments()] == ["bins"]
     assert client.get_deployment("bins")["EndpointStatus"] == "InService"
     assert any(o["Key"].endswith("model.tar.gz") for o in aws.list_objects_v2(Bucket="models")["Contents"])
+    import boto3
+
+    sagemaker = boto3.client("sagemaker", region_name="us-east-1")
+    models = [sagemaker.describe_model(ModelName=m["ModelName"]) for m in sagemaker.list_models()["Models"]]
+    environment = models[0]["PrimaryContainer"]["Environment"]
+    # one scoring worker with ONNX Runtime's own threads, not MLflow's worker per vCPU each taking every core
+    assert environment["MLFLOW_MODELS_WORKERS"] == "1" and environment["BIN_COUNTER_ENGINE"] == "onnx"
+    assert environment["BIN_COUNTER_ONNX_THREADS"] == "0"
     # the same endpoint through MLflow's own CLI: users can equally type `mlflow deployments ...`
     listed = subprocess.run([os.path.join(os.path.dirname(sys.executable), "mlflow"), "deployments", "get", "-t",
                              "sagemaker:/us-east-1", "--name", "bins"], capture_output=True, text=True, env=os.environ)

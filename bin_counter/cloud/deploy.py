@@ -14,11 +14,30 @@ from bin_counter.core.uris import redact_uri
 log = logging.getLogger(__name__)
 
 
+def endpoint_environment(workers: int = 1, threads_per_worker: int = 0, engine: str = "onnx",
+                         max_image_bytes: int | None = None, request_timeout: int = 60) -> dict[str, str]:
+    """The endpoint container's environment. MLflow's container starts one scoring worker per vCPU by default
+    (MLFLOW_MODELS_WORKERS), and each worker's ONNX Runtime takes every core: on a 2-vCPU instance that is 2 x 2
+    threads fighting for 2 cores. Workers x threads should be the instance's vCPUs (docs/serving-and-deployment.md,
+    "Sizing an endpoint")."""
+    from bin_counter.core.inference import ENGINE_VARIABLE, ENGINES, THREADS_VARIABLE
+
+    if engine not in ENGINES:
+        raise BinCounterError(f"engine {engine!r}: choose one of {', '.join(ENGINES)}")
+    if workers < 1 or threads_per_worker < 0:
+        raise BinCounterError("workers must be >= 1 and threads per worker >= 0 (0: ONNX Runtime's default)")
+    env = {"MLFLOW_MODELS_WORKERS": str(workers), THREADS_VARIABLE: str(threads_per_worker),
+           ENGINE_VARIABLE: engine, "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT": str(request_timeout)}
+    if max_image_bytes:
+        env["BIN_COUNTER_MAX_IMAGE_BYTES"] = str(max_image_bytes)
+    return env
+
+
 def deployment_config(execution_role_arn: str | None, image_url: str | None, region: str, instance_type: str,
                       instance_count: int, bucket: str | None, synchronous: bool = True,
-                      timeout_seconds: int = 1200) -> dict:
+                      timeout_seconds: int = 1200, env: dict[str, str] | None = None) -> dict:
     config = {"region_name": region, "instance_type": instance_type, "instance_count": instance_count,
-              "synchronous": synchronous, "timeout_seconds": timeout_seconds}
+              "synchronous": synchronous, "timeout_seconds": timeout_seconds, "env": env or endpoint_environment()}
     if execution_role_arn:
         config["execution_role_arn"] = execution_role_arn
     if image_url:

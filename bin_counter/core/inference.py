@@ -17,6 +17,9 @@ import numpy as np
 from bin_counter import BinCounterError
 
 ENGINE_VARIABLE = "BIN_COUNTER_ENGINE"
+# ONNX Runtime's threads per session (0: one per physical core, its default). A server with several workers on one
+# machine sets it to cores / workers, or every worker's pool fights for every core.
+THREADS_VARIABLE = "BIN_COUNTER_ONNX_THREADS"
 ENGINES = ("onnx", "torch")
 INPUT, OUTPUT = "image", "output"
 
@@ -31,6 +34,7 @@ class OnnxSession:
 
         options = onnxruntime.SessionOptions()
         options.log_severity_level = 3  # its warnings about unused initialisers say nothing to a user
+        options.intra_op_num_threads = session_threads()
         if profile_prefix is not None:
             options.enable_profiling = True
             options.profile_file_prefix = str(profile_prefix)
@@ -41,6 +45,13 @@ class OnnxSession:
         return self.session.run([OUTPUT], {INPUT: np.ascontiguousarray(images, dtype=np.float32)})[0]
 
     __call__ = run
+
+
+def session_threads() -> int:
+    try:
+        return max(int(os.environ.get(THREADS_VARIABLE, 0)), 0)
+    except ValueError:
+        return 0
 
 
 def requested_engine() -> str | None:

@@ -7,7 +7,7 @@ worker on a FIFO. In-process callers read their files themselves (`clients.predi
 predicted_count, confidence, prob_<count> for every class, the count set, the record check, and `error` (empty
 unless params={"on_error": "skip"} turned a bad image into a row instead of a 400).
 
-Any number of rows: they are decoded and resized BATCH at a time with Pillow and numpy, by threads one batch
+Any number of rows: they are decoded and resized a batch at a time with Pillow and numpy, by threads one batch
 ahead of the forward pass, so memory beyond the input frame stays flat. The forward pass is the model's ONNX graph
 on ONNX Runtime; PyTorch is imported only when it runs the weights instead (`BIN_COUNTER_ENGINE=torch`, a GPU
 model, a model logged before the graph).
@@ -39,7 +39,10 @@ from bin_counter.core.pixels import EvalPixels, decode_base64_image
 from bin_counter.serving.limits import max_image_bytes
 
 log = logging.getLogger(__name__)
-BATCH = 32
+# Images per forward pass: 16 views (4 photos with test-time views, 16 without). ONNX Runtime's arena grows to the
+# largest batch it has run: 32 photos x 4 views took 1.6 GB on the first request, 4 x 4 under 200 MB, at the same
+# images/s on CPU (experiments/benchmarks/bench_batch_memory.py).
+VIEWS_PER_FORWARD = 16
 PATHS_REFUSED = "paths are not accepted; send base64 in `image`"
 TORCH_STACK = ["torch", "torchvision", "efficientnet-pytorch", "efficientnet-lite-pytorch"]
 
@@ -64,6 +67,7 @@ class BinCounterModel(mlflow.pyfunc.PythonModel):
         self.config = json.loads(Path(context.artifacts["config"]).read_text())
         self.classes = self.config["classes"]
         self.pixels = eval_pixels(self.config)
+        self.batch_size = max(1, VIEWS_PER_FORWARD // (4 if self.config.get("tta", False) else 1))
         self.engine = serving_engine(self.config, context.artifacts)
         # models logged before `decoding` stored only the decode's name
         self.decoding = self.config.get("decoding", {"how": self.config.get("decode", "argmax")})
@@ -76,7 +80,7 @@ class BinCounterModel(mlflow.pyfunc.PythonModel):
         images = image_column(model_input)
         probs = np.full((len(images), len(self.classes)), np.nan)
         errors = {}
-        with contextlib.closing(prepared_batches(images, self.pixels)) as batches:
+        with contextlib.closing(prepared_batches(images, self.pixels, self.batch_size)) as batches:
             for rows, batch, failed in batches:
                 if failed and on_error != "skip":
                     i = min(failed)
@@ -141,11 +145,22 @@ def torch_side_engine(config: dict, weights: str, graph: str | None):
         return model
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    engine = probability_engine(weighted_model, config.get("tta", False), device, graph,
-                                int8=config.get("int8", False))
-    if isinstance(engine, OnnxSession):
-        return engine.run
-    return lambda batch: engine(torch.from_numpy(batch)).numpy()
+    return OnNumpy(probability_engine(weighted_model, config.get("tta", False), device, graph,
+                                      int8=config.get("int8", False)))
+
+
+class OnNumpy:
+    """A torch-side engine (tensors in, tensors out) for the served model's numpy batches."""
+
+    def __init__(self, engine):
+        self.engine, self.name = engine, engine.name
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        if isinstance(self.engine, OnnxSession):
+            return self.engine.run(batch)
+        import torch
+
+        return self.engine(torch.from_numpy(batch)).numpy()
 
 
 def record_column(model_input):
@@ -185,7 +200,7 @@ def decoders() -> ThreadPoolExecutor:
         return _decoders[1]
 
 
-def prepared_batches(images: list, pixels, batch_size: int = BATCH):
+def prepared_batches(images: list, pixels, batch_size: int):
     """(rows, array, {row: reason}) per batch of `images`, decoded and resized by threads one batch ahead of
     the model (Pillow and ONNX Runtime release the GIL), so the model is not kept waiting and memory stays bounded
     by two batches, not by the rows of a request."""

@@ -10,8 +10,8 @@ from bin_counter.serving.clients import (  # noqa: F401
 )
 from bin_counter.serving.limits import limit, max_image_bytes  # noqa: F401
 from bin_counter.serving.model import (  # noqa: F401
-    VIEWS_PER_FORWARD,
     PATHS_REFUSED,
+    VIEWS_PER_FORWARD,
     BinCounterModel,
     decode_image,
     decoders,

@@ -4,7 +4,6 @@ from __future__ import annotations
 import http.client
 import os
 import shutil
-import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -17,14 +16,9 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 from bin_counter.commands.prepare import SAMPLE_DIR, prepare  # noqa: E402
 from bin_counter.config import PrepareConfig  # noqa: E402
+from tools.team_server import free_port  # noqa: E402,F401  (the one port finder: tests import it from here)
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

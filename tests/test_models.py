@@ -93,7 +93,7 @@ def test_gradients_only_where_intended(name, unfreeze_last, seeded_hub):
     assert all(p.grad is not None for p in model.head.parameters())
 
 
-def test_every_registered_backbone_builds(seeded_hub):
-    for name in BACKBONES:
-        model = create_model(name, 3, pretrained=False).eval()
-        assert model(torch.rand(2, 3, 64, 64)).shape == (2, 3)
+@pytest.mark.parametrize("name", list(BACKBONES))
+def test_every_registered_backbone_builds(name, seeded_hub):
+    model = create_model(name, 3, pretrained=False).eval()
+    assert model(torch.rand(2, 3, 64, 64)).shape == (2, 3)

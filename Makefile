@@ -26,10 +26,10 @@ test-fast: $(VENV)/.installed
 # the team setup: PostgreSQL + S3 (a local moto server) + `mlflow server`, in the background.
 # Then `source .team-server/env`: the tracking URI and the server's basic-auth credentials.
 server: $(VENV)/.installed
-	@$(PY) -m bin_counter.commands.team_server start
+	@$(PY) tools/team_server.py start
 
 server-stop:
-	@$(PY) -m bin_counter.commands.team_server stop
+	@$(PY) tools/team_server.py stop
 
 # ruff, configured in pyproject.toml; CI runs it before the tests
 lint: $(VENV)/.installed

@@ -446,7 +446,8 @@ def add_crossval(sub) -> None:
     p.add_argument("--feature-views", type=_int, default=2, help="augmented views cached per training image")
     p.add_argument("--cache-dir", default=".cache/features")
     p.add_argument("--num-workers", type=_int, default=2)
-    p.add_argument("--output", help="also write the table as markdown (e.g. experiments/crossval.md)")
+    p.add_argument("--output",
+                   help="also write the table as markdown (e.g. experiments/studies/recipes_crossval/crossval.md)")
     p.set_defaults(func=cmd_crossval)
 
 

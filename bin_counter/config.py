@@ -37,9 +37,9 @@ class PrepareConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Every training setting, defined once. The defaults are the `counting` recipe, chosen on experiments/crossval.md;
-    `--recipe study` restores the reference study's switches, `--recipe probe` is the plain logistic-regression
-    baseline (RECIPES below)."""
+    """Every training setting, defined once. The defaults are the `counting` recipe, chosen on
+    experiments/studies/recipes_crossval/crossval.md; `--recipe study` restores the reference study's switches,
+    `--recipe probe` is the plain logistic-regression baseline (RECIPES below)."""
 
     data: str = setting("data", "DATA_DIR written by `prepare`, or s3://... with --stream")
     recipe: str = setting("counting", "the named set of switches the other settings start from (RECIPES below); "
@@ -80,7 +80,7 @@ class TrainConfig:
     false_alarm: float = setting(0.05, "the served record check's default share of correct records called suspect")
     tta: bool = setting(True, "average predictions over flips/transposes: a bin has no up or down")
     # 2.4x the fp32 graph's speed, -0.3 points of accuracy and +0.02 MAE on the 5-fold protocol
-    # (experiments/inference), 88% of counts identical: a switch, not the default
+    # (experiments/studies/inference), 88% of counts identical: a switch, not the default
     int8: bool = setting(False, "log an int8 inference graph calibrated on training images (faster; "
                                 "88% of counts identical)")
     # cpu: the ONNX graph on ONNX Runtime, requirements without torch; cuda: eager PyTorch with AMP on a GPU
@@ -186,7 +186,7 @@ def load_yaml(path: Path) -> dict[str, Any]:
 
 
 # Named recipes: each is a set of TrainConfig switches, applied as defaults that explicit flags override.
-# Chosen on experiments/crossval.md (5 folds x 2 repeats over the 1,481-image dev sample).
+# Chosen on experiments/studies/recipes_crossval/crossval.md (5 folds x 2 repeats over the 1,481-image dev sample).
 STUDY = dict(head="sgd", loss="ce", decode="argmax", balance=False, tta=False, hflip=False, rotation_degrees=30.0,
              image_size=224, unfreeze_last=0, lr=1e-3, epochs=5)
 RECIPES: dict[str, dict[str, Any]] = {

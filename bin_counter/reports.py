@@ -136,7 +136,7 @@ def model_card(cfg, test_metrics: dict | None, datasets: dict, model_uri: str) -
         "labels are EXPECTED_QUANTITY, the quantity the warehouse system records. Licence of the ABID photos: "
         "CC BY-NC-SA 3.0 US.",
         f"- **Test metrics**: {scores}. The cross-validated figures with their intervals are in "
-        "experiments/crossval.md.",
+        "experiments/studies/recipes_crossval/crossval.md.",
         f"- **Input**: base64 JPEG/PNG in an `image` column, {cfg.image_size} px, "
         f"{'4 test-time views averaged' if cfg.tta else 'one view'}; decoding `{cfg.decode}`.",
         "- **Request limits**: bytes per image BIN_COUNTER_MAX_IMAGE_BYTES (every caller); no row limit in the "

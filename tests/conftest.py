@@ -1,10 +1,10 @@
 """Shared fixtures: real sample images, a real sqlite MLflow store per test, a real moto S3 server on 127.0.0.1."""
 from __future__ import annotations
 
+import base64
 import http.client
 import os
 import shutil
-import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -17,14 +17,9 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 
 from bin_counter.commands.prepare import SAMPLE_DIR, prepare  # noqa: E402
 from bin_counter.config import PrepareConfig  # noqa: E402
+from tools.team_server import free_port  # noqa: E402,F401  (the one port finder: tests import it from here)
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -247,3 +242,45 @@ def wait_for(url: str, process, seconds: float = 240) -> None:
             pass
         time.sleep(0.5)
     raise AssertionError(f"model server did not answer {url}/ping in {seconds} s")
+
+
+
+# ---- shared by the bad-input tests (test_bad_inputs_*.py, test_checkpoint.py, test_feature_store.py, ...) ----
+
+SAMPLE_IMAGES = sorted((SAMPLE_DIR / "bin-images").glob("*.jpg"))
+
+
+def jpeg(index: int = 0) -> bytes:
+    return SAMPLE_IMAGES[index].read_bytes()
+
+
+def files_outside(root, *inside) -> list:
+    """Files below root that are in none of the folders `inside` (MLflow's store aside)."""
+    return [p for p in root.rglob("*") if p.is_file() and p.name != "mlruns.db" and "mlruns" not in p.parts
+            and not any(folder in p.parents for folder in inside)]
+
+
+def small_prepared(tmp_path):
+    return prepare(PrepareConfig(out=str(tmp_path / "d"), limit_per_class=1, workers=2))
+
+
+class WritesMarker:
+    """What an attacker pickles: unpickling it calls os.system."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def b64_file(path) -> str:
+    return base64.b64encode(Path(path).read_bytes()).decode()
+
+
+PASSWORD = "hunter2-Secret"
+
+
+TRACKING_WITH_PASSWORD = f"https://alice:{PASSWORD}@mlflow.example.com:5443/"

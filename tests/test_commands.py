@@ -19,7 +19,7 @@ from bin_counter.core.manifest import read_manifest
 from conftest import LoopbackProxy
 
 ROOT = Path(__file__).resolve().parents[1]
-STUDY_YAML = ROOT / "experiments" / "efficientnet_vs_resnet50.yaml"
+STUDY_YAML = ROOT / "experiments/studies/efficientnet_vs_resnet50/efficientnet_vs_resnet50.yaml"
 
 
 def commands() -> dict:

@@ -93,3 +93,16 @@ def test_the_import_graph_has_no_cycle():
     for module in GRAPH:
         if module not in state:
             visit(module, [module])
+
+
+def test_the_package_never_imports_the_tools():
+    """tools/ (the team server launcher, the sample maker) sits outside the package: the logged model and the CLI
+    must work without it."""
+    found = {}
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if any(name == "tools" or name.startswith("tools.") for name in names):
+                found.setdefault(module_name(path), []).extend(names)
+    assert found == {}

@@ -10,6 +10,7 @@ from bin_counter.cli import parse, train_config
 from bin_counter.config import RECIPES
 
 ROOT = Path(__file__).resolve().parents[1]
+STUDY_YAML = ROOT / "experiments/studies/efficientnet_vs_resnet50/efficientnet_vs_resnet50.yaml"
 
 
 def resolved(command: str):
@@ -48,8 +49,9 @@ def test_mlproject_parameters_the_user_sets_still_win_over_the_recipe():
 
 
 def test_the_study_definition_yaml_is_the_study_recipe():
-    """compare --experiment experiments/efficientnet_vs_resnet50.yaml must train the study, whatever the default."""
-    cfg = train_config(parse(["compare", "--experiment", str(ROOT / "experiments" / "efficientnet_vs_resnet50.yaml")]))
+    """compare --experiment experiments/studies/efficientnet_vs_resnet50/efficientnet_vs_resnet50.yaml must train
+    the study, whatever the default."""
+    cfg = train_config(parse(["compare", "--experiment", str(STUDY_YAML)]))
     assert {key: getattr(cfg, key) for key in RECIPES["study"]} == RECIPES["study"]
 
 
@@ -96,7 +98,7 @@ def test_mlflow_run_prepare_train_evaluate_on_a_tiny_split(tmp_path, mlflow_stor
 
 def test_mlproject_compare_lets_the_study_yaml_and_recipes_decide():
     """compare declared --backbones and --epochs 5 with defaults, which beat the --experiment file and recipes."""
-    yaml_path = ROOT / "experiments" / "efficientnet_vs_resnet50.yaml"
+    yaml_path = STUDY_YAML
     argv = shlex.split(entry_command("compare", experiment=str(yaml_path)))[3:]
     assert parse(argv).backbones == parse(["compare", "--experiment", str(yaml_path)]).backbones
     finetune = resolved(entry_command("compare", recipe="finetune"))

@@ -17,8 +17,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def readme_profile_commands() -> list[str]:
-    """Every `bin-counter ...` line of the README's profiling section, each [--optional] flag with and without."""
-    section = (ROOT / "README.md").read_text().split("## Profiling and debugging", 1)[1].split("\n## ", 1)[0]
+    """Every `bin-counter ...` line of the profiling page (docs/profiling.md), each [--optional] flag with and
+    without."""
+    section = (ROOT / "docs" / "profiling.md").read_text()
     commands = []
     for line in re.findall(r"^(bin-counter [^#\n]+)", section, re.MULTILINE):
         optional = re.findall(r"\[([^\]]+)\]", line)

@@ -17,14 +17,14 @@ import pandas as pd
 import pytest
 import requests
 
-from bin_counter.commands.team_server import TeamServer, alive, postgres_bindir
 from bin_counter.commands.tune import SearchSpace, TuneConfig, open_study
 from bin_counter.config import TrainConfig
-from conftest import free_port, wait_for
+from conftest import REPO, free_port, wait_for
+from tools.team_server import TeamServer, alive, postgres_bindir
 
 pytestmark = pytest.mark.slow
 
-SCRIPT = [sys.executable, "-m", "bin_counter.commands.team_server"]  # what `make server` / `make server-stop` run
+SCRIPT = [sys.executable, str(REPO / "tools" / "team_server.py")]  # what `make server` / `make server-stop` run
 MODEL = "bins"
 CREDENTIALS: dict[str, str] = {}  # the server's admin, as a client gets it from .team-server/env
 
@@ -278,7 +278,7 @@ def test_stop_leaves_alone_a_reused_pid_whose_command_line_mentions_mlflow(tmp_p
 
 
 def test_private_files_are_never_readable_by_others_and_the_env_file_survives_odd_folder_names(tmp_path):
-    from bin_counter.commands.team_server import write_env, write_private
+    from tools.team_server import write_env, write_private
 
     old = os.umask(0)
     try:

@@ -1,7 +1,7 @@
 """crossval: decide between recipes by evidence. Repeated stratified k-fold over a real ABID set, the same folds
 for every recipe, reporting the mean and 95% interval of accuracy, macro F1, MAE and RMSE next to the
 majority-class baseline. Each fold is a child MLflow run; the table lands in the parent run and, with --output,
-in a markdown file (experiments/crossval.md is made this way)."""
+in a markdown file (experiments/studies/recipes_crossval/crossval.md is made this way)."""
 from __future__ import annotations
 
 import dataclasses

@@ -13,7 +13,8 @@ apply them with numpy alone.
   |j - y|, the expected distance between the record and the count in the photo. It is uniform on correct records
   (exchangeability), so calling a record suspect below `false_alarm` questions that share of the correct ones;
   being ordinal, it doubts a record two counts off more than one a count off. On the dev folds it caught 36% of
-  records off by two or more at 5% false alarms, against 32% for the LAC score's p-value (experiments/README.md).
+  records off by two or more at 5% false alarms, against 32% for the LAC score's p-value
+  (experiments/studies/calibration_crossval).
 """
 from __future__ import annotations
 
@@ -124,7 +125,8 @@ def count_set_text(members: np.ndarray, classes: list[int]) -> list[str]:
 
 def entropy(probs: np.ndarray) -> np.ndarray:
     """How unsure a distribution is, in nats; on the dev folds it ranks wrong answers above right ones better than
-    the answered count's own probability (experiments/README.md), so it spends the manual-check budget."""
+    the answered count's own probability (experiments/studies/calibration_crossval), so it spends the manual-check
+    budget."""
     p = np.clip(np.asarray(probs, dtype=float), 1e-12, 1.0)
     return -(p * np.log(p)).sum(1)
 

@@ -23,7 +23,7 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 C_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
-DEFAULT_C = 3e-4  # what the CV chose on almost every fold of the dev sample (experiments/README.md)
+DEFAULT_C = 3e-4  # what the CV chose on almost every fold of the dev sample (experiments/studies/head_study)
 
 
 @dataclass(frozen=True)

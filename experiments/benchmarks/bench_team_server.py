@@ -168,7 +168,7 @@ def postgres_restart_under_tune(server, uri: str, work: Path, hold_down: float, 
         try:
             study = optuna.load_study(study_name="faults", storage=storage)
             if any(t.state in finished_states for t in study.trials):
-                from bin_counter.commands.team_server import postgres_bindir
+                from tools.team_server import postgres_bindir
 
                 down = time.perf_counter()
                 server.stop_postgres(postgres_bindir())
@@ -218,7 +218,7 @@ def main() -> None:
 
     import logging
 
-    from bin_counter.commands.team_server import TeamServer
+    from tools.team_server import TeamServer
 
     # the sagemaker-mlflow plugin's header provider raises on every non-SageMaker tracking URI; MLflow only warns
     logging.getLogger("mlflow.tracking.request_header.registry").setLevel(logging.ERROR)

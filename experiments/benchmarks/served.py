@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -11,13 +10,13 @@ from pathlib import Path
 
 import requests
 
+from tools.team_server import free_port
+
 
 @contextmanager
 def served(model_uri: str, **environment: str):
     """The URL of the model served by one worker with `environment` added; stopped on leaving."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, **environment, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     server = subprocess.Popen([str(bin_dir / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",

@@ -1,5 +1,5 @@
 """Step 4: why the SGD-trained study head loses to the probe: the same 224 px test-time-view features, one
-change at a time (5 folds x 2 repeats, argmax). python experiments/head_study/sgd_diagnosis.py"""
+change at a time (5 folds x 2 repeats, argmax). python experiments/studies/head_study/sgd_diagnosis.py"""
 
 import copy
 

@@ -1,7 +1,7 @@
 """Step 2: out-of-fold probabilities of the logistic head (heads.fit_logistic, C chosen by inner CV) over the
 same 5 folds x 2 repeats as crossval, for one feature set or a concatenation of several.
 
-    python experiments/head_study/outer_cv.py efficientnet-lite0-320 [balance]"""
+    python experiments/studies/head_study/outer_cv.py efficientnet-lite0-320 [balance]"""
 import sys
 import time
 

@@ -1,6 +1,6 @@
 """Step 1 of the head study: frozen features of the dev sample's 4 test-time views, saved for the other steps.
 
-    python experiments/head_study/features.py efficientnet-lite0 224 [../shared/abid-sample]
+    python experiments/studies/head_study/features.py efficientnet-lite0 224 [../shared/abid-sample]
 writes .cache/explore/<backbone>-<size>.npz (X: images x 4 views x D, y: counts, ids)."""
 import sys
 import time
@@ -17,7 +17,7 @@ from bin_counter.core.manifest import read_manifest
 from bin_counter.core.models import create_model
 
 backbone, size = sys.argv[1], int(sys.argv[2])
-source = sys.argv[3] if len(sys.argv) > 3 else str(Path(__file__).resolve().parents[3] / "shared" / "abid-sample")
+source = sys.argv[3] if len(sys.argv) > 3 else str(Path(__file__).resolve().parents[4] / "shared" / "abid-sample")
 out = Path(".cache/explore")
 prepare(PrepareConfig(source=source, out=str(out / "all"), split=(1.0, 0, 0)))
 manifest = read_manifest(out / "all")

@@ -1,7 +1,7 @@
 """Step 3: every decoding of the out-of-fold probabilities, scored per fold (accuracy +- 95% interval, MAE,
 macro F1, the lowest recall of any count).
 
-    python experiments/head_study/decode_sweep.py efficientnet-lite0-320-bal"""
+    python experiments/studies/head_study/decode_sweep.py efficientnet-lite0-320-bal"""
 import sys
 
 import numpy as np

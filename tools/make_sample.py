@@ -1,6 +1,6 @@
 """Rebuild the sample bundled in the package (bin_counter/sample/) from a directory in ABID's layout.
 
-    python experiments/make_sample.py ../shared/abid-sample --per-class 100 --short-side 224
+    python tools/make_sample.py ../shared/abid-sample --per-class 100 --short-side 224
 
 The images are real ABID photographs, resized so the repository stays small (their shorter side becomes
 224 px, the study's input size); their metadata is copied unchanged. The licence notice travels with them.
@@ -21,7 +21,7 @@ NOTICE = """# Bundled ABID sample
 {n} real images from the Amazon Bin Image Dataset (ABID), {per_class} per count 1-5, in ABID's own layout
 (`bin-images/<id>.jpg`, `metadata/<id>.json`). The photographs were resized (shorter side {short_side} px,
 JPEG quality {quality}) so that the repository stays small; ids and counts are unchanged. Rebuild with
-`python experiments/make_sample.py`.
+`python tools/make_sample.py`.
 
 Licence: the Amazon Bin Image Dataset is published on the Registry of Open Data on AWS (bucket `aft-vbi-pds`)
 under Creative Commons Attribution-NonCommercial-ShareAlike 3.0 United States (CC BY-NC-SA 3.0 US).

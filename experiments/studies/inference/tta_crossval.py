@@ -3,8 +3,8 @@ default recipe (lite0, 320 px, balanced logistic head, ordinal decoding), from t
   4 views: the head fitted on all 4 flips/transposes of each training image, test probabilities averaged over 4;
   1 view:  fitted on the plain view only, tested on the plain view only (what a model without --tta serves).
 
-    python experiments/inference/tta_crossval.py
-needs .cache/explore/efficientnet-lite0-320.npz from experiments/head_study/features.py.
+    python experiments/studies/inference/tta_crossval.py
+needs .cache/explore/efficientnet-lite0-320.npz from experiments/studies/head_study/features.py.
 """
 import time
 

@@ -1,8 +1,8 @@
 """team_server: the team setup on one machine — an MLflow tracking server on PostgreSQL with S3 artifacts.
 
-    python -m bin_counter.commands.team_server start [--dir .team-server] [--artifacts-destination s3://bucket/prefix]
-    python -m bin_counter.commands.team_server stop  [--dir .team-server]
-    python -m bin_counter.commands.team_server status [--dir .team-server]
+    python tools/team_server.py start [--dir .team-server] [--artifacts-destination s3://bucket/prefix]
+    python tools/team_server.py stop  [--dir .team-server]
+    python tools/team_server.py status [--dir .team-server]
 
 `start` installs Debian's postgresql if it is missing (apt, as root), runs `initdb` into DIR/pg and PostgreSQL on
 a free loopback port (as the `postgres` user when we are root: PostgreSQL refuses to run as root), creates the
@@ -35,7 +35,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from bin_counter import BinCounterError
+from bin_counter import BinCounterError, one_line
 
 DEFAULT_DIR = ".team-server"
 BUCKET = "mlflow-team"
@@ -181,7 +181,7 @@ class TeamServer:
                 error = exc
                 time.sleep(0.5)
         if connection is None:
-            raise BinCounterError(f"PostgreSQL started but refuses connections: {first_line(error)}")
+            raise BinCounterError(f"PostgreSQL started but refuses connections: {one_line(error)}")
         with connection.cursor() as cursor:
             for name in DATABASES:
                 cursor.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
@@ -391,10 +391,6 @@ def write_env(path: Path, values: dict[str, str]) -> None:
     write_private(path, "".join(f"export {k}={shlex.quote(v)}\n" for k, v in values.items()))
 
 
-def first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-
-
 def run(command: list[str], what: str, **kwargs) -> None:
     result = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, text=True, **kwargs)
     if result.returncode != 0:
@@ -498,7 +494,7 @@ def alive(pid: int) -> bool:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bin_counter.commands.team_server",
+    parser = argparse.ArgumentParser(prog="python tools/team_server.py",
                                      description="A local MLflow tracking server on PostgreSQL with S3 artifacts.")
     parser.add_argument("command", choices=("start", "stop", "status"))
     parser.add_argument("--dir", default=os.environ.get("TEAM_SERVER_DIR", DEFAULT_DIR),

@@ -2,8 +2,9 @@
 4 test-time views, balanced logistic head, ordinal decoding): the head is fitted on fp32 features of the
 training folds (as `train` does) and scored on the held-out fold's features from the fp32 and the int8 backbone.
 
-    python experiments/inference/int8_crossval.py [../shared/abid-sample]
-needs .cache/explore/efficientnet-lite0-320.npz from experiments/head_study/features.py (same images, same order).
+    python experiments/studies/inference/int8_crossval.py [../shared/abid-sample]
+needs .cache/explore/efficientnet-lite0-320.npz from experiments/studies/head_study/features.py
+(same images, same order).
 """
 import time
 from pathlib import Path

@@ -1,0 +1,1 @@
+"""Developer and operator scripts the Makefile calls (outside the package: bin_counter never imports them)."""

@@ -159,6 +159,6 @@ def test_rows_are_decoded_batch_by_batch_not_all_before_the_first_forward(tiny_m
     rows[35] = base64.b64encode(b"not an image at all").decode()
     with pytest.raises(mlflow.exceptions.MlflowException, match="row 35"):
         model.predict(pd.DataFrame({"image": rows}))
-    assert forwards == [served.batch_size] * (35 // served.batch_size), "rows were decoded before the first batch was counted"
+    assert forwards == [served.batch_size] * (35 // served.batch_size), "rows were decoded before a batch was counted"
     ok = model.predict(pd.DataFrame({"image": rows}), params={"on_error": "skip"})
     assert list(ok["error"] != "") == [i == 35 for i in range(40)]

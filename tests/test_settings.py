@@ -8,13 +8,12 @@ import mlflow
 import pytest
 import yaml
 
-from bin_counter.cli import TRAIN_ONLY, build_parser, parse, train_config
+from bin_counter.cli import TRAIN_ONLY, build_commands, parse, train_config
 from bin_counter.config import RECIPES, TrainConfig
 
 
 def train_options() -> dict[str, object]:
-    parser = build_parser()
-    train = next(a for a in parser._subparsers._group_actions).choices["train"]
+    train = build_commands()[1]["train"]
     return {action.dest: action for action in train._actions}
 
 
@@ -64,8 +63,7 @@ def test_training_logs_its_config_yaml_artifact(tiny_data, tmp_path):
 
 
 def test_train_only_settings_are_not_options_of_pipelines():
-    parser = build_parser()
-    compare = next(a for a in parser._subparsers._group_actions).choices["compare"]
+    compare = build_commands()[1]["compare"]
     dests = {action.dest for action in compare._actions}
     assert not (set(TRAIN_ONLY) - {"register_as"}) & dests
 
@@ -73,8 +71,7 @@ def test_train_only_settings_are_not_options_of_pipelines():
 def test_prepare_options_are_prepare_configs_fields():
     from bin_counter.config import PrepareConfig
 
-    parser = build_parser()
-    prepare = next(a for a in parser._subparsers._group_actions).choices["prepare"]
+    prepare = build_commands()[1]["prepare"]
     dests = {action.dest for action in prepare._actions}
     assert {f.name for f in dataclasses.fields(PrepareConfig)} <= dests
     args = parse(["prepare", "--split", "0.6,0.2,0.2", "--top-bucket", "--seed", "3.0"])

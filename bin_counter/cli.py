@@ -413,11 +413,17 @@ def _recipe_names(text: str) -> tuple[str, ...] | None:
     return _names(text) or None  # MLproject's empty value: the default recipes
 
 
+def crossval_config(args) -> CrossvalConfig:
+    """Every fold trains from TrainConfig's defaults (under each recipe's switches) but for the CROSSVAL_TRAINING
+    options given."""
+    return config_of(args, CrossvalConfig, base=TrainConfig(**given_settings(args, TrainConfig,
+                                                                             only=CROSSVAL_TRAINING)))
+
+
 def cmd_crossval(args) -> None:
     from bin_counter.commands.crossval import crossval
 
-    base = TrainConfig(**given_settings(args, TrainConfig, only=CROSSVAL_TRAINING))
-    crossval(config_of(args, CrossvalConfig, base=base))
+    crossval(crossval_config(args))
 
 
 def add_transform(sub) -> None:

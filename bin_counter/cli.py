@@ -95,30 +95,30 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def default_of(f: dataclasses.Field):
-    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+def option_settings(f: dataclasses.Field) -> dict:
+    """argparse's keywords for a config field: its help with its default, choices, metavar; required when the
+    field has no default. Nothing is filled in that the user did not give (argparse.SUPPRESS)."""
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    default = ",".join(map(str, default)) if isinstance(default, tuple) else default
+    shown = "" if default in (None, dataclasses.MISSING) else f" (default: {default})"
+    return dict(default=argparse.SUPPRESS, help=(f.metadata.get("help", "") + shown).replace("%", "%%"),
+                required=default is dataclasses.MISSING,
+                **{k: f.metadata[k] for k in ("choices", "metavar") if k in f.metadata})
 
 
 def add_config_options(p, config_class, skip: tuple[str, ...] = (), parsers: dict | None = None,
                        only: tuple[str, ...] | None = None) -> None:
     """An option per field of a config dataclass: name, type, default, help, choices and mutually exclusive
-    groups all come from the field; a field without a default is a required option. Nothing is filled in that
-    the user did not give (argparse.SUPPRESS), so a recipe's switches or the dataclass's default apply."""
-    groups: dict[str, argparse._MutuallyExclusiveGroup] = {}
+    groups all come from the field, so a recipe's switches or the dataclass's default apply to what is not given."""
+    groups: dict = {}
     own = vars(config_class).get("__annotations__", {})  # a verb's own options first, then those it shares
     for f in sorted(dataclasses.fields(config_class), key=lambda f: f.name not in own):
         if f.name in skip or (only is not None and f.name not in only):
             continue
-        kind, meta, default = str(f.type), f.metadata, default_of(f)
-        default = ",".join(map(str, default)) if isinstance(default, tuple) else default
-        shown = "" if default in (None, dataclasses.MISSING) else f" (default: {default})"
-        options = dict(default=argparse.SUPPRESS, help=(meta.get("help", "") + shown).replace("%", "%%"),
-                       required=default is dataclasses.MISSING,
-                       **{k: meta[k] for k in ("choices", "metavar") if k in meta})
-        group = meta.get("exclusive") or meta.get("one_of")
+        group = f.metadata.get("exclusive") or f.metadata.get("one_of")
         if group and group not in groups:
-            groups[group] = p.add_mutually_exclusive_group(required="one_of" in meta)
-        target = groups[group] if group else p
+            groups[group] = p.add_mutually_exclusive_group(required="one_of" in f.metadata)
+        target, kind, options = groups[group] if group else p, str(f.type), option_settings(f)
         if f.name in (parsers or {}):
             target.add_argument(flag(f.name), type=parsers[f.name], **options)
         elif kind.startswith("bool"):

@@ -12,6 +12,21 @@ import sys
 import traceback
 
 from bin_counter import BinCounterError, one_line
+from bin_counter.config import (
+    CROSSVAL_TRAINING,
+    TUNE_OBJECTIVES,
+    CrossvalConfig,
+    DeployConfig,
+    EvaluateConfig,
+    LaunchConfig,
+    PredictConfig,
+    PrepareConfig,
+    PromoteConfig,
+    ServeConfig,
+    TrainConfig,
+    TransformConfig,
+    load_yaml,
+)
 
 log = logging.getLogger("bin_counter")
 
@@ -48,7 +63,6 @@ def _positive_int(value: str) -> int | None:
 
 def add_prepare(sub) -> None:
     from bin_counter.commands.prepare import parse_split
-    from bin_counter.config import PrepareConfig
 
     p = sub.add_parser("prepare", help="download/validate/split ABID images into DATA_DIR")
     add_config_options(p, PrepareConfig, parsers={"split": parse_split})
@@ -57,7 +71,6 @@ def add_prepare(sub) -> None:
 
 def cmd_prepare(args) -> None:
     from bin_counter.commands.prepare import run
-    from bin_counter.config import PrepareConfig
 
     run(PrepareConfig(**given_settings(args, PrepareConfig)))
 
@@ -79,24 +92,41 @@ class BoolOption(argparse.BooleanOptionalAction):
                 raise argparse.ArgumentError(self, str(exc)) from None
 
 
-def add_config_options(p, config_class, skip: tuple[str, ...] = (), parsers: dict | None = None) -> None:
-    """An option per field of a config dataclass: name, type, default and help all come from the field. Nothing
-    is filled in that the user did not give (argparse.SUPPRESS), so a recipe's switches can still apply."""
-    for f in dataclasses.fields(config_class):
-        if f.name in skip:
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def option_settings(f: dataclasses.Field) -> dict:
+    """argparse's keywords for a config field: its help with its default, choices, metavar; required when the
+    field has no default. Nothing is filled in that the user did not give (argparse.SUPPRESS)."""
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    default = ",".join(map(str, default)) if isinstance(default, tuple) else default
+    shown = "" if default in (None, dataclasses.MISSING) else f" (default: {default})"
+    return dict(default=argparse.SUPPRESS, help=(f.metadata.get("help", "") + shown).replace("%", "%%"),
+                required=default is dataclasses.MISSING,
+                **{k: f.metadata[k] for k in ("choices", "metavar") if k in f.metadata})
+
+
+def add_config_options(p, config_class, skip: tuple[str, ...] = (), parsers: dict | None = None,
+                       only: tuple[str, ...] | None = None) -> None:
+    """An option per field of a config dataclass: name, type, default, help, choices and mutually exclusive
+    groups all come from the field, so a recipe's switches or the dataclass's default apply to what is not given."""
+    groups: dict = {}
+    own = vars(config_class).get("__annotations__", {})  # a verb's own options first, then those it shares
+    for f in sorted(dataclasses.fields(config_class), key=lambda f: f.name not in own):
+        if f.name in skip or (only is not None and f.name not in only):
             continue
-        flag = "--" + f.name.replace("_", "-")
-        kind = str(f.type)
-        default = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
-        shown = "" if default is None else f" (default: {default})"
-        options = dict(default=argparse.SUPPRESS, help=(f.metadata.get("help", "") + shown).replace("%", "%%"))
+        group = f.metadata.get("exclusive") or f.metadata.get("one_of")
+        if group and group not in groups:
+            groups[group] = p.add_mutually_exclusive_group(required="one_of" in f.metadata)
+        target, kind, options = groups[group] if group else p, str(f.type), option_settings(f)
         if f.name in (parsers or {}):
-            p.add_argument(flag, type=parsers[f.name], **options)
+            target.add_argument(flag(f.name), type=parsers[f.name], **options)
         elif kind.startswith("bool"):
-            p.add_argument(flag, action=BoolOption, **options)
+            target.add_argument(flag(f.name), action=BoolOption, **options)
         else:
             parse_value = _int if kind.startswith("int") else _float if kind.startswith("float") else str
-            p.add_argument(flag, type=parse_value, **options)
+            target.add_argument(flag(f.name), type=parse_value, **options)
 
 
 TRAIN_ONLY = ("register_as", "run_name", "resume", "profile")  # one training run's, not a study's or a pipeline's
@@ -108,21 +138,28 @@ def recipe_name(value: str) -> str:
 
 
 def add_train_options(p, skip: tuple[str, ...] = TRAIN_ONLY) -> None:
-    from bin_counter.config import TrainConfig
-
     add_config_options(p, TrainConfig, skip=skip, parsers={"recipe": recipe_name})
 
 
-def given_settings(args, config_class) -> dict:
-    """The fields of `config_class` the user gave (options, a settings file); MLproject's empty values are not."""
-    names = {f.name for f in dataclasses.fields(config_class)}
+def given_settings(args, config_class, only: tuple[str, ...] | None = None) -> dict:
+    """The fields of `config_class` (or `only` those) the user gave (options, a settings file); MLproject's empty
+    values are not."""
+    names = {f.name for f in dataclasses.fields(config_class) if only is None or f.name in only}
     return {k: v for k, v in vars(args).items() if k in names and v is not None and v != ""}
+
+
+def config_of(args, config_class, **fixed):
+    """The config of a verb's parsed options: what was not given is the dataclass's default."""
+    settings = {**given_settings(args, config_class), **fixed}
+    missing = [flag(f.name) for f in dataclasses.fields(config_class) if f.name not in settings
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:  # given empty (an MLproject parameter)
+        raise BinCounterError(f"{', '.join(missing)} needs a value")
+    return config_class(**settings)
 
 
 def train_config(args):
     """The TrainConfig of parsed arguments: the recipe's switches, then every option that was given."""
-    from bin_counter.config import TrainConfig
-
     settings = given_settings(args, TrainConfig)
     return TrainConfig.from_recipe(settings.pop("recipe", None), **settings)
 
@@ -145,18 +182,28 @@ def cmd_train(args) -> None:
 
 def add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help="evaluate a logged/registered model on a prepared split")
-    p.add_argument("--model-uri", required=True, help="runs:/RUN_ID/model, models:/NAME@champion, ...")
-    p.add_argument("--data", default="data")
-    p.add_argument("--split", default="test", choices=["train", "val", "test"])
-    p.add_argument("--output", help="also write the metrics as JSON to this file")
-    p.add_argument("--batch-size", type=_positive_int, default=64)
+    add_config_options(p, EvaluateConfig, parsers={"batch_size": _positive_int})
     p.set_defaults(func=cmd_evaluate)
 
 
 def cmd_evaluate(args) -> None:
     from bin_counter.commands.evaluate import evaluate
 
-    evaluate(args.model_uri, args.data, args.split, args.output, args.batch_size)
+    evaluate(config_of(args, EvaluateConfig))
+
+
+def add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="serve a model over REST: MLflow's scoring app, requests bounded in bytes "
+                                     "and rows")
+    add_config_options(p, ServeConfig, parsers={"port": _positive_int, "workers": _positive_int})
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args) -> None:
+    from bin_counter.serving.server import serve
+
+    config = config_of(args, ServeConfig)
+    serve(config.model_uri, config.host, config.port, config.workers)
 
 
 def add_compare(sub) -> None:
@@ -200,8 +247,6 @@ has no conditional space."""
 
 
 def add_tune(sub) -> None:
-    from bin_counter.config import TUNE_OBJECTIVES as OBJECTIVES
-
     p = sub.add_parser("tune", help="hyperparameter search (Optuna locally, or a SageMaker tuning job)",
                        description=TUNE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_train_options(p)
@@ -209,7 +254,7 @@ def add_tune(sub) -> None:
     p.add_argument("--n-jobs", type=_int, default=1, help="trials run in parallel in this process")
     p.add_argument("--storage", help="Optuna RDB URL (sqlite:///optuna.db, postgresql://...) shared by workers")
     p.add_argument("--study-name", default="bin-counter", help="rerun with the same name and storage to resume")
-    p.add_argument("--objective", choices=list(OBJECTIVES),
+    p.add_argument("--objective", choices=list(TUNE_OBJECTIVES),
                    help="model search: the out-of-fold figure to optimise (default accuracy, MAE breaking ties); a "
                         "trial with any count's recall below 0.10 is not eligible. The study's search minimises "
                         "Average loss")
@@ -283,35 +328,19 @@ def _sizes(text: str) -> tuple[int, ...]:
 
 def add_promote(sub) -> None:
     p = sub.add_parser("promote", help="move @champion to a model version only if it beats the current champion")
-    p.add_argument("--name", required=True, help="registered model name")
-    group = p.add_mutually_exclusive_group()
-    group.add_argument("--version", help="candidate version (default: the newest)")
-    group.add_argument("--run-id", help="candidate: the model of this run (registered if it is not yet)")
-    p.add_argument("--data", default="data", help="DATA_DIR whose test split both models are scored on")
-    p.add_argument("--metric", default="f1_macro", help="the test-split figure compared: f1_macro (default), "
-                                                        "accuracy, mae, rmse, ... (test/f1_macro and the older "
-                                                        "test_f1_macro say the same)")
-    p.add_argument("--min-gain", type=float, default=0.0, help="improvement needed to take the champion alias")
+    add_config_options(p, PromoteConfig)
     p.set_defaults(func=cmd_promote)
 
 
 def cmd_promote(args) -> None:
     from bin_counter.commands.registry import promote
 
-    promote(args.name, args.data, args.version, args.run_id, args.metric, args.min_gain)
+    promote(config_of(args, PromoteConfig))
 
 
 def add_predict(sub) -> None:
     p = sub.add_parser("predict", help="count the objects in new bin images and list bins for a manual check")
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model-uri", help="runs:/.../model, models:/NAME@champion")
-    source.add_argument("--endpoint", help="a SageMaker endpoint name")
-    source.add_argument("--url", help="a served model, e.g. http://127.0.0.1:5001")
-    p.add_argument("--input", required=True, help="a folder, a prepare manifest/DATA_DIR, an image, or s3://bucket/prefix")
-    p.add_argument("--output", default="results.csv")
-    add_check_options(p)
-    p.add_argument("--batch-size", type=_positive_int, default=16)
-    p.add_argument("--region", help="AWS region of --endpoint")
+    add_results_options(p, PredictConfig, batch_size=_positive_int)
     p.set_defaults(func=cmd_predict)
 
 
@@ -340,83 +369,36 @@ class Replaced(argparse.Action):
         raise BinCounterError(f"{option_string} is gone: {self.replacement}")
 
 
-def add_check_options(p) -> None:
+def add_results_options(p, config_class, **parsers) -> None:
     """What predict and transform add to each count: count sets, the record check, the manual-check budget."""
-    from bin_counter.commands.predict import DEFAULT_CHECK_SHARE
-
-    p.add_argument("--coverage", type=_share, help="count sets hold the true count with this probability "
-                                                   "(default: the coverage the model was logged with, 0.9)")
-    p.add_argument("--false-alarm", type=_share, help="a recorded quantity is `suspect` when its conformal p-value "
-                                                      "is below this: the share of correct records questioned "
-                                                      "(default: the model's, 0.05)")
-    p.add_argument("--records", metavar="FILE.csv", help="recorded quantities to check: columns expected_quantity "
-                                                         "and image_id or path (path where ids repeat); over ABID "
-                                                         "metadata beside the photos")
-    p.add_argument("--check-share", type=_check_share, default=DEFAULT_CHECK_SHARE,
-                   help="of the bins without a record, the share people can look at: the least certain go on the "
-                        f"manual-check list (default {DEFAULT_CHECK_SHARE})")
+    add_config_options(p, config_class, parsers={"coverage": _share, "false_alarm": _share,
+                                                 "check_share": _check_share, **parsers})
     p.add_argument("--min-confidence", nargs="?", action=Replaced, help="gone in 0.2: see --false-alarm and "
                                                                          "--check-share",
                    replacement="records are questioned by --false-alarm, bins without one by --check-share")
 
 
-def check_options(args) -> dict:
-    """--coverage, --false-alarm, --check-share and the --records table (read first: a bad file fails at once)."""
-    from bin_counter.commands.predict import read_records
-
-    return {"coverage": args.coverage, "false_alarm": args.false_alarm, "check_share": args.check_share,
-            "records": read_records(args.records) if args.records else None}
-
-
 def cmd_predict(args) -> None:
-    from bin_counter.commands.predict import make_counter, predict
+    from bin_counter.commands.predict import predict
 
-    options = check_options(args)
-    predict(make_counter(args.model_uri, args.endpoint, args.url, args.region), args.input, args.output,
-            args.batch_size, **options)
+    predict(config_of(args, PredictConfig))
 
 
 def add_deploy(sub) -> None:
     p = sub.add_parser("deploy", help="deploy a model to a SageMaker endpoint with MLflow's SageMaker target")
-    p.add_argument("--model-uri", help="models:/NAME@champion, runs:/.../model")
-    p.add_argument("--endpoint", required=True)
-    p.add_argument("--region", required=True)
-    p.add_argument("--execution-role-arn")
-    p.add_argument("--image-url", help="the ECR image from `mlflow sagemaker build-and-push-container`")
-    p.add_argument("--instance-type", default="ml.m5.large")
-    p.add_argument("--instance-count", type=_int, default=1)
-    p.add_argument("--bucket", help="S3 bucket for the model artifacts (default: MLflow's per-region bucket)")
-    action = p.add_mutually_exclusive_group()
-    action.add_argument("--update", action="store_true", help="replace the model of an existing endpoint")
-    action.add_argument("--delete", action="store_true", help="delete the endpoint")
-    p.add_argument("--dry-run", action="store_true", help="print what would be done")
+    add_config_options(p, DeployConfig)
     p.set_defaults(func=cmd_deploy)
 
 
 def cmd_deploy(args) -> None:
     from bin_counter.cloud.deploy import deploy
 
-    deploy(args.endpoint, args.region, args.model_uri, args.execution_role_arn, args.image_url, args.instance_type,
-           args.instance_count, args.bucket, args.update, args.delete, args.dry_run)
+    deploy(config_of(args, DeployConfig))
 
 
 def add_launch(sub) -> None:
     p = sub.add_parser("launch", help="run `train` as a SageMaker training job: launch [options] -- <train options>")
-    p.add_argument("--backend", choices=["sagemaker"], default="sagemaker")
-    p.add_argument("--s3-data", help="s3://bucket/prefix written by `prepare --upload`")
-    p.add_argument("--role", help="execution role ARN")
-    p.add_argument("--output-path", help="s3:// prefix for the job's outputs (and checkpoints)")
-    p.add_argument("--instance-type", default="ml.g4dn.xlarge")
-    p.add_argument("--instance-count", type=_int, default=1, help="more than 1: torchrun across instances (DDP)")
-    p.add_argument("--spot", action="store_true", help="managed spot training; resumes from checkpoints in S3")
-    p.add_argument("--tracking-secret", metavar="SECRET_ID",
-                   help="AWS Secrets Manager secret holding the tracking server's credentials as JSON "
-                        "({\"username\", \"password\"} or {\"token\"}); the job reads it with its role")
-    p.add_argument("--checkpoints", action="store_true", help="sync checkpoints to S3 without spot")
-    p.add_argument("--image-uri", help="training image (default: the region's PyTorch 2.5 GPU image)")
-    p.add_argument("--region")
-    p.add_argument("--dry-run", action="store_true",
-                   help="print the CreateTrainingJob request (the code is staged in S3 so the request is complete)")
+    add_config_options(p, LaunchConfig)
     p.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then `train` options, e.g. -- --epochs 10")
     p.set_defaults(func=cmd_launch)
 
@@ -432,89 +414,89 @@ def cmd_launch(args) -> None:
     except SystemExit:
         reason = (refused.getvalue().strip().splitlines() or [""])[-1].split("error: ", 1)[-1]
         raise BinCounterError(f"launch: not valid train options: {' '.join(train_args)} ({reason})") from None
-    training_job(args, train_args)
+    training_job(config_of(args, LaunchConfig), train_args)
 
 
 def add_crossval(sub) -> None:
     p = sub.add_parser("crossval", help="compare recipes by repeated stratified k-fold on real ABID images")
-    p.add_argument("--source", default="sample", help="`sample`, a directory in ABID's layout, or s3://...")
-    p.add_argument("--recipes", default="probe,study,counting", help="comma-separated recipe names")
-    p.add_argument("--folds", type=_int, default=5)
-    p.add_argument("--repeats", type=_int, default=1)
-    p.add_argument("--seed", type=_int, default=0)
-    p.add_argument("--classes", default="1-5")
-    p.add_argument("--feature-views", type=_int, default=2, help="augmented views cached per training image")
-    p.add_argument("--cache-dir", default=".cache/features")
-    p.add_argument("--num-workers", type=_int, default=2)
-    p.add_argument("--output",
-                   help="also write the table as markdown (e.g. experiments/studies/recipes_crossval/crossval.md)")
+    add_config_options(p, CrossvalConfig, skip=("base",), parsers={"recipes": _recipe_names})
+    add_config_options(p, TrainConfig, only=CROSSVAL_TRAINING)
     p.set_defaults(func=cmd_crossval)
+
+
+def _recipe_names(text: str) -> tuple[str, ...] | None:
+    return _names(text) or None  # MLproject's empty value: the default recipes
+
+
+def crossval_config(args) -> CrossvalConfig:
+    """Every fold trains from TrainConfig's defaults (under each recipe's switches) but for the CROSSVAL_TRAINING
+    options given."""
+    return config_of(args, CrossvalConfig, base=TrainConfig(**given_settings(args, TrainConfig,
+                                                                             only=CROSSVAL_TRAINING)))
 
 
 def cmd_crossval(args) -> None:
     from bin_counter.commands.crossval import crossval
-    from bin_counter.config import TrainConfig
 
-    base = TrainConfig(feature_views=args.feature_views, cache_dir=args.cache_dir, num_workers=args.num_workers)
-    crossval(args.source, [r.strip() for r in args.recipes.split(",") if r.strip()], args.folds, args.repeats,
-             args.seed, base, args.output, args.classes)
+    crossval(crossval_config(args))
 
 
 def add_transform(sub) -> None:
     p = sub.add_parser("transform", help="count an S3 prefix of bin photos with a SageMaker batch transform job")
-    p.add_argument("--model-uri", help="models:/NAME@champion, runs:/.../model")
-    p.add_argument("--input", help="the photos: s3://bucket/prefix (or anything `predict --input` takes)")
-    p.add_argument("--staging", help="s3://bucket/prefix for the job's requests, output and index")
-    p.add_argument("--join", metavar="S3_JOB_PREFIX", help="only join an earlier job's output (STAGING/JOB)")
-    p.add_argument("--region", default=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
-    p.add_argument("--execution-role-arn", help="the role SageMaker runs the job with")
-    p.add_argument("--image-url", help="the mlflow-pyfunc serving image (mlflow sagemaker build-and-push-container)")
-    p.add_argument("--instance-type", default="ml.m5.large")
-    p.add_argument("--instance-count", type=_int, default=1)
-    p.add_argument("--job-name", help="default bin-counter-YYYYMMDD-HHMMSS")
-    p.add_argument("--output", default="results.csv")
-    add_check_options(p)
-    p.add_argument("--timeout", type=_int, default=3600, help="seconds to wait for the job")
-    p.add_argument("--dry-run", action="store_true", help="stage locally and print the request; send nothing")
+    add_results_options(p, TransformConfig)
     p.set_defaults(func=cmd_transform)
 
 
 def cmd_transform(args) -> None:
     from bin_counter.commands.transform import join_command, transform
 
-    if args.join:
-        join_command(args.join, args.output, args.check_share)
+    config = config_of(args, TransformConfig)
+    if config.join:
+        join_command(config.join, config.output, config.check_share)
         return
-    missing = [flag for flag, value in (("--model-uri", args.model_uri), ("--input", args.input),
-                                        ("--staging", args.staging)) if not value]
+    missing = [flag(name) for name in ("model_uri", "input", "staging") if not getattr(config, name)]
     if missing:
         raise BinCounterError(f"transform needs {', '.join(missing)} (or --join S3_JOB_PREFIX)")
-    transform(args.model_uri, args.input, args.staging, args.region, args.execution_role_arn, args.image_url,
-              args.instance_type, args.instance_count, args.job_name, args.output, args.timeout, args.dry_run,
-              **check_options(args))
+    transform(config)
 
 
-def build_parser() -> argparse.ArgumentParser:
+class Commands(dict):
+    """Each subcommand's parser by name, kept as the add_* functions add them (argparse's own table is private)."""
+
+    def __init__(self, subparsers):
+        super().__init__()
+        self.subparsers = subparsers
+
+    def add_parser(self, name: str, **kwargs) -> argparse.ArgumentParser:
+        self[name] = self.subparsers.add_parser(name, **kwargs)
+        return self[name]
+
+
+def build_commands() -> tuple[argparse.ArgumentParser, Commands]:
     parser = argparse.ArgumentParser(prog="bin-counter",
                                      description="Count objects in Amazon bin photos (ABID), tracked with MLflow.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--experiment-name", help="the MLflow experiment to log to (default: MLFLOW_EXPERIMENT_NAME, "
                                                   "else bin-counter); with `mlflow run`, pass `--experiment-name` "
                                                   "to mlflow run itself")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = Commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
     for add in COMMANDS:
-        add(sub)
-    return parser
+        add(commands)
+    return parser, commands
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return build_commands()[0]
 
 
 COMMANDS = [add_prepare, add_train, add_evaluate, add_compare, add_main, add_tune, add_promote, add_predict,
-            add_deploy, add_launch, add_crossval, add_transform]
+            add_serve, add_deploy, add_launch, add_crossval, add_transform]
 
 
 def parse(argv: list[str] | None):
     """Parse. A settings file (compare's --experiment YAML, train's --config) supplies values that explicit options
     override; the recipe is applied under both by train_config (TrainConfig.from_recipe)."""
-    parser = build_parser()
+    parser, commands = build_commands()
     # MLflow passes an undeclared `-P batch_size=64` on as `--batch_size 64`: the same option as --batch-size
     argv = [re.sub(r"^--[a-z0-9_-]+", lambda m: m[0].replace("_", "-"), a) for a in
             (sys.argv[1:] if argv is None else argv)]
@@ -523,19 +505,17 @@ def parse(argv: list[str] | None):
         path = getattr(args, option, None)
         if not path:
             continue
-        from bin_counter.config import load_yaml
-
         doc = load_yaml(path)
         if not isinstance(doc, dict):
             raise BinCounterError(f"{path}: expected a mapping of option: value, got {type(doc).__name__}")
-        subparser = next(a for a in parser._subparsers._group_actions).choices[args.command]
+        subparser = commands[args.command]
         actions = {action.dest: action for action in subparser._actions}
         unknown = set(doc) - set(actions)
         if unknown:
             raise BinCounterError(f"{path}: unknown keys {sorted(unknown, key=str)}")
         subparser.set_defaults(**{k: file_value(actions[k], v, path) for k, v in doc.items()})
         args = parser.parse_args(argv)
-    return not_given_is_default(args, parser)
+    return not_given_is_default(args, commands[args.command])
 
 
 def file_value(action, value, path):
@@ -552,10 +532,9 @@ def file_value(action, value, path):
         raise BinCounterError(f"{path}: {action.dest}: {exc}") from None
 
 
-def not_given_is_default(args, parser):
+def not_given_is_default(args, subparser):
     """An MLproject parameter the user did not set arrives as an empty value (`--epochs ''`): it means the
     default, after the recipe, exactly as if the flag were absent from a CLI call."""
-    subparser = next(a for a in parser._subparsers._group_actions).choices[args.command]
     for action in subparser._actions:
         value = getattr(args, action.dest, None)
         if value == "" or (value is None and hasattr(args, action.dest) and action.default is not None):

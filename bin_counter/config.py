@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -9,11 +11,26 @@ from typing import Any
 import yaml
 
 from bin_counter import BinCounterError, one_line
+from bin_counter.core.answers import DEFAULT_CHECK_SHARE
+from bin_counter.core.inference import ENGINES
+from bin_counter.core.manifest import SPLITS
 
 
-def setting(default: Any, help: str) -> Any:
-    """A config field with its command-line help: the CLI's options are built from these (cli.add_config_options)."""
-    return field(default=default, metadata={"help": help})
+def setting(default: Any, help: str, **option: Any) -> Any:
+    """A config field with its command-line help: the CLI's options are built from these (cli.add_config_options).
+    `option`: argparse's `choices` or `metavar`, or a group of options given at most once (`exclusive=NAME`) or
+    exactly once (`one_of=NAME`)."""
+    return field(default=default, metadata={"help": help, **option})
+
+
+def setting_from(factory: Callable[[], Any], help: str, **option: Any) -> Any:
+    """A setting whose default is found when a config is made: from the environment, or owned by another module."""
+    return field(default_factory=factory, metadata={"help": help, **option})
+
+
+def required(help: str, **option: Any) -> Any:
+    """A setting without a default: the option must be given."""
+    return setting(dataclasses.MISSING, help, **option)
 
 
 @dataclass(frozen=True)
@@ -142,6 +159,144 @@ class TrainConfig:
         for message, ok in checks.items():
             if not ok:
                 raise BinCounterError(message)
+
+
+def default_region() -> str:
+    return os.environ.get("AWS_DEFAULT_REGION", "us-east-1")
+
+
+# One config per verb: its options, with their defaults and help, defined once (kw_only: callers name the settings)
+@dataclass(frozen=True, kw_only=True)
+class EvaluateConfig:
+    model_uri: str = required("runs:/RUN_ID/model, models:/NAME@champion, ...")
+    data: str = setting(PrepareConfig.out, "DATA_DIR written by `prepare`")
+    split: str = setting("test", "the split the model is scored on", choices=SPLITS)
+    output: str | None = setting(None, "also write the metrics as JSON to this file")
+    batch_size: int = setting(64, "images per batch sent to the model")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServeConfig:
+    model_uri: str = required("runs:/RUN_ID/model, models:/NAME@champion, a local model folder")
+    host: str = setting("127.0.0.1", "the address to listen on (0.0.0.0: every interface)")
+    port: int = setting(8080, "the port to listen on")
+    workers: int = setting(1, "scoring processes (each loads the model; set BIN_COUNTER_ONNX_THREADS to cores / "
+                              "workers)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PromoteConfig:
+    name: str = required("registered model name")
+    version: str | None = setting(None, "candidate version (default: the newest)", exclusive="candidate")
+    run_id: str | None = setting(None, "candidate: the model of this run (registered if it is not yet)",
+                                 exclusive="candidate")
+    data: str = setting(PrepareConfig.out, "DATA_DIR whose test split both models are scored on")
+    metric: str = setting("f1_macro", "the test-split figure compared: f1_macro, accuracy, mae, rmse, ... "
+                                      "(test/f1_macro and the older test_f1_macro say the same)")
+    min_gain: float = setting(0.0, "improvement needed to take the champion alias")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResultsConfig:
+    """What predict and transform write beside each count: count sets, the record check, the manual-check list."""
+
+    output: str = setting("results.csv", "the results CSV to write")
+    coverage: float | None = setting(None, "count sets hold the true count with this probability (default: the "
+                                           "coverage the model was logged with, 0.9)")
+    false_alarm: float | None = setting(None, "a recorded quantity is `suspect` when its conformal p-value is below "
+                                              "this: the share of correct records questioned (default: the "
+                                              "model's, 0.05)")
+    records: str | None = setting(None, "recorded quantities to check: columns expected_quantity and image_id or "
+                                        "path (path where ids repeat); over ABID metadata beside the photos",
+                                  metavar="FILE.csv")
+    check_share: float = setting(DEFAULT_CHECK_SHARE, "of the bins without a record, the share people can look at: "
+                                                      "the least certain go on the manual-check list")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PredictConfig(ResultsConfig):
+    model_uri: str | None = setting(None, "runs:/.../model, models:/NAME@champion", one_of="model")
+    endpoint: str | None = setting(None, "a SageMaker endpoint name", one_of="model")
+    url: str | None = setting(None, "a served model, e.g. http://127.0.0.1:5001", one_of="model")
+    input: str = required("a folder, a prepare manifest/DATA_DIR, an image, or s3://bucket/prefix")
+    batch_size: int = setting(16, "images per request to the model")
+    region: str | None = setting(None, "AWS region of --endpoint")
+
+
+@dataclass(frozen=True, kw_only=True)
+class HostingConfig:
+    """The mlflow-pyfunc serving container on SageMaker instances, as deploy and transform run it."""
+
+    model_uri: str | None = setting(None, "models:/NAME@champion, runs:/.../model")
+    execution_role_arn: str | None = setting(None, "the role SageMaker runs the model with")
+    image_url: str | None = setting(None, "the mlflow-pyfunc serving image (`mlflow sagemaker "
+                                          "build-and-push-container`)")
+    instance_type: str = setting("ml.m5.large", "SageMaker instance type")
+    instance_count: int = setting(1, "SageMaker instances")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeployConfig(HostingConfig):
+    endpoint: str = required("the SageMaker endpoint's name")
+    region: str = required("the endpoint's AWS region")
+    bucket: str | None = setting(None, "S3 bucket for the model artifacts (default: MLflow's per-region bucket)")
+    # the container's environment: workers x threads = the instance's vCPUs (docs/serving-and-deployment.md)
+    workers: int = setting(1, "scoring workers per instance (MLflow's container starts one per vCPU otherwise)")
+    threads_per_worker: int = setting(0, "ONNX Runtime threads per worker (0: one per physical core)")
+    engine: str = setting("onnx", "what runs the model in the container", choices=ENGINES)
+    max_image_bytes: int | None = setting(None, "bytes per image the endpoint accepts (default 6 MiB)")
+    update: bool = setting(False, "replace the model of an existing endpoint", exclusive="action")
+    delete: bool = setting(False, "delete the endpoint", exclusive="action")
+    dry_run: bool = setting(False, "print what would be done")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TransformConfig(HostingConfig, ResultsConfig):
+    input: str | None = setting(None, "the photos: s3://bucket/prefix (or anything `predict --input` takes)")
+    staging: str | None = setting(None, "s3://bucket/prefix for the job's requests, output and index")
+    join: str | None = setting(None, "only join an earlier job's output (STAGING/JOB)", metavar="S3_JOB_PREFIX")
+    region: str = setting_from(default_region, "AWS region of the job; AWS_DEFAULT_REGION when it is set")
+    job_name: str | None = setting(None, "the job's name (default bin-counter-YYYYMMDD-HHMMSS)")
+    timeout: int = setting(3600, "seconds to wait for the job")
+    dry_run: bool = setting(False, "stage locally and print the request; send nothing")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LaunchConfig:
+    """`bin-counter launch`: `train` as a SageMaker training job (its train options are checked apart)."""
+
+    backend: str = setting("sagemaker", "where the training job runs", choices=("sagemaker",))
+    s3_data: str | None = setting(None, "s3://bucket/prefix written by `prepare --upload`")
+    role: str | None = setting(None, "execution role ARN")
+    output_path: str | None = setting(None, "s3:// prefix for the job's outputs (and checkpoints)")
+    instance_type: str = setting("ml.g4dn.xlarge", "SageMaker training instance type")
+    instance_count: int = setting(1, "more than 1: torchrun across instances (DDP)")
+    spot: bool = setting(False, "managed spot training; resumes from checkpoints in S3")
+    tracking_secret: str | None = setting(None, "AWS Secrets Manager secret holding the tracking server's "
+                                                "credentials as JSON ({\"username\", \"password\"} or {\"token\"}); "
+                                                "the job reads it with its role", metavar="SECRET_ID")
+    checkpoints: bool = setting(False, "sync checkpoints to S3 without spot")
+    image_uri: str | None = setting(None, "training image (default: the region's PyTorch 2.5 GPU image)")
+    region: str | None = setting(None, "AWS region (default: AWS_DEFAULT_REGION)")
+    dry_run: bool = setting(False, "print the CreateTrainingJob request (the code is staged in S3 so the request "
+                                   "is complete)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CrossvalConfig:
+    source: str = setting(PrepareConfig.source, "`sample`, a directory in ABID's layout, or s3://...")
+    recipes: tuple[str, ...] = setting(("probe", "study", "counting"), "comma-separated recipe names")
+    folds: int = setting(5, "stratified folds")
+    repeats: int = setting(1, "repeats of the k-fold split, each a new shuffle")
+    seed: int = setting(0, "seeds the folds and each fold's validation split")
+    classes: str = setting(PrepareConfig.classes, "counts kept, as prepare's --classes")
+    output: str | None = setting(None, "also write the table as markdown "
+                                       "(e.g. experiments/studies/recipes_crossval/crossval.md)")
+    # every fold's training settings under the recipes' switches (the CLI sets CROSSVAL_TRAINING of them)
+    base: TrainConfig = field(default_factory=TrainConfig)
+
+
+CROSSVAL_TRAINING = ("feature_views", "cache_dir", "num_workers")
 
 
 DECODES = ("argmax", "expected", "ordinal")

@@ -69,6 +69,7 @@ class FlakyModelServer:
 
 def test_failed_requests_are_recorded_and_the_rest_counted_in_requests_that_fit(tmp_path, monkeypatch):
     from bin_counter.commands.predict import RestModel, predict
+    from bin_counter.config import PredictConfig
 
     folder = tmp_path / "photos"
     folder.mkdir()
@@ -83,7 +84,8 @@ def test_failed_requests_are_recorded_and_the_rest_counted_in_requests_that_fit(
     monkeypatch.setenv("BIN_COUNTER_MAX_REQUEST_BYTES", str(limit))
     server = FlakyModelServer(poison=b64_file(poison))
     try:
-        results = predict(RestModel(server.url), str(folder), str(tmp_path / "results.csv"), batch_size=16)
+        results = predict(PredictConfig(input=str(folder), output=str(tmp_path / "results.csv"), batch_size=16),
+                          RestModel(server.url))
     finally:
         server.close()
     written = pd.read_csv(tmp_path / "results.csv", dtype={"image_id": str}).set_index("image_id")
@@ -103,6 +105,7 @@ def test_failed_requests_are_recorded_and_the_rest_counted_in_requests_that_fit(
 
 def test_unreachable_model_still_writes_every_image_with_its_error(tmp_path, capsys):
     from bin_counter.commands.predict import RestModel, predict
+    from bin_counter.config import PredictConfig
 
     folder = tmp_path / "photos"
     folder.mkdir()
@@ -110,7 +113,7 @@ def test_unreachable_model_still_writes_every_image_with_its_error(tmp_path, cap
         (folder / path.name).write_bytes(path.read_bytes())
     nobody = f"http://user:hunter2@127.0.0.1:{free_port()}"  # a closed port
     with pytest.raises(BinCounterError, match="no image was counted") as error:
-        predict(RestModel(nobody), str(folder), str(tmp_path / "results.csv"))
+        predict(PredictConfig(input=str(folder), output=str(tmp_path / "results.csv")), RestModel(nobody))
     written = pd.read_csv(tmp_path / "results.csv")
     assert len(written) == 3 and written["error"].str.contains("cannot reach").all()
     assert "hunter2" not in str(error.value) + capsys.readouterr().out + written.to_csv()

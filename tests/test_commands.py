@@ -12,7 +12,7 @@ import pytest
 import requests
 import yaml
 
-from bin_counter.cli import build_parser, main, parse, train_config
+from bin_counter.cli import build_commands, main, parse, train_config
 from bin_counter.commands.prepare import SAMPLE_DIR
 from bin_counter.config import RECIPES
 from bin_counter.core.manifest import read_manifest
@@ -23,8 +23,7 @@ STUDY_YAML = ROOT / "experiments/studies/efficientnet_vs_resnet50/efficientnet_v
 
 
 def commands() -> dict:
-    (subparsers,) = [a for a in build_parser()._actions if a.dest == "command"]
-    return subparsers.choices
+    return build_commands()[1]
 
 
 def test_every_command_has_help(capsys):

@@ -6,6 +6,7 @@ import pandas as pd
 
 from bin_counter.commands.predict import predict
 from bin_counter.commands.prepare import SAMPLE_DIR
+from bin_counter.config import PredictConfig
 
 PHOTO = next((SAMPLE_DIR / "bin-images").glob("*.jpg")).read_bytes()
 
@@ -22,7 +23,7 @@ def test_s3_images_are_paired_with_the_metadata_beside_them_not_a_same_id_elsewh
     aws.put_object(Bucket="bins", Key="monday/bin-images/00001.jpg", Body=PHOTO)  # no metadata of its own
     aws.put_object(Bucket="bins", Key="tuesday/bin-images/00001.jpg", Body=PHOTO)
     aws.put_object(Bucket="bins", Key="tuesday/metadata/00001.json", Body=json.dumps({"EXPECTED_QUANTITY": 7}))
-    predict(count_three, "s3://bins/", str(tmp_path / "out.csv"))
+    predict(PredictConfig(input="s3://bins/", output=str(tmp_path / "out.csv")), count_three)
     out = pd.read_csv(tmp_path / "out.csv", dtype={"image_id": str}).set_index("key")
     assert out.loc["tuesday/bin-images/00001.jpg", "expected_quantity"] == 7
     assert pd.isna(out.loc["monday/bin-images/00001.jpg", "expected_quantity"])  # before: tuesday's 7

@@ -11,7 +11,7 @@ import torch
 from bin_counter.cli import parse, train_config
 from bin_counter.commands.evaluate import evaluate_model
 from bin_counter.commands.train import CountingLoss, evaluate_epoch, make_criterion, train
-from bin_counter.config import RECIPES, TrainConfig
+from bin_counter.config import RECIPES, CrossvalConfig, TrainConfig
 from bin_counter.core.data import dihedral_views, eval_transform
 from bin_counter.core.features import FeatureViews, cached_features
 from bin_counter.core.manifest import read_manifest
@@ -115,7 +115,8 @@ def test_crossval_protocol_writes_the_table(tmp_path):
     from conftest import make_abid_dir
 
     source = make_abid_dir(tmp_path / "abid", per_class=6)
-    table = crossval(str(source), ["study", "probe"], folds=3, seed=0, base=base, output=str(out))
+    table = crossval(CrossvalConfig(source=str(source), recipes=("study", "probe"), folds=3, seed=0, base=base,
+                                    output=str(out)))
     assert list(table["recipe"]) == ["majority class", "study", "probe"] and (table["folds"] == 3).all()
     recalls = [float(r) for r in table.set_index("recipe").loc["probe", "recall per count"].split(" / ")]
     assert len(recalls) == 5 and all(0 <= r <= 1 for r in recalls)

@@ -13,10 +13,10 @@ import pytest
 import requests
 from PIL import Image
 
-from bin_counter.commands.predict import LocalModel, predict, read_records
+from bin_counter.commands.predict import LocalModel, predict
 from bin_counter.commands.registry import promote
 from bin_counter.commands.train import train
-from bin_counter.config import TrainConfig
+from bin_counter.config import PredictConfig, PromoteConfig, TrainConfig
 from bin_counter.core.manifest import read_manifest
 from conftest import free_port, make_abid_dir, wait_for
 
@@ -56,12 +56,15 @@ def b64(image: Image.Image, fmt="JPEG") -> str:
 
 
 def test_promote_moves_champion_only_on_real_gain(use_registry, tiny_data):
+    def promote_bins(version: str, **options) -> dict:
+        return promote(PromoteConfig(name="bins", data=str(tiny_data), version=version, **options))
+
     client = mlflow.MlflowClient()
-    first = promote("bins", str(tiny_data), version="1")
+    first = promote_bins("1")
     assert first["decision"] == "first champion"
     assert str(client.get_model_version_by_alias("bins", "champion").version) == "1"
     # v2 must beat v1 by a full F1 point of 1.0: impossible, so it becomes the challenger
-    held = promote("bins", str(tiny_data), version="2", min_gain=1.0)
+    held = promote_bins("2", min_gain=1.0)
     assert held["alias"] == "challenger"
     assert str(client.get_model_version_by_alias("bins", "champion").version) == "1"
     assert str(client.get_model_version_by_alias("bins", "challenger").version) == "2"
@@ -71,11 +74,11 @@ def test_promote_moves_champion_only_on_real_gain(use_registry, tiny_data):
     assert float(tags["champion/f1_macro"]) == pytest.approx(held["champion"], abs=1e-4)
     assert tags["data_digest"]
     # any gain above -1 wins: v2 takes the champion alias
-    won = promote("bins", str(tiny_data), version="2", min_gain=-1.0)
+    won = promote_bins("2", min_gain=-1.0)
     assert won["decision"] == "better than champion"
     assert str(client.get_model_version_by_alias("bins", "champion").version) == "2"
     # v1 back against champion v2 with no margin: it wins exactly when its F1 is higher
-    back = promote("bins", str(tiny_data), version="1", min_gain=0.0)
+    back = promote_bins("1", min_gain=0.0)
     v1_wins = back["candidate"] > back["champion"]
     assert back["decision"] == ("better than champion" if v1_wins else "not better than champion")
     assert back["alias"] == ("champion" if v1_wins else "challenger")
@@ -84,25 +87,25 @@ def test_promote_moves_champion_only_on_real_gain(use_registry, tiny_data):
 
     # MAE is lower-is-better: the gain is champion - candidate, so no candidate gains 10 counts of MAE ...
     other = "2" if str(champion) == "1" else "1"
-    held = promote("bins", str(tiny_data), version=other, metric="mae", min_gain=10.0)
+    held = promote_bins(other, metric="mae", min_gain=10.0)
     assert (held["decision"], held["alias"]) == ("not better than champion", "challenger")
     assert str(client.get_model_version_by_alias("bins", "champion").version) == str(champion)
     tags = client.get_model_version("bins", other).tags
     assert tags["promotion_metric"] == "mae" and float(tags["candidate/mae"]) == pytest.approx(held["candidate"],
                                                                                                abs=1e-4)
     # ... and with no margin the candidate wins exactly when its MAE is lower (higher would win if the sign were lost)
-    lower = promote("bins", str(tiny_data), version=other, metric="mae", min_gain=0.0)
+    lower = promote_bins(other, metric="mae", min_gain=0.0)
     assert lower["decision"] == ("better than champion" if lower["candidate"] < lower["champion"]
                                  else "not better than champion")
     # allowed to be up to 10 counts of MAE worse, any candidate takes the alias; the names before 0.2 still work
-    assert promote("bins", str(tiny_data), version=other, metric="test_mae", min_gain=-10.0)["alias"] == "champion"
+    assert promote_bins(other, metric="test_mae", min_gain=-10.0)["alias"] == "champion"
     # the promotion's scores are linked to the model they measured, with the split they were measured on
     promote_run = mlflow.last_active_run()
     candidate_model = mlflow.pyfunc.load_model(f"models:/bins/{other}").model_id
     logged = mlflow.MlflowClient().get_logged_model(candidate_model)
     assert any(m.key == "candidate/mae" and m.run_id == promote_run.info.run_id and m.dataset_name == "abid-test"
                for m in logged.metrics)
-    promote("bins", str(tiny_data), version="1", min_gain=-10.0)  # v1 champion again for the serving tests
+    promote_bins("1", min_gain=-10.0)  # v1 champion again for the serving tests
     assert str(client.get_model_version_by_alias("bins", "champion").version) == "1"
 
 
@@ -206,7 +209,7 @@ def test_served_model_over_http(use_registry, tiny_data, tmp_path):
         (folder / "bin-images" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 broken")
         from bin_counter.commands.predict import RestModel
 
-        results = predict(RestModel(url), str(folder), str(tmp_path / "rest.csv"))
+        results = predict(PredictConfig(input=str(folder), output=str(tmp_path / "rest.csv")), RestModel(url))
         assert len(results) == 6 and results.set_index("image_id").loc["broken", "needs_check"]
         assert "image" in results.set_index("image_id").loc["broken", "error"]
     finally:
@@ -221,7 +224,7 @@ def test_predict_folder_manifest_and_s3(use_registry, tiny_data, tmp_path, aws):
     (folder / "bin-images" / "notes.jpg").write_text("not an image at all")
     model = LocalModel("models:/bins/1")
     out = tmp_path / "results.csv"
-    results = predict(model, str(folder), str(out))
+    results = predict(PredictConfig(input=str(folder), output=str(out)), model)
     written = pd.read_csv(out, dtype={"image_id": str})
     assert len(written) == 12 and set(written.columns) >= {"image_id", "predicted_count", "confidence", "count_set",
                                                            "expected_quantity", "record_p", "record_check"}
@@ -241,12 +244,12 @@ def test_predict_folder_manifest_and_s3(use_registry, tiny_data, tmp_path, aws):
     records = tmp_path / "records.csv"
     pd.DataFrame({"image_id": [first, second], "path": ["", str(folder / "bin-images" / f"{second}.jpg")],
                   "expected_quantity": [0, 40]}).to_csv(records, index=False)
-    rechecked = predict(model, str(folder), str(tmp_path / "r.csv"), records=read_records(str(records)))
+    rechecked = predict(PredictConfig(input=str(folder), output=str(tmp_path / "r.csv"), records=str(records)), model)
     rechecked = rechecked.set_index("image_id")
     assert rechecked.loc[first, "expected_quantity"] == 0 and rechecked.loc[second, "expected_quantity"] == 40
     assert (rechecked.loc[[first, second], "check_reason"] == "record outside the counts the model knows").all()
 
-    from_manifest = predict(model, str(tiny_data), str(tmp_path / "m.csv"))
+    from_manifest = predict(PredictConfig(input=str(tiny_data), output=str(tmp_path / "m.csv")), model)
     assert len(from_manifest) == 60 and from_manifest["expected_quantity"].notna().all()
 
     aws.create_bucket(Bucket="incoming")
@@ -254,9 +257,9 @@ def test_predict_folder_manifest_and_s3(use_registry, tiny_data, tmp_path, aws):
         aws.put_object(Bucket="incoming", Key=f"today/bin-images/{path.name}", Body=path.read_bytes())
         aws.put_object(Bucket="incoming", Key=f"today/metadata/{path.stem}.json",
                        Body=(folder / "metadata" / f"{path.stem}.json").read_bytes())
-    from_s3 = predict(model, "s3://incoming/today", str(tmp_path / "s3.csv"))
+    from_s3 = predict(PredictConfig(input="s3://incoming/today", output=str(tmp_path / "s3.csv")), model)
     assert len(from_s3) == 4 and from_s3["expected_quantity"].notna().all()
-    batched = predict(model, str(folder), str(tmp_path / "b1.csv"), batch_size=1)
+    batched = predict(PredictConfig(input=str(folder), output=str(tmp_path / "b1.csv"), batch_size=1), model)
     assert list(batched["predicted_count"]) == list(results["predicted_count"])
 
 
@@ -287,6 +290,9 @@ def test_deploy_to_sagemaker_on_moto(use_registry, aws, capsys):
     # one scoring worker with ONNX Runtime's own threads, not MLflow's worker per vCPU each taking every core
     assert environment["MLFLOW_MODELS_WORKERS"] == "1" and environment["BIN_COUNTER_ENGINE"] == "onnx"
     assert environment["BIN_COUNTER_ONNX_THREADS"] == "0"
+    main(create + ["--update", "--workers", "2", "--threads-per-worker", "1", "--dry-run"])
+    planned = json.loads(capsys.readouterr().out)["config"]["env"]
+    assert planned["MLFLOW_MODELS_WORKERS"] == "2" and planned["BIN_COUNTER_ONNX_THREADS"] == "1"
     # the same endpoint through MLflow's own CLI: users can equally type `mlflow deployments ...`
     listed = subprocess.run([os.path.join(os.path.dirname(sys.executable), "mlflow"), "deployments", "get", "-t",
                              "sagemaker:/us-east-1", "--name", "bins"], capture_output=True, text=True, env=os.environ)

@@ -13,7 +13,7 @@ import torch
 
 from bin_counter.commands.evaluate import evaluate
 from bin_counter.commands.train import train
-from bin_counter.config import TrainConfig
+from bin_counter.config import EvaluateConfig, TrainConfig
 from bin_counter.core.data import ManifestImages, eval_transform
 from bin_counter.core.features import cached_features
 from bin_counter.core.manifest import read_manifest
@@ -48,7 +48,8 @@ def test_train_log_load_evaluate(tiny_data, tmp_path, capsys):
     version = mlflow.MlflowClient().get_registered_model("bin-counter-test").latest_versions[0]
     assert version.run_id == result.run_id
 
-    report = evaluate(result.model_uri, str(tiny_data), "test", output=str(tmp_path / "metrics.json"))
+    report = evaluate(EvaluateConfig(model_uri=result.model_uri, data=str(tiny_data), split="test",
+                                     output=str(tmp_path / "metrics.json")))
     doc = json.loads((tmp_path / "metrics.json").read_text())
     assert doc["accuracy"] == pytest.approx(report.metrics["accuracy"]) and set(doc["per_class"]) == {"1", "2", "3",
                                                                                                       "4", "5"}

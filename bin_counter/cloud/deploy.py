@@ -9,6 +9,7 @@ import json
 import logging
 
 from bin_counter import BinCounterError, one_line
+from bin_counter.config import DeployConfig
 from bin_counter.core.uris import redact_uri
 
 log = logging.getLogger(__name__)
@@ -53,22 +54,24 @@ def client_for(region: str):
     return get_deploy_client(f"sagemaker:/{region}")
 
 
-def deploy(endpoint: str, region: str, model_uri: str | None = None, execution_role_arn: str | None = None,
-           image_url: str | None = None, instance_type: str = "ml.m5.large", instance_count: int = 1,
-           bucket: str | None = None, update: bool = False, delete: bool = False, dry_run: bool = False) -> dict:
+def deploy(config: DeployConfig) -> dict:
     """`bin-counter deploy`: create (or --update, or --delete) the endpoint; returns what MLflow reports."""
-    if delete:
+    endpoint, region, model_uri = config.endpoint, config.region, config.model_uri
+    if config.delete:
         action = "delete"
     elif not model_uri:
         raise BinCounterError("--model-uri is required to create or update an endpoint")
     else:
-        action = "update" if update else "create"
-    config = deployment_config(execution_role_arn, image_url, region, instance_type, instance_count, bucket)
-    if action != "delete" and not execution_role_arn:
+        action = "update" if config.update else "create"
+    environment = endpoint_environment(config.workers, config.threads_per_worker, config.engine,
+                                       config.max_image_bytes)
+    deployment = deployment_config(config.execution_role_arn, config.image_url, region, config.instance_type,
+                                   config.instance_count, config.bucket, env=environment)
+    if action != "delete" and not config.execution_role_arn:
         raise BinCounterError("--execution-role-arn is required: the role SageMaker runs the endpoint with")
-    if dry_run:
+    if config.dry_run:
         plan = {"action": action, "target": f"sagemaker:/{region}", "endpoint": endpoint, "model_uri": model_uri,
-                "config": config}
+                "config": deployment}
         print(redact_uri(json.dumps(plan, indent=2)))
         return plan
     client = client_for(region)
@@ -77,9 +80,9 @@ def deploy(endpoint: str, region: str, model_uri: str | None = None, execution_r
             client.delete_deployment(endpoint, config={"region_name": region, "synchronous": True})
             result = {"name": endpoint, "deleted": True}
         elif action == "update":
-            result = client.update_deployment(endpoint, model_uri=model_uri, config=config)
+            result = client.update_deployment(endpoint, model_uri=model_uri, config=deployment)
         else:
-            result = client.create_deployment(endpoint, model_uri=model_uri, config=config)
+            result = client.create_deployment(endpoint, model_uri=model_uri, config=deployment)
     except Exception as exc:  # MlflowException, botocore errors: one line for the user
         raise BinCounterError(redact_uri(f"{action} of endpoint {endpoint} failed: {one_line(exc)}")) from None
     print(f"{action}d endpoint {endpoint} in {region}")

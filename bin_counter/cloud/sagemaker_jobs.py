@@ -24,6 +24,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from bin_counter import BinCounterError, one_line
+from bin_counter.config import LaunchConfig
 from bin_counter.core.metrics import STUDY_REGEXES
 from bin_counter.core.uris import has_credentials, redact_uri
 from bin_counter.serving.packaging import PACKAGE_DIR, requirements
@@ -241,28 +242,28 @@ def options_as_hyperparameters(train_args: list[str]) -> dict:
     return out
 
 
-def training_job(args, train_args: list[str]) -> dict:
+def training_job(config: LaunchConfig, train_args: list[str]) -> dict:
     """`bin-counter launch --backend sagemaker ... -- <train options>`: our train as a SageMaker training job.
     `train_args` were checked by the CLI as `train` options."""
     from bin_counter.cloud.s3 import parse_s3_uri
 
-    if not args.s3_data or not args.role or not args.output_path:
+    if not config.s3_data or not config.role or not config.output_path:
         raise BinCounterError("launch needs --s3-data s3://... (from `prepare --upload`), --role ARN and --output-path")
-    parse_s3_uri(args.s3_data)
+    parse_s3_uri(config.s3_data)
     hyperparameters = options_as_hyperparameters(train_args)
-    region = region_of(args.region)
-    environment = tracking_environment(args.dry_run, getattr(args, "tracking_secret", None))
-    checkpoint_s3 = checkpoint_prefix(args.output_path, args.s3_data, hyperparameters) \
-        if args.spot or args.checkpoints else None
+    region = region_of(config.region)
+    environment = tracking_environment(config.dry_run, config.tracking_secret)
+    checkpoint_s3 = checkpoint_prefix(config.output_path, config.s3_data, hyperparameters) \
+        if config.spot or config.checkpoints else None
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            trainer = make_trainer(args.s3_data, args.role, args.instance_type, args.image_uri, region,
-                                   args.output_path, stage_source(Path(tmp)), hyperparameters, args.instance_count,
-                                   args.spot, checkpoint_s3, environment)
+            trainer = make_trainer(config.s3_data, config.role, config.instance_type, config.image_uri, region,
+                                   config.output_path, stage_source(Path(tmp)), hyperparameters, config.instance_count,
+                                   config.spot, checkpoint_s3, environment)
             from sagemaker.core.training.configs import InputData
 
-            channels = [InputData(channel_name="training", data_source=args.s3_data)]
-            if args.dry_run:
+            channels = [InputData(channel_name="training", data_source=config.s3_data)]
+            if config.dry_run:
                 request = trainer._create_training_job_args(input_data_config=channels, boto3=True)
                 print(redact_uri(json.dumps(request, indent=2, default=str)))
                 return request
@@ -272,7 +273,7 @@ def training_job(args, train_args: list[str]) -> dict:
             raise
         except Exception as exc:  # botocore/pydantic errors from the SDK: one line for the user
             raise BinCounterError(f"SageMaker training job not created: {redact_uri(one_line(exc))}") from None
-    print(f"training job: {name} on {args.instance_count} x {args.instance_type}{' (spot)' if args.spot else ''}")
+    print(f"training job: {name} on {config.instance_count} x {config.instance_type}{' (spot)' if config.spot else ''}")
     if checkpoint_s3:
         print(f"checkpoints: {checkpoint_s3}")
     return {"name": name}

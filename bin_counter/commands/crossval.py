@@ -20,7 +20,7 @@ from sklearn.model_selection import RepeatedStratifiedKFold, train_test_split
 from bin_counter import BinCounterError, plots, tracking
 from bin_counter.commands.prepare import prepare
 from bin_counter.commands.train import train
-from bin_counter.config import RECIPES, PrepareConfig, TrainConfig
+from bin_counter.config import RECIPES, CrossvalConfig, PrepareConfig
 from bin_counter.core import metrics
 from bin_counter.core.files import atomic_write_text
 from bin_counter.core.manifest import DATASET_JSON, MANIFEST, classes_of, write_csv
@@ -135,14 +135,14 @@ def summarise(rows: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def crossval(source: str, recipes: list[str], folds: int = 5, repeats: int = 1, seed: int = 0,
-             base: TrainConfig | None = None, output: str | None = None, classes: str = "1-5") -> pd.DataFrame:
+def crossval(config: CrossvalConfig) -> pd.DataFrame:
+    source, recipes, folds, repeats, seed = config.source, config.recipes, config.folds, config.repeats, config.seed
+    base, output, classes = config.base, config.output, config.classes
     unknown = [r for r in recipes if r not in RECIPES]
     if unknown:
         raise BinCounterError(f"unknown recipe(s) {unknown}; choose from {', '.join(RECIPES)}")
     if folds < 2 or repeats < 1:
         raise BinCounterError(f"--folds must be at least 2 and --repeats at least 1 (got {folds} and {repeats})")
-    base = base or TrainConfig()
     work = Path(".cache") / "crossval" / hashlib.sha256(f"{source}:{classes}".encode()).hexdigest()[:12]
     manifest = prepare(PrepareConfig(source=source, out=str(work / "all"), split=(1.0, 0.0, 0.0), classes=classes,
                                      seed=seed)).manifest

@@ -9,6 +9,7 @@ import mlflow
 import pandas as pd
 
 from bin_counter import tracking
+from bin_counter.config import EvaluateConfig
 from bin_counter.core import metrics
 from bin_counter.core.files import atomic_write_text
 from bin_counter.core.manifest import read_manifest, read_split
@@ -19,7 +20,8 @@ from bin_counter.serving.model import load_model
 log = logging.getLogger(__name__)
 
 
-def evaluate_model(model, frame: pd.DataFrame, classes: list[int], batch_size: int = 64) -> Report:
+def evaluate_model(model, frame: pd.DataFrame, classes: list[int],
+                   batch_size: int = EvaluateConfig.batch_size) -> Report:
     # ABID's label is the recorded quantity: sent as the record, its check measures the false alarms on records
     # taken as right
     predictions = count_images(LoadedModel(model), list(frame["abs_path"]), batch_size, desc="evaluate",
@@ -40,8 +42,9 @@ def evaluate_into_run(run_id: str, model_uri: str, data: str, split: str = "test
     return report
 
 
-def evaluate(model_uri: str, data: str, split: str = "test", output: str | None = None, batch_size: int = 64) -> Report:
+def evaluate(config: EvaluateConfig) -> Report:
     """`bin-counter evaluate`."""
+    model_uri, data, split = config.model_uri, config.data, config.split
     frame, classes = read_split(Path(data), split)
     model = load_model(model_uri)
     with tracking.run("evaluate", model_uri=model_uri, split=split):
@@ -50,7 +53,7 @@ def evaluate(model_uri: str, data: str, split: str = "test", output: str | None 
         dataset = tracking.log_dataset(frame, str(Path(data).resolve()), f"abid-{split}", context=split,
                                        model_id=model_id)
         mlflow.set_tag("dataset_digest", dataset.digest)
-        report = evaluate_model(model, frame, classes, batch_size)
+        report = evaluate_model(model, frame, classes, config.batch_size)
         full = read_manifest(Path(data))
         reference = full[full["split"] == "train"] if (full["split"] == "train").any() else full
         baseline = metrics.majority_baseline(reference["count"], frame["count"])
@@ -60,8 +63,8 @@ def evaluate(model_uri: str, data: str, split: str = "test", output: str | None 
     print(summary_lines(report.metrics))
     print(f"majority-class baseline accuracy {baseline:.4f}")
     print(report.metrics["per_class"].to_string(index=False))
-    if output:
-        atomic_write_text(Path(output), json.dumps(metrics.json_ready(report.metrics), indent=2) + "\n")
+    if config.output:
+        atomic_write_text(Path(config.output), json.dumps(metrics.json_ready(report.metrics), indent=2) + "\n")
     return report
 
 

@@ -13,7 +13,7 @@ from bin_counter.commands.evaluate import evaluate
 from bin_counter.commands.prepare import run as run_prepare
 from bin_counter.commands.registry import promote
 from bin_counter.commands.train import train
-from bin_counter.config import PrepareConfig, TrainConfig
+from bin_counter.config import EvaluateConfig, PrepareConfig, PromoteConfig, TrainConfig
 from bin_counter.core import metrics
 
 # never the production model's name: `make run` against a team server must not take its @champion
@@ -27,11 +27,11 @@ def main_pipeline(source: str, cfg: TrainConfig) -> None:
     with tracking.run("main", title=title, backbone=cfg.backbone, recipe=cfg.recipe) as parent:
         run_prepare(PrepareConfig(source=source, out=cfg.data))
         result = train(dataclasses.replace(cfg, register_as=name))
-        report = evaluate(result.model_uri, cfg.data, "test")
+        report = evaluate(EvaluateConfig(model_uri=result.model_uri, data=cfg.data, split="test"))
         headline = {metrics.metric_key("test", k): report.metrics[k] for k in metrics.HEADLINE}
         mlflow.log_metrics({**headline, "main/wall_seconds": time.perf_counter() - start})
         mlflow.set_tag("model_uri", result.model_uri)
-        decision = promote(name, cfg.data, run_id=result.run_id)
+        decision = promote(PromoteConfig(name=name, data=cfg.data, run_id=result.run_id))
         mlflow.set_tag("registered_model", f"{name}/{decision['version']}@{decision['alias']}")
     print(f"model: {result.model_uri}  registered: models:/{name}/{decision['version']} (@{decision['alias']})")
     print(f"done in {time.perf_counter() - start:.0f} s.")

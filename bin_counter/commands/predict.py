@@ -17,8 +17,9 @@ import pandas as pd
 
 from bin_counter import BinCounterError, one_line
 from bin_counter.cloud import s3
+from bin_counter.config import PredictConfig
 from bin_counter.core import abid
-from bin_counter.core.answers import CONSISTENT, OUTSIDE, SUSPECT
+from bin_counter.core.answers import CONSISTENT, DEFAULT_CHECK_SHARE, OUTSIDE, SUSPECT
 from bin_counter.core.files import atomic_path, safe_join
 from bin_counter.serving.clients import (  # noqa: F401  (0.2's home of the clients: kept importable for 0.3)
     ANSWER_COLUMNS,
@@ -38,7 +39,6 @@ from bin_counter.serving.clients import (  # noqa: F401  (0.2's home of the clie
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
-DEFAULT_CHECK_SHARE = 0.1  # of the bins without a record, the share people look at
 
 
 # ---- where the images come from --------------------------------------------------------------------------
@@ -258,12 +258,15 @@ def attach_records(images: pd.DataFrame, records: pd.DataFrame) -> pd.DataFrame:
     return images
 
 
-def predict(counter: Counter, source: str, output: str, batch_size: int = 16, coverage: float | None = None,
-            false_alarm: float | None = None, records: pd.DataFrame | None = None,
-            check_share: float = DEFAULT_CHECK_SHARE) -> pd.DataFrame:
-    """Count every image of `source` into `output`, with count sets and the check of each recorded quantity;
-    images that could not be read or counted are listed with their reason, and the results are written even
-    when some requests failed."""
+def predict(config: PredictConfig, counter: Counter | None = None) -> pd.DataFrame:
+    """Count every image of `config.input` into `config.output`, with count sets and the check of each recorded
+    quantity; images that could not be read or counted are listed with their reason, and the results are written
+    even when some requests failed. `counter` counts instead of the model the config names."""
+    records = read_records(config.records) if config.records else None  # first: a bad file fails before a model loads
+    if counter is None:
+        counter = make_counter(config.model_uri, config.endpoint, config.url, config.region)
+    source, output, batch_size, check_share = config.input, config.output, config.batch_size, config.check_share
+    coverage, false_alarm = config.coverage, config.false_alarm
     params = {k: v for k, v in (("coverage", coverage), ("false_alarm", false_alarm)) if v is not None}
     with tempfile.TemporaryDirectory() as tmp:
         images = collect(source, Path(tmp))

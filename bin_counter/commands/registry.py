@@ -13,6 +13,7 @@ from mlflow.exceptions import MlflowException
 
 from bin_counter import BinCounterError, tracking
 from bin_counter.commands.evaluate import evaluate_model
+from bin_counter.config import PromoteConfig
 from bin_counter.core import metrics
 from bin_counter.core.manifest import read_split
 from bin_counter.serving.model import load_model
@@ -71,13 +72,14 @@ def is_better(candidate: float, champion: float, metric: str, min_gain: float) -
     return gain > min_gain
 
 
-def promote(name: str, data: str, version: str | None = None, run_id: str | None = None, metric: str = "f1_macro",
-            min_gain: float = 0.0, split: str = "test") -> dict:
+def promote(config: PromoteConfig) -> dict:
     """`bin-counter promote`; returns the decision and both scores."""
-    metric = metric_name(metric)
+    name, data, min_gain = config.name, config.data, config.min_gain
+    split = "test"  # both models are judged on the held-out test split
+    metric = metric_name(config.metric)
     client = mlflow.MlflowClient()
     frame, classes = read_split(Path(data), split)
-    candidate = candidate_version(client, name, version, run_id)
+    candidate = candidate_version(client, name, config.version, config.run_id)
     champion = current_champion(client, name)
     with tracking.run("promote", title=tracking.run_title("promote", name, f"v{candidate.version}"), model=name):
         dataset = tracking.log_dataset(frame, str(Path(data).resolve()), f"abid-{split}", context=split)

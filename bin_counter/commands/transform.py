@@ -29,7 +29,8 @@ import pandas as pd
 
 from bin_counter import BinCounterError
 from bin_counter.cloud import s3
-from bin_counter.commands.predict import DEFAULT_CHECK_SHARE, attach_records, collect, write_results
+from bin_counter.commands.predict import DEFAULT_CHECK_SHARE, attach_records, collect, read_records, write_results
+from bin_counter.config import TransformConfig
 from bin_counter.serving.clients import ANSWER_COLUMNS, REQUEST_FAILED, payload
 from bin_counter.tracking import redact_uri
 
@@ -198,21 +199,18 @@ def answer_row(answer: dict, reason: str) -> dict:
     return row
 
 
-def transform(model_uri: str, source: str, staging: str, region: str, execution_role_arn: str | None = None,
-              image_url: str | None = None, instance_type: str = "ml.m5.large", instance_count: int = 1,
-              job_name: str | None = None, output: str = "results.csv", timeout_seconds: int = 3600,
-              dry_run: bool = False, coverage: float | None = None, false_alarm: float | None = None,
-              records: pd.DataFrame | None = None, check_share: float = DEFAULT_CHECK_SHARE) -> pd.DataFrame | dict:
-    """Stage `source`'s photos, run the batch transform job, join its output into `output`."""
-
+def transform(config: TransformConfig) -> pd.DataFrame | dict:
+    """Stage `config.input`'s photos, run the batch transform job, join its output into `config.output`."""
+    records = read_records(config.records) if config.records else None  # first: a bad file fails at once
+    source, staging, dry_run = config.input, config.staging, config.dry_run
     if not staging.startswith("s3://"):
         raise BinCounterError(f"--staging must be s3://bucket/prefix (SageMaker reads and writes S3), got {staging!r}")
-    if not execution_role_arn and not dry_run:
+    if not config.execution_role_arn and not dry_run:
         raise BinCounterError("--execution-role-arn is required: the role SageMaker runs the job with")
-    job = check_job_name(job_name or default_job_name())
+    job = check_job_name(config.job_name or default_job_name())
     job_staging = staging.rstrip("/") + "/" + job
-    request = job_request(job, model_uri, job_staging, region, execution_role_arn, image_url, instance_type,
-                          instance_count, timeout_seconds)
+    request = job_request(job, config.model_uri, job_staging, config.region, config.execution_role_arn,
+                          config.image_url, config.instance_type, config.instance_count, config.timeout)
     with tempfile.TemporaryDirectory() as tmp:
         images = collect(source, Path(tmp) / "images")
         if images.empty:
@@ -221,7 +219,8 @@ def transform(model_uri: str, source: str, staging: str, region: str, execution_
             images = attach_records(images, records)
         requests_dir = Path(tmp) / "requests"
         requests_dir.mkdir()
-        params = {k: v for k, v in (("coverage", coverage), ("false_alarm", false_alarm)) if v is not None}
+        params = {k: v for k, v in (("coverage", config.coverage), ("false_alarm", config.false_alarm))
+                  if v is not None}
         index = stage_requests(images, requests_dir, params)
         if dry_run:
             plan = {"deploy_transform_job": request, "images": len(images), "request_files": len(index["parts"]),
@@ -242,7 +241,7 @@ def transform(model_uri: str, source: str, staging: str, region: str, execution_
         raise BinCounterError(redact_uri(f"transform job {job} failed: {reason} (when it completes later: "
                                          f"bin-counter transform --join {job_staging})")) from None
     print(f"transform job {job} completed; joining {job_staging}/output/")
-    return write_results(join(job_staging), output, check_share)
+    return write_results(join(job_staging), config.output, config.check_share)
 
 
 def join_command(staging: str, output: str, check_share: float = DEFAULT_CHECK_SHARE) -> pd.DataFrame:

@@ -40,7 +40,7 @@ from torch import nn  # noqa: E402
 
 from bin_counter.commands.predict import LocalModel, predict  # noqa: E402
 from bin_counter.commands.prepare import SAMPLE_DIR  # noqa: E402
-from bin_counter.config import TrainConfig  # noqa: E402
+from bin_counter.config import PredictConfig, TrainConfig  # noqa: E402
 from bin_counter.core.abid import read_image as open_image  # noqa: E402
 from bin_counter.core.data import eval_transform  # noqa: E402
 from bin_counter.core.engine import OnnxEngine, TorchEngine, ViewAveraged, export_onnx, quantize_int8  # noqa: E402
@@ -178,7 +178,8 @@ def predict_table(model_dir: Path, photos: list[Path], work: Path) -> None:
         with engine_variable(name), redirect_stdout(StringIO()):
             counter = LocalModel(str(model_dir))
             start = time.perf_counter()
-            counts[name] = predict(counter, str(folder), str(work / f"{name}.csv"))["predicted_count"].to_numpy()
+            config = PredictConfig(input=str(folder), output=str(work / f"{name}.csv"))
+            counts[name] = predict(config, counter)["predicted_count"].to_numpy()
             wall = time.perf_counter() - start
         print(f"| {name} | {len(photos) / wall:.1f} | {wall:.0f} |")
     print(f"identical counts: {(counts['torch'] == counts['onnx']).mean():.3f}")

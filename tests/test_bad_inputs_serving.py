@@ -162,3 +162,30 @@ def test_rows_are_decoded_batch_by_batch_not_all_before_the_first_forward(tiny_m
     assert forwards == [served.batch_size] * (35 // served.batch_size), "rows were decoded before a batch was counted"
     ok = model.predict(pd.DataFrame({"image": rows}), params={"on_error": "skip"})
     assert list(ok["error"] != "") == [i == 35 for i in range(40)]
+
+
+@pytest.mark.slow
+def test_bin_counter_serve_answers_and_bounds_requests_over_real_http(tiny_model, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import wait_for
+
+    port = free_port()
+    env = {**os.environ, "BIN_COUNTER_MAX_REQUEST_ROWS": "3"}
+    server = subprocess.Popen([sys.executable, "-m", "bin_counter", "serve", "--model-uri", str(tiny_model),
+                               "--port", str(port), "--workers", "2"], stderr=subprocess.PIPE, text=True, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(url, server, seconds=120)
+        answered = invoke(url, [{"image": b64_file(SAMPLE_IMAGES[0])}, {"image": tiny_png()}])
+        assert answered.status_code == 200 and len(answered.json()["predictions"]) == 2
+        refused = invoke(url, [{"image": tiny_png()}] * 4)
+        assert refused.status_code == 400 and "over the limit of 3" in refused.json()["message"]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    missing = subprocess.run([sys.executable, "-m", "bin_counter", "serve", "--model-uri", str(tmp_path / "absent")],
+                             capture_output=True, text=True, timeout=120)
+    assert missing.returncode != 0 and len(missing.stderr.strip().splitlines()) == 1
+    assert "cannot load model" in missing.stderr

@@ -50,8 +50,8 @@ def test_every_command_has_help(capsys):
 def test_finetune_recipe_fine_tunes_the_last_stages_with_their_own_learning_rate():
     import torch
 
-    from bin_counter.commands.train import make_optimizer
     from bin_counter.core.models import create_model, freeze
+    from bin_counter.core.training import make_optimizer
 
     cfg = train_config(parse(["train", "--recipe", "finetune"]))
     assert {k: getattr(cfg, k) for k in RECIPES["finetune"]} == RECIPES["finetune"]

@@ -18,9 +18,10 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from bin_counter.commands.prepare import prepare  # noqa: E402
-from bin_counter.commands.train import build_loaders, make_optimizer, split_frames, train_one_epoch  # noqa: E402
+from bin_counter.commands.train import split_frames  # noqa: E402
 from bin_counter.config import PrepareConfig, TrainConfig  # noqa: E402
 from bin_counter.core.models import create_model, freeze  # noqa: E402
+from bin_counter.core.training import build_loaders, make_optimizer, train_one_epoch  # noqa: E402
 
 
 def epoch_seconds(cfg: TrainConfig, frames, classes) -> tuple[float, float]:

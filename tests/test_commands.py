@@ -13,8 +13,8 @@ import requests
 import yaml
 
 from bin_counter.cli import build_parser, main, parse, train_config
-from bin_counter.commands.prepare import SAMPLE_DIR
 from bin_counter.config import RECIPES
+from bin_counter.core.dataset import SAMPLE_DIR
 from bin_counter.core.manifest import read_manifest
 from conftest import LoopbackProxy
 

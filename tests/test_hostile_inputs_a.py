@@ -22,9 +22,10 @@ import pytest
 from PIL import Image
 
 from bin_counter import BinCounterError
-from bin_counter.commands.prepare import SAMPLE_DIR, prepare, upload_prepared
+from bin_counter.commands.prepare import build_data_dir, upload_prepared
 from bin_counter.config import PrepareConfig
 from bin_counter.core import abid
+from bin_counter.core.dataset import SAMPLE_DIR
 from bin_counter.core.files import atomic_write_text
 from conftest import LoopbackProxy, SlowProxy
 
@@ -127,8 +128,8 @@ def test_prepare_refuses_file_list_entries_that_climb_out_or_hold_nul(tmp_path):
     hostile = ["metadata/../../../../etc/passwd.json", "/etc/shadow.json", "metadata/a\u0000b.json",
                "metadata\\..\\..\\x.json"]
     (tmp_path / "fl.json").write_text(json.dumps({"1": ["metadata/a1.json", *hostile], "2": ["metadata/a2.json"]}))
-    result = prepare(PrepareConfig(source=str(root), out=str(out), file_list=str(tmp_path / "fl.json"),
-                                   split=(0, 0, 1), workers=2))
+    result = build_data_dir(PrepareConfig(source=str(root), out=str(out), file_list=str(tmp_path / "fl.json"),
+                                         split=(0, 0, 1), workers=2))
     assert sorted(result.manifest["image_id"]) == ["a1", "a2"]
     reasons = rejected_reasons(out)
     assert all(entry in reasons and reasons[entry].startswith("unsafe file-list entry") for entry in hostile), reasons
@@ -139,7 +140,7 @@ def test_manifest_path_that_climbs_out_of_data_dir_is_refused(tmp_path):
     from bin_counter.core.manifest import read_manifest
 
     out = tmp_path / "d"
-    prepare(PrepareConfig(out=str(out), limit_per_class=1, workers=2))
+    build_data_dir(PrepareConfig(out=str(out), limit_per_class=1, workers=2))
     manifest = pd.read_csv(out / "manifest.csv", dtype=str)
     manifest.loc[0, "path"] = "../../../etc/passwd"
     manifest.to_csv(out / "manifest.csv", index=False)
@@ -268,13 +269,13 @@ def test_sideways_photo_is_turned_upright_by_its_exif_orientation():
 
 def test_prepare_refuses_an_out_folder_holding_another_source_unless_replace(tmp_path):
     out = tmp_path / "d"
-    prepare(PrepareConfig(out=str(out), limit_per_class=1, workers=2))
+    build_data_dir(PrepareConfig(out=str(out), limit_per_class=1, workers=2))
     old_images = set(p.name for p in (out / "images").iterdir())
     root = abid_dir(tmp_path / "mine", {f"m{i}": (jpeg(i), {"EXPECTED_QUANTITY": 1 + i % 2}) for i in range(4)})
     with pytest.raises(BinCounterError, match="holds a dataset prepared from sample.*--replace"):
-        prepare(PrepareConfig(source=str(root), out=str(out), workers=2))
+        build_data_dir(PrepareConfig(source=str(root), out=str(out), workers=2))
     assert set(p.name for p in (out / "images").iterdir()) == old_images  # refused before touching anything
-    result = prepare(PrepareConfig(source=str(root), out=str(out), workers=2, replace=True))
+    result = build_data_dir(PrepareConfig(source=str(root), out=str(out), workers=2, replace=True))
     assert sorted(result.manifest["image_id"]) == ["m0", "m1", "m2", "m3"]
     assert sorted(p.name for p in (out / "images").iterdir()) == ["m0.jpg", "m1.jpg", "m2.jpg", "m3.jpg"]
     assert json.loads((out / "dataset.json").read_text())["source"] == str(root.resolve())
@@ -292,9 +293,9 @@ def test_one_buckets_download_cache_never_serves_another_prefixs_image(aws, tmp_
         put_pair(aws, "a/", str(i), jpeg(i), {"EXPECTED_QUANTITY": 1})
         put_pair(aws, "b/", str(i), jpeg(10 + i), {"EXPECTED_QUANTITY": 2})
     out = tmp_path / "d"
-    prepare(PrepareConfig(source=f"s3://{BUCKET}/a", out=str(out), workers=2, split=(0, 0, 1)))
+    build_data_dir(PrepareConfig(source=f"s3://{BUCKET}/a", out=str(out), workers=2, split=(0, 0, 1)))
     (out / "dataset.json").unlink()  # as an interrupted prepare leaves it: dataset.json is written last
-    result = prepare(PrepareConfig(source=f"s3://{BUCKET}/b", out=str(out), workers=2, split=(0, 0, 1)))
+    result = build_data_dir(PrepareConfig(source=f"s3://{BUCKET}/b", out=str(out), workers=2, split=(0, 0, 1)))
     assert set(result.manifest["count"]) == {2}
     for row in result.manifest.itertuples():
         assert (out / row.path).read_bytes() == jpeg(10 + int(row.image_id))
@@ -302,9 +303,9 @@ def test_one_buckets_download_cache_never_serves_another_prefixs_image(aws, tmp_
 
 def test_prepare_without_shard_size_removes_a_stale_shard_index(tmp_path):
     out = tmp_path / "d"
-    prepare(PrepareConfig(out=str(out), limit_per_class=2, workers=2, shard_size=4))
+    build_data_dir(PrepareConfig(out=str(out), limit_per_class=2, workers=2, shard_size=4))
     assert (out / "shards" / "index.json").exists()
-    prepare(PrepareConfig(out=str(out), limit_per_class=1, workers=2))
+    build_data_dir(PrepareConfig(out=str(out), limit_per_class=1, workers=2))
     assert not (out / "shards").exists()
 
 
@@ -319,7 +320,7 @@ def test_nested_metadata_keys_do_not_give_an_id_twice(aws, tmp_path):
     aws.put_object(Bucket=BUCKET, Key="metadata/archive/lonely.json", Body=json.dumps({"EXPECTED_QUANTITY": 1}))
     aws.put_object(Bucket=BUCKET, Key="metadata/../../../../climb.json", Body=json.dumps({"EXPECTED_QUANTITY": 1}))
     out = tmp_path / "d"
-    result = prepare(PrepareConfig(source=f"s3://{BUCKET}", out=str(out), workers=2, split=(0, 0, 1)))
+    result = build_data_dir(PrepareConfig(source=f"s3://{BUCKET}", out=str(out), workers=2, split=(0, 0, 1)))
     assert sorted(result.manifest["image_id"]) == ["n0", "n1", "n2"]
     assert dict(zip(result.manifest["image_id"], result.manifest["count"])) == {"n0": 1, "n1": 2, "n2": 3}
     rejected = pd.read_csv(out / "rejected.csv", dtype=str)
@@ -335,7 +336,7 @@ def test_pairs_outside_the_classes_are_listed_in_rejected(tmp_path):
                                         "in2": (jpeg(1), {"EXPECTED_QUANTITY": 2}),
                                         "seven": (jpeg(2), {"EXPECTED_QUANTITY": 7}),
                                         "empty": (jpeg(3), {"EXPECTED_QUANTITY": 0})})
-    prepare(PrepareConfig(source=str(root), out=str(tmp_path / "d"), workers=2))
+    build_data_dir(PrepareConfig(source=str(root), out=str(tmp_path / "d"), workers=2))
     reasons = rejected_reasons(tmp_path / "d")
     assert reasons == {"seven": "count 7 outside classes 1-5", "empty": "count 0 outside classes 1-5"}
 
@@ -344,8 +345,8 @@ def test_file_list_listing_an_id_twice_is_reported(tmp_path):
     root = abid_dir(tmp_path / "abid", {"a": (jpeg(0), {"EXPECTED_QUANTITY": 1}),
                                         "b": (jpeg(1), {"EXPECTED_QUANTITY": 2})})
     (tmp_path / "fl.json").write_text(json.dumps({"1": ["metadata/a.json"], "2": ["metadata/b.json", "a"]}))
-    result = prepare(PrepareConfig(source=str(root), out=str(tmp_path / "d"), file_list=str(tmp_path / "fl.json"),
-                                   workers=2, split=(0, 0, 1)))
+    result = build_data_dir(PrepareConfig(source=str(root), out=str(tmp_path / "d"),
+                                          file_list=str(tmp_path / "fl.json"), workers=2, split=(0, 0, 1)))
     assert sorted(result.manifest["image_id"]) == ["a", "b"]
     assert rejected_reasons(tmp_path / "d") == {"a": "duplicate id (kept once)"}
 
@@ -358,7 +359,7 @@ def test_absurd_expected_quantity_is_rejected_not_folded_into_the_top_class(tmp_
                                         "ok2": (jpeg(1), {"EXPECTED_QUANTITY": 6}),
                                         "huge": (jpeg(2), '{"EXPECTED_QUANTITY": 1000000000000000000000000000000}'),
                                         "big": (jpeg(3), {"EXPECTED_QUANTITY": 10_001})})
-    result = prepare(PrepareConfig(source=str(root), out=str(tmp_path / "d"), top_bucket=True, workers=2))
+    result = build_data_dir(PrepareConfig(source=str(root), out=str(tmp_path / "d"), top_bucket=True, workers=2))
     assert dict(zip(result.manifest["image_id"], result.manifest["count"])) == {"ok1": 1, "ok2": 5}
     reasons = rejected_reasons(tmp_path / "d")
     assert "implausible" in reasons["huge"] and "31-digit" in reasons["huge"]
@@ -506,7 +507,7 @@ def test_s3_listing_of_many_images_is_paired_with_metadata_in_linear_time(tmp_pa
 
 
 def small_prepared(tmp_path):
-    return prepare(PrepareConfig(out=str(tmp_path / "d"), limit_per_class=1, workers=2))
+    return build_data_dir(PrepareConfig(out=str(tmp_path / "d"), limit_per_class=1, workers=2))
 
 
 def test_denied_upload_is_one_line_not_a_traceback(aws, refusing, tmp_path):

@@ -105,7 +105,7 @@ def test_an_int8_model_run_eagerly_says_its_counts_can_differ(tmp_path, monkeypa
 
 
 def test_int8_calibration_skips_an_unreadable_training_image(tmp_path, caplog):
-    from bin_counter.commands.prepare import SAMPLE_DIR
+    from bin_counter.core.dataset import SAMPLE_DIR
     from bin_counter.pyfunc import inference_graph
 
     broken = tmp_path / "broken.jpg"

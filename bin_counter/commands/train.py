@@ -169,11 +169,11 @@ def log_profile(profile: Profile, result: FitResult, folder: Path) -> None:
 def ensure_data(data: str) -> None:
     """`mlflow run . -e train` on a fresh checkout: with no data directory at all, start from the bundled sample."""
     if not data.startswith("s3://") and not Path(data).exists():
-        from bin_counter.commands.prepare import prepare
+        from bin_counter.commands.prepare import build_data_dir
         from bin_counter.config import PrepareConfig
 
         log.info("no data at %s: preparing the bundled ABID sample there first", data)
-        prepare(PrepareConfig(source="sample", out=data))
+        build_data_dir(PrepareConfig(source="sample", out=data))
 
 
 def data_digest(frames: dict[str, pd.DataFrame]) -> str:

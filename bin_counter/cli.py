@@ -70,9 +70,10 @@ def add_prepare(sub) -> None:
 
 
 def cmd_prepare(args) -> None:
-    from bin_counter.commands.prepare import run
+    from bin_counter.commands.prepare import prepare
+    from bin_counter.config import PrepareConfig
 
-    run(PrepareConfig(**given_settings(args, PrepareConfig)))
+    prepare(PrepareConfig(**given_settings(args, PrepareConfig)))
 
 
 class BoolOption(argparse.BooleanOptionalAction):

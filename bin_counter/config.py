@@ -12,6 +12,7 @@ import yaml
 
 from bin_counter import BinCounterError, one_line
 from bin_counter.core.answers import DEFAULT_CHECK_SHARE
+from bin_counter.core.choices import HEADS, LOSSES
 from bin_counter.core.inference import ENGINES
 from bin_counter.core.manifest import SPLITS
 
@@ -127,11 +128,16 @@ class TrainConfig:
         """The resolved settings that shape this run's result, as its MLflow params: no paths of caches, worker
         counts or run bookkeeping, no empty values, and no switch of a head or decoding this run does not use."""
         unused = set(RUN_BOOKKEEPING)
-        if self.head == "logistic":
+        if self.solved_head:
             unused |= SGD_ONLY
         if self.decode != "ordinal":
             unused |= {"decode_cost", "decode_tail_boost"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in unused and v is not None}
+
+    @property
+    def solved_head(self) -> bool:
+        """The head is solved on frozen features in one go (core.choices.HEADS), not trained by SGD."""
+        return self.head in HEADS and HEADS[self.head].solved
 
     @property
     def decoding(self) -> dict[str, Any]:
@@ -148,11 +154,11 @@ class TrainConfig:
             "false_alarm must be between 0 and 1": 0 < self.false_alarm < 1,
             "unfreeze_last must be >= 0": self.unfreeze_last >= 0,
             "an S3 DATA_DIR is read as shards: add --stream": self.stream or not self.data.startswith("s3://"),
-            "loss must be ce or ce+expected": self.loss in ("ce", "ce+expected"),
+            f"loss must be {' or '.join(LOSSES)}": self.loss in LOSSES,
             "decode must be argmax, expected or ordinal": self.decode in DECODES,
-            "head must be logistic or sgd": self.head in ("logistic", "sgd"),
-            "the logistic head is solved on frozen features: use --head sgd to fine-tune (--unfreeze-last) or "
-            "--stream": self.head == "sgd" or (self.unfreeze_last == 0 and not self.stream),
+            f"head must be {' or '.join(HEADS)}": self.head in HEADS,
+            f"the {self.head} head is solved on frozen features: use --head sgd to fine-tune (--unfreeze-last) or "
+            "--stream": not self.solved_head or (self.unfreeze_last == 0 and not self.stream),
             "--int8 calibrates on training image files: not with --stream": not (self.int8 and self.stream),
             "serve_device must be cpu or cuda": self.serve_device in ("cpu", "cuda"),
         }

@@ -15,8 +15,9 @@ import pytest
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-from bin_counter.commands.prepare import SAMPLE_DIR, prepare  # noqa: E402
+from bin_counter.commands.prepare import build_data_dir  # noqa: E402
 from bin_counter.config import PrepareConfig  # noqa: E402
+from bin_counter.core.dataset import SAMPLE_DIR  # noqa: E402
 from tools.team_server import free_port  # noqa: E402,F401  (the one port finder: tests import it from here)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,7 +91,7 @@ def make_abid_dir(root: Path, per_class: int) -> Path:
 def tiny_data(tmp_path_factory) -> Path:
     """A prepared DATA_DIR of 12 real images per count (60 in all), split 0.6/0.2/0.2."""
     out = tmp_path_factory.mktemp("tiny") / "data"
-    prepare(PrepareConfig(source="sample", out=str(out), split=(0.6, 0.2, 0.2), limit_per_class=12, workers=2))
+    build_data_dir(PrepareConfig(source="sample", out=str(out), split=(0.6, 0.2, 0.2), limit_per_class=12, workers=2))
     return out
 
 
@@ -261,7 +262,7 @@ def files_outside(root, *inside) -> list:
 
 
 def small_prepared(tmp_path):
-    return prepare(PrepareConfig(out=str(tmp_path / "d"), limit_per_class=1, workers=2))
+    return build_data_dir(PrepareConfig(out=str(tmp_path / "d"), limit_per_class=1, workers=2))
 
 
 class WritesMarker:

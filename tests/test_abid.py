@@ -3,8 +3,8 @@ import json
 import pytest
 
 from bin_counter import BinCounterError
-from bin_counter.commands.prepare import SAMPLE_DIR
 from bin_counter.core import abid
+from bin_counter.core.dataset import SAMPLE_DIR
 
 
 def test_parse_count_accepts_abid_metadata():

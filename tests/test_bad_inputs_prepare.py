@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from bin_counter import BinCounterError
-from bin_counter.commands.prepare import prepare
+from bin_counter.commands.prepare import build_data_dir
 from bin_counter.config import PrepareConfig
 from bin_counter.core import abid
 from conftest import files_outside, jpeg
@@ -48,7 +48,7 @@ def test_prepare_refuses_file_list_entries_that_climb_out_or_hold_nul(tmp_path):
     hostile = ["metadata/../../../../etc/passwd.json", "/etc/shadow.json", "metadata/a\u0000b.json",
                "metadata\\..\\..\\x.json"]
     (tmp_path / "fl.json").write_text(json.dumps({"1": ["metadata/a1.json", *hostile], "2": ["metadata/a2.json"]}))
-    result = prepare(PrepareConfig(source=str(root), out=str(out), file_list=str(tmp_path / "fl.json"),
+    result = build_data_dir(PrepareConfig(source=str(root), out=str(out), file_list=str(tmp_path / "fl.json"),
                                    split=(0, 0, 1), workers=2))
     assert sorted(result.manifest["image_id"]) == ["a1", "a2"]
     reasons = rejected_reasons(out)
@@ -60,7 +60,7 @@ def test_manifest_path_that_climbs_out_of_data_dir_is_refused(tmp_path):
     from bin_counter.core.manifest import read_manifest
 
     out = tmp_path / "d"
-    prepare(PrepareConfig(out=str(out), limit_per_class=1, workers=2))
+    build_data_dir(PrepareConfig(out=str(out), limit_per_class=1, workers=2))
     manifest = pd.read_csv(out / "manifest.csv", dtype=str)
     manifest.loc[0, "path"] = "../../../etc/passwd"
     manifest.to_csv(out / "manifest.csv", index=False)
@@ -70,13 +70,13 @@ def test_manifest_path_that_climbs_out_of_data_dir_is_refused(tmp_path):
 
 def test_prepare_refuses_an_out_folder_holding_another_source_unless_replace(tmp_path):
     out = tmp_path / "d"
-    prepare(PrepareConfig(out=str(out), limit_per_class=1, workers=2))
+    build_data_dir(PrepareConfig(out=str(out), limit_per_class=1, workers=2))
     old_images = set(p.name for p in (out / "images").iterdir())
     root = abid_dir(tmp_path / "mine", {f"m{i}": (jpeg(i), {"EXPECTED_QUANTITY": 1 + i % 2}) for i in range(4)})
     with pytest.raises(BinCounterError, match="holds a dataset prepared from sample.*--replace"):
-        prepare(PrepareConfig(source=str(root), out=str(out), workers=2))
+        build_data_dir(PrepareConfig(source=str(root), out=str(out), workers=2))
     assert set(p.name for p in (out / "images").iterdir()) == old_images  # refused before touching anything
-    result = prepare(PrepareConfig(source=str(root), out=str(out), workers=2, replace=True))
+    result = build_data_dir(PrepareConfig(source=str(root), out=str(out), workers=2, replace=True))
     assert sorted(result.manifest["image_id"]) == ["m0", "m1", "m2", "m3"]
     assert sorted(p.name for p in (out / "images").iterdir()) == ["m0.jpg", "m1.jpg", "m2.jpg", "m3.jpg"]
     assert json.loads((out / "dataset.json").read_text())["source"] == str(root.resolve())
@@ -84,9 +84,9 @@ def test_prepare_refuses_an_out_folder_holding_another_source_unless_replace(tmp
 
 def test_prepare_without_shard_size_removes_a_stale_shard_index(tmp_path):
     out = tmp_path / "d"
-    prepare(PrepareConfig(out=str(out), limit_per_class=2, workers=2, shard_size=4))
+    build_data_dir(PrepareConfig(out=str(out), limit_per_class=2, workers=2, shard_size=4))
     assert (out / "shards" / "index.json").exists()
-    prepare(PrepareConfig(out=str(out), limit_per_class=1, workers=2))
+    build_data_dir(PrepareConfig(out=str(out), limit_per_class=1, workers=2))
     assert not (out / "shards").exists()
 
 
@@ -95,7 +95,7 @@ def test_pairs_outside_the_classes_are_listed_in_rejected(tmp_path):
                                         "in2": (jpeg(1), {"EXPECTED_QUANTITY": 2}),
                                         "seven": (jpeg(2), {"EXPECTED_QUANTITY": 7}),
                                         "empty": (jpeg(3), {"EXPECTED_QUANTITY": 0})})
-    prepare(PrepareConfig(source=str(root), out=str(tmp_path / "d"), workers=2))
+    build_data_dir(PrepareConfig(source=str(root), out=str(tmp_path / "d"), workers=2))
     reasons = rejected_reasons(tmp_path / "d")
     assert reasons == {"seven": "count 7 outside classes 1-5", "empty": "count 0 outside classes 1-5"}
 
@@ -104,8 +104,8 @@ def test_file_list_listing_an_id_twice_is_reported(tmp_path):
     root = abid_dir(tmp_path / "abid", {"a": (jpeg(0), {"EXPECTED_QUANTITY": 1}),
                                         "b": (jpeg(1), {"EXPECTED_QUANTITY": 2})})
     (tmp_path / "fl.json").write_text(json.dumps({"1": ["metadata/a.json"], "2": ["metadata/b.json", "a"]}))
-    result = prepare(PrepareConfig(source=str(root), out=str(tmp_path / "d"), file_list=str(tmp_path / "fl.json"),
-                                   workers=2, split=(0, 0, 1)))
+    result = build_data_dir(PrepareConfig(source=str(root), out=str(tmp_path / "d"),
+                                          file_list=str(tmp_path / "fl.json"), workers=2, split=(0, 0, 1)))
     assert sorted(result.manifest["image_id"]) == ["a", "b"]
     assert rejected_reasons(tmp_path / "d") == {"a": "duplicate id (kept once)"}
 
@@ -115,7 +115,7 @@ def test_absurd_expected_quantity_is_rejected_not_folded_into_the_top_class(tmp_
                                         "ok2": (jpeg(1), {"EXPECTED_QUANTITY": 6}),
                                         "huge": (jpeg(2), '{"EXPECTED_QUANTITY": 1000000000000000000000000000000}'),
                                         "big": (jpeg(3), {"EXPECTED_QUANTITY": 10_001})})
-    result = prepare(PrepareConfig(source=str(root), out=str(tmp_path / "d"), top_bucket=True, workers=2))
+    result = build_data_dir(PrepareConfig(source=str(root), out=str(tmp_path / "d"), top_bucket=True, workers=2))
     assert dict(zip(result.manifest["image_id"], result.manifest["count"])) == {"ok1": 1, "ok2": 5}
     reasons = rejected_reasons(tmp_path / "d")
     assert "implausible" in reasons["huge"] and "31-digit" in reasons["huge"]

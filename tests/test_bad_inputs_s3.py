@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from bin_counter import BinCounterError
-from bin_counter.commands.prepare import prepare, upload_prepared
+from bin_counter.commands.prepare import build_data_dir, upload_prepared
 from bin_counter.config import PrepareConfig
 from bin_counter.core.files import atomic_write_text
 from conftest import LoopbackProxy, SlowProxy, files_outside, jpeg, small_prepared
@@ -85,9 +85,9 @@ def test_one_buckets_download_cache_never_serves_another_prefixs_image(aws, tmp_
         put_pair(aws, "a/", str(i), jpeg(i), {"EXPECTED_QUANTITY": 1})
         put_pair(aws, "b/", str(i), jpeg(10 + i), {"EXPECTED_QUANTITY": 2})
     out = tmp_path / "d"
-    prepare(PrepareConfig(source=f"s3://{BUCKET}/a", out=str(out), workers=2, split=(0, 0, 1)))
+    build_data_dir(PrepareConfig(source=f"s3://{BUCKET}/a", out=str(out), workers=2, split=(0, 0, 1)))
     (out / "dataset.json").unlink()  # as an interrupted prepare leaves it: dataset.json is written last
-    result = prepare(PrepareConfig(source=f"s3://{BUCKET}/b", out=str(out), workers=2, split=(0, 0, 1)))
+    result = build_data_dir(PrepareConfig(source=f"s3://{BUCKET}/b", out=str(out), workers=2, split=(0, 0, 1)))
     assert set(result.manifest["count"]) == {2}
     for row in result.manifest.itertuples():
         assert (out / row.path).read_bytes() == jpeg(10 + int(row.image_id))
@@ -101,7 +101,7 @@ def test_nested_metadata_keys_do_not_give_an_id_twice(aws, tmp_path):
     aws.put_object(Bucket=BUCKET, Key="metadata/archive/lonely.json", Body=json.dumps({"EXPECTED_QUANTITY": 1}))
     aws.put_object(Bucket=BUCKET, Key="metadata/../../../../climb.json", Body=json.dumps({"EXPECTED_QUANTITY": 1}))
     out = tmp_path / "d"
-    result = prepare(PrepareConfig(source=f"s3://{BUCKET}", out=str(out), workers=2, split=(0, 0, 1)))
+    result = build_data_dir(PrepareConfig(source=f"s3://{BUCKET}", out=str(out), workers=2, split=(0, 0, 1)))
     assert sorted(result.manifest["image_id"]) == ["n0", "n1", "n2"]
     assert dict(zip(result.manifest["image_id"], result.manifest["count"])) == {"n0": 1, "n1": 2, "n2": 3}
     rejected = pd.read_csv(out / "rejected.csv", dtype=str)

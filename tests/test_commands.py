@@ -13,8 +13,8 @@ import requests
 import yaml
 
 from bin_counter.cli import build_commands, main, parse, train_config
-from bin_counter.commands.prepare import SAMPLE_DIR
 from bin_counter.config import RECIPES
+from bin_counter.core.dataset import SAMPLE_DIR
 from bin_counter.core.manifest import read_manifest
 from conftest import LoopbackProxy
 
@@ -49,8 +49,8 @@ def test_every_command_has_help(capsys):
 def test_finetune_recipe_fine_tunes_the_last_stages_with_their_own_learning_rate():
     import torch
 
-    from bin_counter.commands.train import make_optimizer
     from bin_counter.core.models import create_model, freeze
+    from bin_counter.core.training import make_optimizer
 
     cfg = train_config(parse(["train", "--recipe", "finetune"]))
     assert {k: getattr(cfg, k) for k in RECIPES["finetune"]} == RECIPES["finetune"]

@@ -9,7 +9,7 @@ import mlflow
 import pytest
 import torch
 
-from bin_counter.commands.prepare import prepare
+from bin_counter.commands.prepare import build_data_dir
 from bin_counter.commands.train import train
 from bin_counter.config import PrepareConfig, TrainConfig
 
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 def test_torchrun_two_processes_match_one(tmp_path, mlflow_store):
     data = tmp_path / "data"
-    prepare(PrepareConfig(out=str(data), limit_per_class=24, split=(0.5, 0.25, 0.25), workers=2))
+    build_data_dir(PrepareConfig(out=str(data), limit_per_class=24, split=(0.5, 0.25, 0.25), workers=2))
     options = ["--head", "sgd", "--image-size", "224", "--epochs", "4", "--batch-size", "8", "--feature-views", "2",
                "--num-workers", "0", "--seed", "1"]
     env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
@@ -92,8 +92,8 @@ def test_torchrun_streams_an_odd_number_of_shards_with_two_workers_per_rank(tmp_
     """3 training shards over 2 ranks x 2 workers give the ranks 14 and 6 images (unequal batch counts: DDP hung),
     and the single val shard gave rank 1 nothing to score ("no readable image"); rank 0 reported its share only."""
     data = tmp_path / "data"
-    prepared = prepare(PrepareConfig(out=str(data), limit_per_class=6, split=(0.6, 0.2, 0.2), workers=2,
-                                     shard_size=7)).manifest
+    prepared = build_data_dir(PrepareConfig(out=str(data), limit_per_class=6, split=(0.6, 0.2, 0.2), workers=2,
+                                           shard_size=7)).manifest
     index = json.loads((data / "shards" / "index.json").read_text())
     assert len(index["train"]) == 3 and len(index["val"]) == 1
     env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from bin_counter import BinCounterError
-from bin_counter.commands.prepare import SAMPLE_DIR
 from bin_counter.core.data import eval_transform
+from bin_counter.core.dataset import SAMPLE_DIR
 from bin_counter.core.engine import FeaturesOnly, OnnxEngine, TorchEngine, ViewAveraged, export_onnx, probability_engine
 from bin_counter.core.models import create_model
 from bin_counter.pyfunc import encode_image, log_model

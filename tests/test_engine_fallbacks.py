@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bin_counter import BinCounterError
-from bin_counter.commands.prepare import SAMPLE_DIR
+from bin_counter.core.dataset import SAMPLE_DIR
 
 
 def small_model():

@@ -78,12 +78,12 @@ def one_error_line(capsys, argv: list[str]) -> str:
 
 @pytest.mark.slow  # extracts features of a split
 def test_a_split_with_no_readable_image_is_one_line_not_a_value_error(tmp_path, capsys):
-    from bin_counter.commands.prepare import prepare
+    from bin_counter.commands.prepare import build_data_dir
     from bin_counter.config import PrepareConfig
     from bin_counter.core.manifest import read_manifest
 
     data = tmp_path / "data"
-    prepare(PrepareConfig(out=str(data), limit_per_class=2, split=(0.5, 0.5, 0), workers=2))
+    build_data_dir(PrepareConfig(out=str(data), limit_per_class=2, split=(0.5, 0.5, 0), workers=2))
     for path in read_manifest(data, "train")["abs_path"]:
         os.unlink(path)  # a new file: the prepared image may be a hard link to the bundled sample's
         open(path, "wb").write(b"\xff\xd8 not a photo")

@@ -1,6 +1,7 @@
 """The logistic head reaches the convex optimum, survives export into the study's head, and the ordinal decoding
 does what its formula says."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -133,3 +134,22 @@ def test_few_images_of_a_count_still_fit_with_fewer_folds_or_a_fixed_strength():
     y[1:3] = 1  # now a single image of count 0: no fold can hold it out and keep it in training
     fitted = fit_logistic(views, torch.tensor(y), 3, c_grid=(0.01, 0.1))
     assert fitted.cv_log_loss == {} and fitted.oof_probs.shape == (40, 3)
+
+
+def test_one_table_names_each_head_for_validation_and_dispatch():
+    """core.choices.HEADS is what TrainConfig.validate accepts and what train dispatches on: every head's fit
+    functions exist in the loop, and a name outside the table is refused with the table's names."""
+    from bin_counter import BinCounterError
+    from bin_counter.core.choices import HEADS, LOSSES
+    from bin_counter.core.training import fit, head_fitter, profiled_solve, solve_head
+
+    assert (head_fitter("sgd"), head_fitter("logistic"), head_fitter("logistic", profiled=True)) == \
+        (fit, solve_head, profiled_solve)
+    assert all(callable(head_fitter(name, profiled)) for name in HEADS for profiled in (False, True))
+    for option, table in (("head", HEADS), ("loss", LOSSES)):
+        with pytest.raises(BinCounterError, match=re.escape(f"{option} must be {' or '.join(table)}")):
+            TrainConfig(**{option: "nope"}).validate()
+    with pytest.raises(BinCounterError, match="the logistic head is solved on frozen features"):
+        TrainConfig(head="logistic", unfreeze_last=1).validate()
+    assert "lr" not in TrainConfig(head="logistic").result_settings()
+    assert "lr" in TrainConfig(head="sgd").result_settings()

@@ -14,10 +14,23 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
+def type_only(tree: ast.Module) -> set[int]:
+    """The ids of the nodes under `if TYPE_CHECKING:`: imports for annotations, never run."""
+    guards = [node for node in ast.walk(tree) if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING"]
+    return {id(inner) for guard in guards for statement in guard.body for inner in ast.walk(statement)}
+
+
+def run_time_nodes(path: Path) -> list[ast.AST]:
+    """Every node of `path` that can run: at module level or inside a function, not under `if TYPE_CHECKING:`."""
+    tree = ast.parse(path.read_text())
+    skipped = type_only(tree)
+    return [node for node in ast.walk(tree) if id(node) not in skipped]
+
+
 def imports_of(path: Path) -> set[str]:
-    """Every bin_counter module `path` imports, at module level or inside a function."""
+    """Every bin_counter module `path` imports at run time, at module level or inside a function."""
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in run_time_nodes(path):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("bin_counter"):
             for alias in node.names:  # `from bin_counter.core import abid` imports the module bin_counter.core.abid
                 candidate = f"{node.module}.{alias.name}"
@@ -106,3 +119,43 @@ def test_the_package_never_imports_the_tools():
             if any(name == "tools" or name.startswith("tools.") for name in names):
                 found.setdefault(module_name(path), []).extend(names)
     assert found == {}
+
+
+CORE = sorted(p for p in (PACKAGE / "core").glob("*.py"))
+# what moved into the core from the commands (issue 20): the loop, its losses, the choices' table, dataset building
+MOVED_IN = {"bin_counter.core.training", "bin_counter.core.losses", "bin_counter.core.choices",
+            "bin_counter.core.dataset"}
+
+
+def third_party_imports(path: Path) -> set[str]:
+    found = set()
+    for node in run_time_nodes(path):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module.split(".")[0])
+        elif isinstance(node, ast.Import):
+            found |= {alias.name.split(".")[0] for alias in node.names}
+    return found
+
+
+def test_the_modules_moved_into_the_core_are_checked_as_core():
+    assert MOVED_IN <= {m for m in GRAPH if layer(m) == "core"}
+
+
+def test_the_core_imports_no_mlflow():
+    """The core reports through callbacks (core.training.Recorder); logging to a run is a command's."""
+    users = sorted(module_name(p) for p in CORE if "mlflow" in third_party_imports(p))
+    assert users == []
+
+
+def test_the_core_and_its_training_loop_print_nothing():
+    """The lines SageMaker reads its metrics from are the train command's (RunRecorder), not the loop's."""
+    printing = {module_name(p): [node.lineno for node in run_time_nodes(p) if isinstance(node, ast.Call)
+                                 and isinstance(node.func, ast.Name) and node.func.id == "print"] for p in CORE}
+    assert "bin_counter.core.training" in printing
+    assert {m: lines for m, lines in printing.items() if lines} == {}
+
+
+def test_the_choices_table_imports_no_library():
+    """config.py validates against core.choices, and the CLI builds its parser from config: no torch on the way."""
+    imported = third_party_imports(PACKAGE / "core" / "choices.py") - {"__future__", "dataclasses"}
+    assert imported == set()

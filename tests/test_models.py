@@ -56,13 +56,13 @@ def test_weights_file_is_loaded_strictly(tmp_path, seeded_hub):
 
 def test_missing_weights_is_one_line_naming_the_file(tmp_path, monkeypatch, capsys):
     from bin_counter.cli import main
-    from bin_counter.commands.prepare import prepare
+    from bin_counter.commands.prepare import build_data_dir
     from bin_counter.config import PrepareConfig
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))  # no cached weights
     monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")  # and no way to download them
     # a tiny data dir, so the failure is the weights, not the data
-    prepare(PrepareConfig(out=str(tmp_path / "x"), limit_per_class=2, workers=1, split=(0.5, 0.5, 0)))
+    build_data_dir(PrepareConfig(out=str(tmp_path / "x"), limit_per_class=2, workers=1, split=(0.5, 0.5, 0)))
     with pytest.raises(SystemExit) as ended:
         main(["train", "--backbone", "resnet50", "--data", str(tmp_path / "x")])
     err = capsys.readouterr().err

@@ -5,8 +5,8 @@ import json
 import pandas as pd
 
 from bin_counter.commands.predict import predict
-from bin_counter.commands.prepare import SAMPLE_DIR
 from bin_counter.config import PredictConfig
+from bin_counter.core.dataset import SAMPLE_DIR
 
 PHOTO = next((SAMPLE_DIR / "bin-images").glob("*.jpg")).read_bytes()
 

@@ -7,8 +7,9 @@ import pandas as pd
 import pytest
 
 from bin_counter import BinCounterError
-from bin_counter.commands.prepare import SAMPLE_DIR, prepare, run
+from bin_counter.commands.prepare import build_data_dir, prepare
 from bin_counter.config import PrepareConfig
+from bin_counter.core.dataset import SAMPLE_DIR
 from bin_counter.core.files import sha256_of
 from bin_counter.core.manifest import read_manifest
 from conftest import make_abid_dir
@@ -19,7 +20,7 @@ def cli(*args, **kwargs):
 
 
 def test_prepare_bundled_sample_offline(tmp_path):
-    result = run(PrepareConfig(source="sample", out=str(tmp_path / "d"), workers=2))
+    result = prepare(PrepareConfig(source="sample", out=str(tmp_path / "d"), workers=2))
     manifest = read_manifest(tmp_path / "d")
     assert len(manifest) == 500 and len(result.rejected) == 0
     assert set(manifest["count"]) == {1, 2, 3, 4, 5}
@@ -37,9 +38,9 @@ def test_prepare_bundled_sample_offline(tmp_path):
 
 
 def test_split_is_stratified_deterministic_and_order_free(tmp_path):
-    a = prepare(PrepareConfig(out=str(tmp_path / "a"), seed=3, workers=2)).manifest
-    b = prepare(PrepareConfig(out=str(tmp_path / "b"), seed=3, workers=2)).manifest
-    c = prepare(PrepareConfig(out=str(tmp_path / "c"), seed=4, workers=2)).manifest
+    a = build_data_dir(PrepareConfig(out=str(tmp_path / "a"), seed=3, workers=2)).manifest
+    b = build_data_dir(PrepareConfig(out=str(tmp_path / "b"), seed=3, workers=2)).manifest
+    c = build_data_dir(PrepareConfig(out=str(tmp_path / "c"), seed=4, workers=2)).manifest
     key = lambda m: m.sort_values("image_id")[["image_id", "split"]].reset_index(drop=True)  # noqa: E731
     pd.testing.assert_frame_equal(key(a), key(b))
     assert not key(a).equals(key(c))
@@ -48,13 +49,13 @@ def test_split_is_stratified_deterministic_and_order_free(tmp_path):
     # the same ids listed in another order split the same way
     ids = list(reversed(sorted(a["image_id"])))
     (tmp_path / "ids.json").write_text(json.dumps(ids))
-    d = prepare(PrepareConfig(out=str(tmp_path / "d"), seed=3, file_list=str(tmp_path / "ids.json"),
-                              workers=2)).manifest
+    d = build_data_dir(PrepareConfig(out=str(tmp_path / "d"), seed=3, file_list=str(tmp_path / "ids.json"),
+                                    workers=2)).manifest
     pd.testing.assert_frame_equal(key(a), key(d))
 
 
 def test_evaluation_only_split_and_limit(tmp_path):
-    m = prepare(PrepareConfig(out=str(tmp_path / "e"), split=(0, 0, 1), limit_per_class=3, workers=2)).manifest
+    m = build_data_dir(PrepareConfig(out=str(tmp_path / "e"), split=(0, 0, 1), limit_per_class=3, workers=2)).manifest
     assert set(m["split"]) == {"test"} and len(m) == 15
 
 
@@ -73,7 +74,7 @@ def test_bad_pairs_are_rejected_with_reasons(tmp_path):
     write_pair(root, "bad_float", good, {"EXPECTED_QUANTITY": 1.5})
     write_pair(root, "bad_json", good, "{nope")
     (root / "bin-images" / "bad_nometa.jpg").write_bytes(good)
-    result = prepare(PrepareConfig(source=str(root), out=str(tmp_path / "d"), workers=2))
+    result = build_data_dir(PrepareConfig(source=str(root), out=str(tmp_path / "d"), workers=2))
     assert len(result.manifest) == 10
     assert not result.manifest["image_id"].str.startswith("bad").any()
     reasons = dict(pd.read_csv(tmp_path / "d" / "rejected.csv", dtype=str).values)
@@ -90,7 +91,7 @@ def test_padded_and_unpadded_ids_are_different_bins(tmp_path):
     images = sorted((SAMPLE_DIR / "bin-images").glob("*.jpg"))
     write_pair(root, "1002", images[0].read_bytes(), {"EXPECTED_QUANTITY": 1})
     write_pair(root, "01002", images[1].read_bytes(), {"EXPECTED_QUANTITY": 5})
-    prepare(PrepareConfig(source=str(root), out=str(tmp_path / "d"), workers=2))
+    build_data_dir(PrepareConfig(source=str(root), out=str(tmp_path / "d"), workers=2))
     manifest = read_manifest(tmp_path / "d").set_index("image_id")
     assert manifest.loc["1002", "count"] == 1 and manifest.loc["01002", "count"] == 5
     assert manifest.loc["1002", "sha256"] != manifest.loc["01002", "sha256"]
@@ -101,18 +102,18 @@ def test_other_class_ranges_and_top_bucket(tmp_path):
     image = next((SAMPLE_DIR / "bin-images").glob("*.jpg")).read_bytes()
     for image_id, count in (("e0", 0), ("e1", 0), ("big7", 7), ("big9", 9)):
         write_pair(root, image_id, image, {"EXPECTED_QUANTITY": count})
-    m05 = prepare(PrepareConfig(source=str(root), out=str(tmp_path / "a"), classes="0-5", workers=2)).manifest
+    m05 = build_data_dir(PrepareConfig(source=str(root), out=str(tmp_path / "a"), classes="0-5", workers=2)).manifest
     assert set(m05["count"]) == {0, 1, 2, 3, 4, 5} and "big7" not in set(m05["image_id"])
-    folded = prepare(PrepareConfig(source=str(root), out=str(tmp_path / "b"), classes="1-5", top_bucket=True,
-                                   workers=2)).manifest.set_index("image_id")
+    folded = build_data_dir(PrepareConfig(source=str(root), out=str(tmp_path / "b"), classes="1-5", top_bucket=True,
+                                         workers=2)).manifest.set_index("image_id")
     assert folded.loc["big9", "count"] == 5 and folded.loc["big9", "expected_quantity"] == 9
-    m10 = prepare(PrepareConfig(source=str(root), out=str(tmp_path / "c"), classes="1-10", workers=2)).manifest
+    m10 = build_data_dir(PrepareConfig(source=str(root), out=str(tmp_path / "c"), classes="1-10", workers=2)).manifest
     assert {7, 9} <= set(m10["count"])
 
 
 def test_no_half_written_files_after_a_failed_prepare(tmp_path):
     with pytest.raises(BinCounterError, match="no images left"):
-        prepare(PrepareConfig(out=str(tmp_path / "d"), classes="7-9", workers=2))
+        build_data_dir(PrepareConfig(out=str(tmp_path / "d"), classes="7-9", workers=2))
     assert not (tmp_path / "d" / "manifest.csv").exists()
     assert not list((tmp_path).rglob(".*.part-*"))
 
@@ -147,25 +148,25 @@ def test_prepare_into_a_folder_that_is_not_a_data_dir_deletes_none_of_its_files(
     for path in mine:
         path.write_bytes(b"the user's own file")
     with pytest.raises(BinCounterError, match="not a DATA_DIR written by prepare.*--replace"):
-        prepare(PrepareConfig(out=str(out), limit_per_class=1, workers=2))
+        build_data_dir(PrepareConfig(out=str(out), limit_per_class=1, workers=2))
     assert not (out / "manifest.csv").exists()
-    result = prepare(PrepareConfig(out=str(out), limit_per_class=1, workers=2, replace=True))
-    again = prepare(PrepareConfig(out=str(out), limit_per_class=2, workers=2))  # prunes nothing it did not write
+    result = build_data_dir(PrepareConfig(out=str(out), limit_per_class=1, workers=2, replace=True))
+    again = build_data_dir(PrepareConfig(out=str(out), limit_per_class=2, workers=2))  # prunes nothing it did not write
     assert len(result.manifest) == 5 and len(again.manifest) == 10
     assert all(path.read_bytes() == b"the user's own file" for path in mine)
 
 
 def test_rerun_after_an_interrupted_first_prepare_is_not_refused(tmp_path):
     out = tmp_path / "d"
-    prepare(PrepareConfig(out=str(out), limit_per_class=1, workers=2))
+    build_data_dir(PrepareConfig(out=str(out), limit_per_class=1, workers=2))
     (out / "dataset.json").unlink()  # what an interrupted first run leaves: dataset.json is written last
-    assert len(prepare(PrepareConfig(out=str(out), limit_per_class=1, workers=2)).manifest) == 5
+    assert len(build_data_dir(PrepareConfig(out=str(out), limit_per_class=1, workers=2)).manifest) == 5
 
 
 def test_prepare_with_fewer_images_prunes_the_ones_it_wrote_before(tmp_path):
     out = tmp_path / "d"
-    prepare(PrepareConfig(out=str(out), limit_per_class=2, workers=2, shard_size=3))
-    result = prepare(PrepareConfig(out=str(out), limit_per_class=1, workers=2))
+    build_data_dir(PrepareConfig(out=str(out), limit_per_class=2, workers=2, shard_size=3))
+    result = build_data_dir(PrepareConfig(out=str(out), limit_per_class=1, workers=2))
     assert sorted(p.name for p in (out / "images").iterdir()) == sorted(f"{i}.jpg" for i in result.manifest["image_id"])
     assert not (out / "shards").exists()
 
@@ -175,7 +176,7 @@ def test_editing_the_source_image_never_changes_the_prepared_copy(tmp_path):
 
     root = make_abid_dir(tmp_path / "abid", per_class=1)
     out = tmp_path / "d"
-    first = prepare(PrepareConfig(source=str(root), out=str(out), workers=2))
+    first = build_data_dir(PrepareConfig(source=str(root), out=str(out), workers=2))
     row = first.manifest.iloc[0]
     source = root / "bin-images" / f"{row['image_id']}.jpg"
     with open(source, "r+b") as handle:  # edited in place: the same inode
@@ -184,5 +185,5 @@ def test_editing_the_source_image_never_changes_the_prepared_copy(tmp_path):
     assert sha256_of(out / row["path"]) == row["sha256"]  # before: a hard link, changed under its checksum
     os.unlink(out / row["path"])
     os.link(source, out / row["path"])  # as an earlier version left it
-    prepare(PrepareConfig(source=str(root), out=str(out), workers=2))
+    build_data_dir(PrepareConfig(source=str(root), out=str(out), workers=2))
     assert not os.path.samefile(source, out / row["path"])

@@ -5,7 +5,7 @@ import threading
 
 from torchvision import transforms
 
-from bin_counter.commands.prepare import SAMPLE_DIR
+from bin_counter.core.dataset import SAMPLE_DIR
 from bin_counter.pyfunc import prepared_batches
 
 

@@ -10,8 +10,9 @@ import pandas as pd
 import pytest
 
 from bin_counter import BinCounterError
-from bin_counter.commands.prepare import SAMPLE_DIR, prepare, upload_prepared
+from bin_counter.commands.prepare import build_data_dir, upload_prepared
 from bin_counter.config import PrepareConfig
+from bin_counter.core.dataset import SAMPLE_DIR
 from conftest import SlowProxy, sample_ids
 
 BUCKET = "abid-test"
@@ -45,7 +46,7 @@ def fill_bucket(s3, per_class: int, bad: bool = True) -> dict[str, int]:
 
 def test_prepare_from_s3_keeps_good_pairs_and_lists_bad_ones(aws, tmp_path):
     counts = fill_bucket(aws, per_class=3)
-    result = prepare(PrepareConfig(source=f"s3://{BUCKET}", out=str(tmp_path / "d"), workers=4))
+    result = build_data_dir(PrepareConfig(source=f"s3://{BUCKET}", out=str(tmp_path / "d"), workers=4))
     assert dict(zip(result.manifest["image_id"], result.manifest["count"])) == counts
     reasons = dict(pd.read_csv(tmp_path / "d" / "rejected.csv", dtype=str).values)
     assert set(reasons) == {"90001", "90002", "90003", "90004", "90005"}
@@ -59,9 +60,9 @@ def test_file_list_selects_pairs_and_missing_objects_are_rejected(aws, tmp_path)
     counts = fill_bucket(aws, per_class=2, bad=False)
     chosen = sorted(counts)[:4]
     (tmp_path / "fl.json").write_text(json.dumps({"1": [f"metadata/{i}.json" for i in chosen + ["77777"]]}))
-    result = prepare(PrepareConfig(source=f"s3://{BUCKET}", out=str(tmp_path / "d"),
-                                   file_list=str(tmp_path / "fl.json"),
-                                   workers=2, split=(0, 0, 1)))
+    result = build_data_dir(PrepareConfig(source=f"s3://{BUCKET}", out=str(tmp_path / "d"),
+                                         file_list=str(tmp_path / "fl.json"),
+                                         workers=2, split=(0, 0, 1)))
     assert sorted(result.manifest["image_id"]) == chosen
     assert result.rejected.set_index("image_id").loc["77777", "reason"] == "missing metadata"
 
@@ -69,7 +70,7 @@ def test_file_list_selects_pairs_and_missing_objects_are_rejected(aws, tmp_path)
 @pytest.mark.slow  # > 5 s: a fresh interpreter or network timeouts
 def test_interrupted_download_resumes_without_refetching(aws, moto_endpoint, tmp_path, monkeypatch):
     fill_bucket(aws, per_class=6, bad=False)
-    clean = prepare(PrepareConfig(source=f"s3://{BUCKET}", out=str(tmp_path / "clean"), workers=2)).manifest
+    clean = build_data_dir(PrepareConfig(source=f"s3://{BUCKET}", out=str(tmp_path / "clean"), workers=2)).manifest
 
     proxy = SlowProxy(moto_endpoint, delay=0.05)
     try:
@@ -91,7 +92,7 @@ def test_interrupted_download_resumes_without_refetching(aws, moto_endpoint, tmp
 
         proxy.gets.clear()
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
-        resumed = prepare(PrepareConfig(source=f"s3://{BUCKET}", out=str(out), workers=2))
+        resumed = build_data_dir(PrepareConfig(source=f"s3://{BUCKET}", out=str(out), workers=2))
     finally:
         proxy.close()
     refetched = {path.lstrip("/").split("/", 1)[1] for path in proxy.gets}
@@ -106,7 +107,7 @@ def test_interrupted_download_resumes_without_refetching(aws, moto_endpoint, tmp
 
 def test_upload_round_trip_skips_unchanged_objects(aws, tmp_path):
     aws.create_bucket(Bucket="mine")
-    result = prepare(PrepareConfig(out=str(tmp_path / "d"), limit_per_class=2, workers=2))
+    result = build_data_dir(PrepareConfig(out=str(tmp_path / "d"), limit_per_class=2, workers=2))
     first = upload_prepared(result, "s3://mine/abid/v1", workers=4)
     assert first.transferred == 10 + 3 and first.skipped == 0
     keys = {o["Key"] for o in aws.list_objects_v2(Bucket="mine")["Contents"]}
@@ -119,7 +120,7 @@ def test_upload_round_trip_skips_unchanged_objects(aws, tmp_path):
 
 def test_missing_bucket_is_one_clear_line(aws, tmp_path):
     with pytest.raises(BinCounterError, match="does not exist"):
-        prepare(PrepareConfig(source="s3://no-such-bucket", out=str(tmp_path / "d"), workers=1))
+        build_data_dir(PrepareConfig(source="s3://no-such-bucket", out=str(tmp_path / "d"), workers=1))
 
 
 @pytest.mark.slow  # > 5 s: a fresh interpreter or network timeouts
@@ -141,7 +142,7 @@ def test_interrupted_upload_never_leaves_an_index_naming_missing_data(aws, moto_
     from conftest import LoopbackProxy
 
     aws.create_bucket(Bucket="mine")
-    result = prepare(PrepareConfig(out=str(tmp_path / "d"), limit_per_class=4, workers=2, shard_size=4))
+    result = build_data_dir(PrepareConfig(out=str(tmp_path / "d"), limit_per_class=4, workers=2, shard_size=4))
     denied = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>AccessDenied</Code>'
               b"<Message>Access Denied</Message></Error>")
     proxy = LoopbackProxy(moto_endpoint, lambda handler, body: (403, denied) if handler.command == "PUT"

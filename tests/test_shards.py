@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader, get_worker_info
 
 from bin_counter.cloud.shards import ShardStream, samples, shard_urls
-from bin_counter.commands.prepare import prepare, upload_prepared
+from bin_counter.commands.prepare import build_data_dir, upload_prepared
 from bin_counter.commands.train import train
 from bin_counter.config import PrepareConfig, TrainConfig
 from bin_counter.core.data import eval_transform, open_image
@@ -23,7 +23,7 @@ from conftest import free_port
 @pytest.fixture
 def sharded(tmp_path):
     out = tmp_path / "data"
-    prepare(PrepareConfig(out=str(out), limit_per_class=8, split=(0.5, 0.25, 0.25), workers=2, shard_size=7))
+    build_data_dir(PrepareConfig(out=str(out), limit_per_class=8, split=(0.5, 0.25, 0.25), workers=2, shard_size=7))
     return out
 
 
@@ -75,7 +75,7 @@ def assert_partition(parts: dict[tuple, list[int]], urls: list[str]) -> None:
 @pytest.fixture
 def five_shards(tmp_path):
     out = tmp_path / "five"
-    prepare(PrepareConfig(out=str(out), limit_per_class=8, split=(0.5, 0.25, 0.25), workers=2, shard_size=4))
+    build_data_dir(PrepareConfig(out=str(out), limit_per_class=8, split=(0.5, 0.25, 0.25), workers=2, shard_size=4))
     return shard_urls(str(out), "train")
 
 
@@ -139,8 +139,8 @@ def test_train_streams_shards_from_disk_and_from_s3(sharded, aws, tmp_path):
     assert run.data.params["stream"] == "True" and run.data.metrics["test/n"] == 10
 
     aws.create_bucket(Bucket="mine")
-    result = prepare(PrepareConfig(out=str(sharded), limit_per_class=8, split=(0.5, 0.25, 0.25), workers=2,
-                                   shard_size=7))
+    result = build_data_dir(PrepareConfig(out=str(sharded), limit_per_class=8, split=(0.5, 0.25, 0.25), workers=2,
+                                         shard_size=7))
     upload_prepared(result, "s3://mine/abid/v1", workers=2)
     keys = {o["Key"] for o in aws.list_objects_v2(Bucket="mine")["Contents"]}
     assert "abid/v1/shards/index.json" in keys and "abid/v1/shards/train-000002.tar" in keys

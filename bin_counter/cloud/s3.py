@@ -1,7 +1,6 @@
 """S3 access for ABID downloads and uploads: parallel, retried, resumable and atomic."""
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -19,15 +18,7 @@ from bin_counter import BinCounterError
 from bin_counter.core.abid import PUBLIC_BUCKET
 from bin_counter.core.files import atomic_path, safe_join, sha256_of
 from bin_counter.core.manifest import DATASET_JSON, MANIFEST
-
-
-def parse_s3_uri(uri: str) -> tuple[str, str]:
-    """`s3://bucket/some/prefix` -> (`bucket`, `some/prefix/`)."""
-    if not uri.startswith("s3://") or len(uri) <= 5:
-        raise BinCounterError(f"not an S3 URI: {uri!r} (expected s3://bucket[/prefix])")
-    bucket, _, prefix = uri[5:].partition("/")
-    prefix = prefix.strip("/")
-    return bucket, f"{prefix}/" if prefix else ""
+from bin_counter.core.uris import parse_s3_uri
 
 
 def make_client(anonymous: bool = False, workers: int = 8):
@@ -55,17 +46,18 @@ def explain(exc: Exception, uri: str) -> BinCounterError:
             return BinCounterError(f"S3 bucket of {uri} does not exist")
         if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
             return BinCounterError(f"access denied to {uri} ({code}); check your AWS credentials or --anonymous")
-        message = one_line(exc.response.get("Error", {}).get("Message", ""))
+        message = collapse_whitespace(exc.response.get("Error", {}).get("Message", ""))
         return BinCounterError(f"S3 error on {uri}: {code} {message}".strip())
     if isinstance(exc, botocore.exceptions.NoCredentialsError):
         return BinCounterError(f"no AWS credentials for {uri}; configure them, or pass --anonymous for a public bucket")
     if isinstance(exc, (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectTimeoutError)):
-        return BinCounterError(f"cannot reach S3 for {uri}: {one_line(exc)}")
-    return BinCounterError(f"S3 failure on {uri}: {one_line(exc)}")
+        return BinCounterError(f"cannot reach S3 for {uri}: {collapse_whitespace(exc)}")
+    return BinCounterError(f"S3 failure on {uri}: {collapse_whitespace(exc)}")
 
 
-def one_line(message) -> str:
-    """Server messages may span lines; the CLI prints one."""
+def collapse_whitespace(message) -> str:
+    """The whole of a message that may span lines (a server's), as one line for the CLI to print; unlike
+    bin_counter.one_line, which keeps an exception's first line only."""
     return " ".join(str(message).split())
 
 
@@ -218,7 +210,7 @@ def upload(client, bucket: str, jobs: list[tuple[Path, str]], workers: int) -> T
                 else:
                     stats.skipped += 1
             except S3UploadFailedError as exc:  # boto3 wraps the PUT's ClientError in this
-                raise BinCounterError(f"upload to {uri} refused: {one_line(exc)}") from None
+                raise BinCounterError(f"upload to {uri} refused: {collapse_whitespace(exc)}") from None
             except (BotoCoreError, ClientError) as exc:
                 raise explain(exc, uri) from None
             except OSError as exc:
@@ -228,10 +220,6 @@ def upload(client, bucket: str, jobs: list[tuple[Path, str]], workers: int) -> T
         run_bounded(pool, jobs, lambda job: _upload_one(client, bucket, *job, transfer), finish, limit=2 * workers)
     pool.shutdown()
     return stats
-
-
-def default_workers() -> int:
-    return min(32, (os.cpu_count() or 2) * 4)
 
 
 def local_copy(data: str) -> Path:

@@ -21,9 +21,9 @@ from torch.utils.data import IterableDataset, get_worker_info
 from bin_counter import BinCounterError, one_line
 from bin_counter.cloud import s3
 from bin_counter.core.files import atomic_path, atomic_write_text, unsafe_reason
+from bin_counter.core.manifest import SHARD_DIR
 
 log = logging.getLogger(__name__)
-SHARD_DIR = "shards"
 INDEX = "index.json"
 
 

@@ -18,7 +18,7 @@ from scipy import stats
 from sklearn.model_selection import RepeatedStratifiedKFold, train_test_split
 
 from bin_counter import BinCounterError, plots, tracking
-from bin_counter.commands.prepare import prepare
+from bin_counter.commands.prepare import build_data_dir
 from bin_counter.commands.train import train
 from bin_counter.config import RECIPES, CrossvalConfig, PrepareConfig
 from bin_counter.core import metrics
@@ -144,8 +144,8 @@ def crossval(config: CrossvalConfig) -> pd.DataFrame:
     if folds < 2 or repeats < 1:
         raise BinCounterError(f"--folds must be at least 2 and --repeats at least 1 (got {folds} and {repeats})")
     work = Path(".cache") / "crossval" / hashlib.sha256(f"{source}:{classes}".encode()).hexdigest()[:12]
-    manifest = prepare(PrepareConfig(source=source, out=str(work / "all"), split=(1.0, 0.0, 0.0), classes=classes,
-                                     seed=seed)).manifest
+    manifest = build_data_dir(PrepareConfig(source=source, out=str(work / "all"), split=(1.0, 0.0, 0.0),
+                                            classes=classes, seed=seed)).manifest
     if manifest["count"].value_counts().min() < folds:
         raise BinCounterError(f"a count has fewer than {folds} images: use fewer --folds")
     splits = list(RepeatedStratifiedKFold(n_splits=folds, n_repeats=repeats, random_state=seed)

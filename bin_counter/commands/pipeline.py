@@ -10,7 +10,7 @@ import mlflow
 
 from bin_counter import tracking
 from bin_counter.commands.evaluate import evaluate
-from bin_counter.commands.prepare import run as run_prepare
+from bin_counter.commands.prepare import prepare
 from bin_counter.commands.registry import promote
 from bin_counter.commands.train import train
 from bin_counter.config import EvaluateConfig, PrepareConfig, PromoteConfig, TrainConfig
@@ -25,7 +25,7 @@ def main_pipeline(source: str, cfg: TrainConfig) -> None:
     name = cfg.register_as or SAMPLE_MODEL
     title = tracking.run_title("main", cfg.backbone, cfg.recipe)
     with tracking.run("main", title=title, backbone=cfg.backbone, recipe=cfg.recipe) as parent:
-        run_prepare(PrepareConfig(source=source, out=cfg.data))
+        prepare(PrepareConfig(source=source, out=cfg.data))
         result = train(dataclasses.replace(cfg, register_as=name))
         report = evaluate(EvaluateConfig(model_uri=result.model_uri, data=cfg.data, split="test"))
         headline = {metrics.metric_key("test", k): report.metrics[k] for k in metrics.HEADLINE}

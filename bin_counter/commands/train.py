@@ -1,23 +1,18 @@
-"""train: the loop, readable top to bottom, and the `train` command around it."""
+"""train: the `train` command, one MLflow run around the loop of core.training: its params, datasets, per-epoch
+metrics and the study's printed lines, its reports, the model."""
 from __future__ import annotations
 
-import copy
-import functools
 import logging
-import random
 import tempfile
-import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pandas as pd
 import torch
-from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler
-from tqdm.auto import tqdm
+from torch.utils.data import DataLoader
 
 from bin_counter import BinCounterError, one_line, plots, reports, tracking
 from bin_counter.cloud import s3
@@ -25,184 +20,38 @@ from bin_counter.config import TrainConfig, as_params
 from bin_counter.core import checkpoint, distributed, heads, metrics
 from bin_counter.core.answers import answer_frame
 from bin_counter.core.calibration import CountCalibration
-from bin_counter.core.data import ManifestImages, dihedral_views, eval_transform, make_loader, train_transform
+from bin_counter.core.data import eval_transform, train_transform
 from bin_counter.core.debugger import Rules
-from bin_counter.core.engine import mean_over_views
-from bin_counter.core.features import FeatureViews, cached_features
+from bin_counter.core.losses import make_criterion
 from bin_counter.core.manifest import check_counts, read_classes, read_manifest
-from bin_counter.core.models import CountingModel, backbone_is_frozen, create_model, freeze
-from bin_counter.core.profiling import NO_PROFILE, Profile, profiler_findings, write_report
+from bin_counter.core.models import CountingModel, create_model, freeze
+from bin_counter.core.profiling import Profile, profiler_findings, write_report
+from bin_counter.core.training import (
+    NO_RECORD,
+    Checkpointing,
+    FitResult,
+    Loaders,
+    Recorder,
+    build_loaders,
+    evaluate_epoch,
+    fit_calibration,
+    head_fitter,
+    pick_device,
+    set_seed,
+)
 from bin_counter.core.uris import redact_uri
 from bin_counter.serving.packaging import log_model
 
 log = logging.getLogger(__name__)
 
 
-def set_seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def pick_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def set_train_mode(net: nn.Module) -> None:
-    """Train mode, except frozen BatchNorm layers: their running statistics must stay ImageNet's."""
-    net.train()
-    for module in net.modules():
-        frozen = not any(p.requires_grad for p in module.parameters())
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and frozen:
-            module.eval()
-
-
-def grad_norm(net: nn.Module) -> float:
-    norms = [p.grad.detach().norm() for p in net.parameters() if p.grad is not None]
-    return float(torch.norm(torch.stack(norms))) if norms else 0.0
-
-
-def uneven_inputs(net):
-    """Under DDP, ranks may get different numbers of batches (shards of unequal length, a batch with no readable
-    image skipped on one rank): Join lets a rank that ran out shadow the others' gradient reductions instead of
-    leaving them waiting for ever."""
-    if isinstance(net, nn.parallel.DistributedDataParallel):
-        from torch.distributed.algorithms import Join
-
-        return Join([net])
-    return nullcontext()
-
-
-def train_one_epoch(net, criterion, optimizer, loader, device, scaler, desc="train", profiler=NO_PROFILE) -> dict:
-    set_train_mode(net)
-    norms: list[float] = []
-    start = time.perf_counter()
-    with uneven_inputs(net):
-        total_loss, correct, seen = _train_batches(net, criterion, optimizer, loader, device, scaler, desc, profiler,
-                                                   norms)
-    seconds = time.perf_counter() - start
-    total_loss, correct, seen = distributed.sum_across(total_loss, correct, seen)
-    return {"loss": total_loss / max(seen, 1), "accuracy": correct / max(seen, 1),
-            "grad_norm": float(np.mean(norms or [0])), "grad_norm_max": float(np.max(norms or [0])),
-            "seconds": seconds, "images_per_s": seen / seconds if seconds else 0.0}
-
-
-def _train_batches(net, criterion, optimizer, loader, device, scaler, desc, profiler, norms) -> tuple:
-    total_loss, correct, seen = 0.0, 0, 0
-    waited = time.perf_counter()
-    for batch in tqdm(loader, desc=desc, unit="batch", leave=False):
-        profiler.data_wait(time.perf_counter() - waited)
-        if batch is None:
-            continue
-        inputs, labels, _ = batch
-        inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        with profiler.phase("forward"), torch.autocast(device.type, enabled=device.type == "cuda"):
-            logits = net(inputs)
-            loss = criterion(logits, labels)
-        with profiler.phase("backward"):
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-        with profiler.phase("optimizer"):
-            scaler.unscale_(optimizer)
-            norms.append(grad_norm(net))  # the debugger rules read these
-            scaler.step(optimizer)
-            scaler.update()
-        total_loss += loss.item() * len(labels)
-        correct += (logits.argmax(1) == labels).sum().item()
-        seen += len(labels)
-        profiler.step(len(labels))
-        waited = time.perf_counter()
-    return total_loss, correct, seen
-
-
-class CountingLoss(nn.Module):
-    """Cross-entropy (class-weighted with `balance`), plus, with `expected_weight`, the distance between the
-    expected count under the predicted distribution and the true count: counts are ordered, and being off by
-    one should cost less than being off by four."""
-
-    def __init__(self, classes: list[int], class_weights: torch.Tensor | None = None, expected_weight: float = 0.0):
-        super().__init__()
-        self.register_buffer("values", torch.tensor(classes, dtype=torch.float32))
-        self.register_buffer("class_weights", class_weights if class_weights is not None else None)
-        self.expected_weight = expected_weight
-
-    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        loss = nn.functional.cross_entropy(logits, labels, weight=self.class_weights)
-        if self.expected_weight:
-            expected = logits.float().softmax(1) @ self.values
-            loss = loss + self.expected_weight * (expected - self.values[labels]).abs().mean()
-        return loss
-
-
-def make_criterion(cfg: TrainConfig, classes: list[int], train_counts) -> CountingLoss:
-    weights = None
-    if cfg.balance:  # inverse class frequency, mean 1
-        counts = torch.tensor([float((np.asarray(train_counts) == c).sum()) for c in classes]).clamp(min=1)
-        weights = (1 / counts) / (1 / counts).mean()
-    return CountingLoss(classes, weights, cfg.expected_weight if cfg.loss == "ce+expected" else 0.0)
-
-
-@torch.no_grad()
-def evaluate_epoch(net, criterion, loader, device, tta: bool = False) -> dict:
-    """Loss, class probabilities and the true class indices (and the dataset rows they belong to).
-
-    Test-time augmentation averages the probabilities over the flips/transposes of each image (or over the
-    cached features of those views, which arrive as (B, V, D))."""
-    net.eval()
-    total_loss, seen, y_true, rows, probs = 0.0, 0, [], [], []
-    for batch in loader:
-        if batch is None:
-            continue
-        inputs, labels, indices = batch
-        inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        if tta and inputs.dim() == 4:  # images: make the views here
-            inputs = torch.stack(dihedral_views(inputs), 1)
-        views = inputs if inputs.dim() in (3, 5) else inputs[:, None]  # (B, V, ...): the views of each sample
-        with torch.autocast(device.type, enabled=device.type == "cuda"):
-            p = mean_over_views(net, views)
-        # log-probabilities as logits: softmax(log p) = p, so the training criterion applies unchanged
-        total_loss += criterion(torch.log(p.clamp_min(1e-12)), labels).item() * len(labels)
-        seen += len(labels)
-        y_true.append(labels.cpu())
-        probs.append(p.cpu())
-        rows.append(indices)
-    if not seen:
-        raise BinCounterError("no readable image to evaluate on")
-    return {"loss": total_loss / seen, "y_true": torch.cat(y_true).numpy(), "rows": torch.cat(rows).numpy(),
-            "probs": torch.cat(probs).numpy()}
-
-
-def split_metrics(result: dict, classes: list[int], decoding: dict) -> dict:
-    """Metrics in counts: predictions decoded from the probabilities as the served model will decode them."""
-    return metrics.classification_metrics(np.asarray(classes)[result["y_true"]],
-                                          metrics.decode(result["probs"], classes, **decoding), classes)
-
-
-def make_optimizer(cfg: TrainConfig, model: CountingModel, net: nn.Module) -> torch.optim.Optimizer:
-    """The new head learns at `lr`; unfrozen backbone stages at their own, smaller `backbone_lr`."""
-    head = [p for p in model.head.parameters() if p.requires_grad]
-    groups = [{"params": head, "lr": cfg.lr}]
-    if net is model:
-        backbone = [p for p in model.backbone.parameters() if p.requires_grad]
-        if backbone:
-            groups.append({"params": backbone, "lr": cfg.backbone_lr})
-    return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-
-
-@dataclass
-class Loaders:
-    net: nn.Module  # what the loaders feed: the head (cached features) or the whole model (images)
-    train: DataLoader
-    val: DataLoader
-    test: DataLoader | None
-    train_counts: list[int] = field(default_factory=list)  # the training labels (class balancing)
-
-
-def stream_loaders(cfg: TrainConfig, model: CountingModel, frames: dict[str, pd.DataFrame], classes: list[int],
-                   eval_tf, train_tf) -> Loaders:
+def stream_loaders(cfg: TrainConfig, model: CountingModel, frames: dict[str, pd.DataFrame],
+                   classes: list[int]) -> Loaders:
     """Shards read front to back (local or S3): for data larger than the disk; the full forward pass every epoch."""
     from bin_counter.cloud.shards import ShardStream, shard_urls, stream_collate
 
+    eval_tf = eval_transform(cfg.backbone, cfg.image_size)
+    train_tf = train_transform(cfg.backbone, cfg.image_size, cfg.rotation_degrees, cfg.hflip)
     loaders = {}
     for split in frames:
         training = split == "train"
@@ -213,64 +62,10 @@ def stream_loaders(cfg: TrainConfig, model: CountingModel, frames: dict[str, pd.
     return Loaders(model, loaders["train"], loaders["val"], loaders.get("test"), list(frames["train"]["count"]))
 
 
-def build_loaders(cfg: TrainConfig, model: CountingModel, frames: dict[str, pd.DataFrame], classes: list[int],
-                  device: torch.device) -> Loaders:
-    eval_tf = eval_transform(cfg.backbone, cfg.image_size)
-    train_tf = train_transform(cfg.backbone, cfg.image_size, cfg.rotation_degrees, cfg.hflip)
-    if cfg.stream:
-        return stream_loaders(cfg, model, frames, classes, eval_tf, train_tf)
-    if cfg.head == "logistic" or (cfg.feature_cache and backbone_is_frozen(model)):
-        loaders = {}
-        for split, frame in frames.items():
-            # the SGD head trains on random augmented views; the logistic head is fitted on the test-time views
-            augmented = split == "train" and cfg.head == "sgd"
-            features, ok = split_features(cfg, model, frame, classes, device, augmented, split)
-            labels = torch.tensor([classes.index(int(c)) for c in frame["count"]])
-            dataset = FeatureViews(features, labels, ok, random_view=augmented, all_views=not augmented)
-            loaders[split] = make_loader(dataset, cfg.batch_size, shuffle=augmented, num_workers=0, seed=cfg.seed,
-                                         drop_last=augmented, collate_fn=None)
-        return Loaders(model.head, loaders["train"], loaders["val"], loaders.get("test"),
-                       list(frames["train"]["count"]))
-    loaders = {
-        split: make_loader(ManifestImages(frame, classes, train_tf if split == "train" else eval_tf), cfg.batch_size,
-                           shuffle=split == "train", num_workers=cfg.num_workers, seed=cfg.seed,
-                           drop_last=split == "train")
-        for split, frame in frames.items()
-    }
-    return Loaders(model, loaders["train"], loaders["val"], loaders.get("test"), list(frames["train"]["count"]))
-
-
-def split_features(cfg: TrainConfig, model: CountingModel, frame: pd.DataFrame, classes: list[int],
-                   device: torch.device, augmented: bool, desc: str,
-                   profiler=NO_PROFILE) -> tuple[torch.Tensor, torch.Tensor]:
-    """The frozen backbone's features of `frame` through the cache: the random training views of the SGD head
-    (`augmented`), or the evaluation views (the 4 flips/transposes with --tta). Tune's folds read the same cache."""
-    transform = train_transform(cfg.backbone, cfg.image_size, cfg.rotation_degrees, cfg.hflip) if augmented \
-        else eval_transform(cfg.backbone, cfg.image_size)
-    augmentation = {"rotation": cfg.rotation_degrees, "hflip": cfg.hflip, "train": True} if augmented else {}
-    description = {"backbone": cfg.backbone, "weights": weights_id(cfg.weights), "size": cfg.image_size,
-                   **augmentation}
-    return cached_features(
-        model, frame, classes, transform, views=cfg.feature_views if augmented else 1, description=description,
-        cache_dir=Path(cfg.cache_dir) if cfg.cache_dir and cfg.feature_cache else None, batch_size=cfg.batch_size,
-        num_workers=cfg.num_workers, seed=cfg.seed, device=device, desc=desc, tta=cfg.tta and not augmented,
-        profiler=profiler)
-
-
-def weights_id(weights: str | None) -> str:
-    if not weights:
-        return "default"
-    path = Path(weights)
-    return f"{path.resolve()}:{path.stat().st_size}:{path.stat().st_mtime_ns}" if path.exists() else weights
-
-
-def epoch_row(epoch: int, train_stats: dict, val: dict, val_metrics: dict) -> dict:
-    return {"epoch": epoch, "train_loss": train_stats["loss"], "train_accuracy": train_stats["accuracy"],
-            "val_loss": val["loss"], "val_accuracy": val_metrics["accuracy"],
-            "val_precision": val_metrics["precision_macro"], "val_recall": val_metrics["recall_macro"],
-            "val_f1": val_metrics["f1_macro"], "val_mae": val_metrics["mae"], "grad_norm": train_stats["grad_norm"],
-            "grad_norm_max": train_stats["grad_norm_max"], "epoch_seconds": train_stats["seconds"],
-            "images_per_s": train_stats["images_per_s"]}
+def data_loaders(cfg: TrainConfig, model: CountingModel, frames: dict[str, pd.DataFrame], classes: list[int],
+                 device: torch.device) -> Loaders:
+    return stream_loaders(cfg, model, frames, classes) if cfg.stream else \
+        build_loaders(cfg, model, frames, classes, device)
 
 
 # the history's columns under the metric vocabulary (metrics.metric_key): the split first
@@ -281,180 +76,29 @@ EPOCH_METRICS = {"train_loss": "train/loss", "train_accuracy": "train/accuracy",
                  "epoch_seconds": "train/epoch_seconds", "images_per_s": "train/images_per_s", "head_c": "train/head_c"}
 
 
-def log_epoch_to_run(epoch: int, row: dict, findings: list) -> None:
-    """The command's epoch callback: the epoch's metrics and the debugger's findings into the MLflow run."""
-    mlflow.log_metrics({EPOCH_METRICS.get(k, f"train/{k}"): v for k, v in row.items()
-                        if k != "epoch" and np.isfinite(v)}, step=epoch)
-    for finding in findings:
-        mlflow.set_tag(*finding.as_tag())
+class RunRecorder(Recorder):
+    """The loop's reports into the active MLflow run (metrics, the debugger's findings as tags), and on stdout the
+    study's lines, which SageMaker reads its metrics from (metrics.STUDY_REGEXES)."""
 
+    def __init__(self, epochs: int, solved: bool):
+        self.epochs, self.solved = epochs, solved
 
-@dataclass
-class FitResult:
-    history: pd.DataFrame
-    best_epoch: int
-    best_val: dict
-    findings: list = field(default_factory=list)
-    stopped: str | None = None  # why training stopped early (NaN loss), if it did
-    held_out: tuple[np.ndarray, np.ndarray] | None = None  # a solved head's out-of-fold (probabilities, labels)
-
-
-@dataclass
-class Checkpointing:
-    """Where fit() saves its state at every epoch end, and the state it resumes from (if any)."""
-
-    path: Path
-    run_id: str
-    resume_from: dict | None = None
-    data_digest: str = ""  # a resume must see the same data, not only the same options
-
-
-@dataclass
-class Progress:
-    """What fit() carries from epoch to epoch, and what a checkpoint saves and restores of it."""
-
-    best_loss: float = float("inf")
-    best_state: dict | None = None  # the weights of the epoch with the lowest validation loss
-    best_epoch: int = 0
-    best_val: dict = field(default_factory=dict)
-    rows: list = field(default_factory=list)  # one per finished epoch
-
-    def keep_if_best(self, row: dict, net: nn.Module) -> None:
-        if row["val_loss"] < self.best_loss:
-            self.best_loss, self.best_epoch, self.best_val = row["val_loss"], row["epoch"], row
-            self.best_state = copy.deepcopy(net.state_dict())
-
-
-@dataclass
-class Training:
-    """The objects one fit() trains with, built once from the config."""
-
-    net: nn.Module  # the module whose state is saved and evaluated
-    train_net: nn.Module  # the same, wrapped in DDP under torchrun (DDP only wraps the training forward)
-    criterion: nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler
-
-
-def make_training(cfg: TrainConfig, model: CountingModel, loaders: Loaders, classes: list[int],
-                  device: torch.device) -> Training:
-    net = loaders.net
-    optimizer = make_optimizer(cfg, model, net)
-    return Training(
-        net=net,
-        train_net=nn.parallel.DistributedDataParallel(net) if distributed.current().enabled else net,
-        criterion=make_criterion(cfg, classes, loaders.train_counts).to(device),
-        optimizer=optimizer,
-        scheduler=torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs),
-        scaler=torch.amp.GradScaler(device.type, enabled=device.type == "cuda"),
-    )
-
-
-def resume(checkpointing: Checkpointing | None, t: Training, loaders: Loaders) -> tuple[Progress, int]:
-    """The progress to continue from and the first epoch still to train (1 for a fresh fit)."""
-    if not (checkpointing and checkpointing.resume_from):
-        return Progress(), 1
-    saved = checkpoint.restore(checkpointing.resume_from, t.net, t.optimizer, t.scheduler, t.scaler,
-                               [loaders.train, loaders.val])
-    progress = Progress(**saved)
-    last = checkpointing.resume_from["epoch"]
-    log.info("resuming after epoch %d (best so far: epoch %d)", last, progress.best_epoch)
-    return progress, last + 1
-
-
-def save_checkpoint(checkpointing: Checkpointing, cfg: TrainConfig, epoch: int, t: Training, progress: Progress,
-                    loaders: Loaders) -> None:
-    checkpoint.save(checkpointing.path, epoch, t.net, t.optimizer, t.scheduler, t.scaler, vars(progress),
-                    [loaders.train, loaders.val], checkpointing.run_id,
-                    {**as_params(cfg), "data_digest": checkpointing.data_digest})
-
-
-def new_epoch_order(loaders: Loaders, epoch: int) -> None:
-    """A new shuffle every epoch, alike on all ranks (DistributedSampler or a shard stream's own)."""
-    for shuffler in (loaders.train.sampler, loaders.train.dataset):
-        if isinstance(shuffler, DistributedSampler) or hasattr(shuffler, "set_epoch"):
-            shuffler.set_epoch(epoch)
-
-
-def fit(cfg: TrainConfig, model: CountingModel, loaders: Loaders, classes: list[int], device: torch.device,
-        on_epoch=None, rules: Rules | None = None, profiler=NO_PROFILE, checkpointing: Checkpointing | None = None,
-        log_epoch=None, verbose: bool = True) -> FitResult:
-    """Train for cfg.epochs, keep the weights of the epoch with the lowest validation loss.
-
-    The debugger rules look at every epoch; a NaN/inf loss stops training, keeping the best epoch so far.
-    With `checkpointing`, every finished epoch is saved, and a resumed fit continues after the saved epoch.
-    `log_epoch(epoch, row, findings)` records every epoch, the one that stopped training included (the command
-    logs to its MLflow run there); `on_epoch(epoch, row)` follows each kept epoch and may raise (Optuna's pruning).
-    `verbose=False` leaves out the study's printed lines (tune's folds would print thousands).
-    """
-    rules = rules or Rules()
-    main_rank = distributed.current().main
-    t = make_training(cfg, model, loaders, classes, device)
-    progress, first_epoch = resume(checkpointing, t, loaders)
-    stopped = None
-    for epoch in range(first_epoch, cfg.epochs + 1):
-        new_epoch_order(loaders, epoch)
-        train_stats = train_one_epoch(t.train_net, t.criterion, t.optimizer, loaders.train, device, t.scaler,
-                                      f"epoch {epoch}", profiler if epoch == 1 else NO_PROFILE)
-        val = evaluate_epoch(t.net, t.criterion, loaders.val, device, cfg.tta)
-        val_metrics = split_metrics(val, classes, cfg.decoding)
-        t.scheduler.step()
-        if main_rank and verbose:
-            print(f"Epoch {epoch}/{cfg.epochs}  Train loss: {train_stats['loss']:.4f}  "
-                  f"Train accuracy: {train_stats['accuracy']:.4f}")
-            print(metrics.study_lines(val["loss"], val_metrics), flush=True)
-        row = epoch_row(epoch, train_stats, val, val_metrics)
-        progress.rows.append(row)
-        findings = rules.check_epoch(progress.rows)
+    def epoch(self, epoch: int, row: dict, findings: list) -> None:
+        if not self.solved:
+            print(f"Epoch {epoch}/{self.epochs}  Train loss: {row['train_loss']:.4f}  "
+                  f"Train accuracy: {row['train_accuracy']:.4f}")
+        val = {EPOCH_METRICS[k].removeprefix("val/"): v for k, v in row.items()
+               if EPOCH_METRICS.get(k, "").startswith("val/")}
+        print(metrics.study_lines(val["loss"], val), flush=True)
+        mlflow.log_metrics({EPOCH_METRICS.get(k, f"train/{k}"): v for k, v in row.items()
+                            if k != "epoch" and np.isfinite(v)}, step=epoch)
         for finding in findings:
-            log.warning("debugger: %s at epoch %d: %s", finding.rule, finding.epoch, finding.message)
-        if log_epoch is not None:
-            log_epoch(epoch, row, findings)
-        if any(finding.rule == "nan_loss" for finding in findings):
-            stopped = f"loss became NaN/inf at epoch {epoch}"
-            break
-        progress.keep_if_best(row, t.net)
-        if checkpointing and main_rank:
-            save_checkpoint(checkpointing, cfg, epoch, t, progress, loaders)
-        if on_epoch is not None:
-            on_epoch(epoch, row)
-    if progress.best_state is not None:
-        t.net.load_state_dict(progress.best_state)
-    return FitResult(pd.DataFrame(progress.rows), progress.best_epoch, progress.best_val, list(rules.findings),
-                     stopped)
+            mlflow.set_tag(*finding.as_tag())
 
-
-def solve_head(cfg: TrainConfig, model: CountingModel, loaders: Loaders, classes: list[int], device: torch.device,
-               on_epoch=None, rules: Rules | None = None, checkpointing: Checkpointing | None = None,
-               log_epoch=None) -> FitResult:
-    """The logistic head, solved on the frozen features of the train and val splits (heads.fit_logistic).
-
-    Its strength is chosen by cross-validation over those images, so the reported validation metrics are
-    out-of-fold predictions: no image is scored by a head that saw it. One "epoch" of history, seconds long."""
-    parts = [loaders.train.dataset, loaders.val.dataset]
-    features, labels = torch.cat([p.features for p in parts]), torch.cat([p.labels for p in parts])
-    start = time.perf_counter()
-    fitted = heads.fit_logistic(features, labels, len(classes), balance=cfg.balance, seed=cfg.seed)
-    seconds = time.perf_counter() - start
-    fitted.write_into(model.head)
-    in_sample = fitted.probabilities(features)
-    val_metrics = split_metrics({"y_true": labels.numpy(), "probs": fitted.oof_probs}, classes, cfg.decoding)
-    row = {"epoch": 1, "train_loss": heads.log_loss(in_sample, labels.numpy()),
-           "train_accuracy": float((in_sample.argmax(1) == labels.numpy()).mean()),
-           "val_loss": heads.log_loss(fitted.oof_probs, labels.numpy()), "val_accuracy": val_metrics["accuracy"],
-           "val_precision": val_metrics["precision_macro"], "val_recall": val_metrics["recall_macro"],
-           "val_f1": val_metrics["f1_macro"], "val_mae": val_metrics["mae"], "head_c": fitted.c,
-           "epoch_seconds": seconds, "images_per_s": len(labels) / seconds if seconds else 0.0}
-    print(f"Logistic head: C={fitted.c:g} (cross-validated held-out log-loss per C: "
-          f"{', '.join(f'{c:g}: {v:.3f}' for c, v in fitted.cv_log_loss.items()) or 'not cross-validated'}), "
-          f"{len(labels)} images, {seconds:.1f} s")
-    print(metrics.study_lines(row["val_loss"], val_metrics), flush=True)
-    if log_epoch is not None:
-        log_epoch(1, row, [])
-    if on_epoch is not None:
-        on_epoch(1, row)
-    return FitResult(pd.DataFrame([row]), 1, row, held_out=(fitted.oof_probs, labels.numpy()))
+    def head_solved(self, fitted: heads.LogisticFit, images: int, seconds: float) -> None:
+        scores = ", ".join(f"{c:g}: {v:.3f}" for c, v in fitted.cv_log_loss.items())
+        print(f"Logistic head: C={fitted.c:g} (cross-validated held-out log-loss per C: "
+              f"{scores or 'not cross-validated'}), {images} images, {seconds:.1f} s")
 
 
 @dataclass
@@ -478,25 +122,7 @@ def split_frames(data: str) -> dict[str, pd.DataFrame]:
     return frames
 
 
-def held_out_probabilities(loaders: Loaders, result: FitResult, criterion, device, tta: bool):
-    """(probabilities, class indices) no head saw when fitting: out of fold for the solved head, else the
-    validation split. The calibration is fitted on these."""
-    if result.held_out is not None:
-        return result.held_out
-    val = evaluate_epoch(loaders.net, criterion, loaders.val, device, tta)
-    return val["probs"], val["y_true"]
-
-
-def fit_calibration(cfg: TrainConfig, loaders: Loaders, result: FitResult, classes: list[int],
-                    device: torch.device) -> CountCalibration:
-    criterion = make_criterion(cfg, classes, loaders.train_counts).to(device)
-    probs, labels = held_out_probabilities(loaders, result, criterion, device, cfg.tta)
-    fitted = CountCalibration.fit(probs, labels, cfg.coverage, cfg.false_alarm)
-    log.info("calibration: temperature %.3f fitted on %d held-out images", fitted.temperature, len(labels))
-    return fitted
-
-
-def test_split_report(cfg: TrainConfig, loaders: Loaders, frames: dict[str, pd.DataFrame], classes: list[int],
+def report_test_split(cfg: TrainConfig, loaders: Loaders, frames: dict[str, pd.DataFrame], classes: list[int],
                       device: torch.device, calibration: CountCalibration) -> reports.Report | None:
     """The best epoch's model on the test split, through the same (cached) inputs as training and the same
     answers as the served model (answers.answer_frame)."""
@@ -515,28 +141,15 @@ def test_split_report(cfg: TrainConfig, loaders: Loaders, frames: dict[str, pd.D
     return report
 
 
-def profiled_fit(cfg: TrainConfig, model, loaders: Loaders, classes, device, on_epoch, rules: Rules,
-                 checkpointing: Checkpointing | None = None, log_epoch=None) -> FitResult:
-    """fit() with the profiler over the first epoch; the report and its findings go to the active run."""
+def fit_head(cfg: TrainConfig, model: CountingModel, loaders: Loaders, frames: dict[str, pd.DataFrame],
+             classes: list[int], device: torch.device, **hooks) -> FitResult:
+    """The head's fit (core.choices.HEADS); with --profile under the profiler, its report and findings into the
+    active run."""
+    if not cfg.profile:
+        return head_fitter(cfg.head)(cfg, model, loaders, classes, device, **hooks)
     with tempfile.TemporaryDirectory(prefix="bin-counter-profile-") as tmp:
-        with Profile(device, cfg.batch_size, Path(tmp)) as profile:
-            result = fit(cfg, model, loaders, classes, device, on_epoch, rules, profiler=profile,
-                         checkpointing=checkpointing, log_epoch=log_epoch)
-        log_profile(profile, result, Path(tmp))
-    return result
-
-
-def profiled_solve(cfg: TrainConfig, model, loaders: Loaders, classes, device, on_epoch, rules: Rules,
-                   checkpointing: Checkpointing | None = None, log_epoch=None, frame: pd.DataFrame | None = None
-                   ) -> FitResult:
-    """The solved head's real cost: a fresh frozen-feature pass over the training images (the cache bypassed, so
-    there is something to measure) under the profiler, then the solve; the report goes to the active run."""
-    with tempfile.TemporaryDirectory(prefix="bin-counter-profile-") as tmp:
-        with Profile(device, cfg.batch_size, Path(tmp), stage="feature pass") as profile:
-            split_features(replace(cfg, feature_cache=False), model, frame, classes, device, augmented=False,
-                           desc="profiled train", profiler=profile)
-            result = solve_head(cfg, model, loaders, classes, device, on_epoch, rules, checkpointing, log_epoch)
-        profile.solve_seconds = result.best_val["epoch_seconds"]
+        result, profile = head_fitter(cfg.head, profiled=True)(cfg, model, loaders, classes, device, Path(tmp),
+                                                               frames["train"], **hooks)
         log_profile(profile, result, Path(tmp))
     return result
 
@@ -556,11 +169,11 @@ def log_profile(profile: Profile, result: FitResult, folder: Path) -> None:
 def ensure_data(data: str) -> None:
     """`mlflow run . -e train` on a fresh checkout: with no data directory at all, start from the bundled sample."""
     if not data.startswith("s3://") and not Path(data).exists():
-        from bin_counter.commands.prepare import prepare
+        from bin_counter.commands.prepare import build_data_dir
         from bin_counter.config import PrepareConfig
 
         log.info("no data at %s: preparing the bundled ABID sample there first", data)
-        prepare(PrepareConfig(source="sample", out=data))
+        build_data_dir(PrepareConfig(source="sample", out=data))
 
 
 def data_digest(frames: dict[str, pd.DataFrame]) -> str:
@@ -672,7 +285,7 @@ def log_outcome(cfg: TrainConfig, model, loaders: Loaders, result: FitResult, fr
     tracking.log_frame(result.history, "history")
     calibration = fit_calibration(cfg, loaders, result, classes, device)
     mlflow.log_metric("train/temperature", calibration.temperature)
-    report = test_split_report(cfg, loaders, frames, classes, device, calibration)
+    report = report_test_split(cfg, loaders, frames, classes, device, calibration)
     test_metrics = report.metrics if report else None
     model_info = None
     if save_model:
@@ -695,10 +308,11 @@ def log_outcome(cfg: TrainConfig, model, loaders: Loaders, result: FitResult, fr
     return test_metrics, model_info.model_uri if model_info else None, calibration
 
 
-def train(cfg: TrainConfig, on_epoch=None, save_model: bool = True, parent_run_id: str | None = None) -> TrainResult:
+def train(cfg: TrainConfig, pruner=None, save_model: bool = True, parent_run_id: str | None = None) -> TrainResult:
     """`bin-counter train`: one MLflow run with params, per-epoch metrics, plots, test metrics and the model.
 
-    `on_epoch(epoch, row)` may raise (Optuna's pruning does); `save_model=False` skips logging the model (trials).
+    `pruner(epoch, row)` follows each kept epoch and may raise to stop there (Optuna's pruning does);
+    `save_model=False` skips logging the model (trials).
     SIGTERM/Ctrl-C stop it with the finished epochs checkpointed; `--resume` continues the same MLflow run.
     """
     cfg.validate()
@@ -730,18 +344,16 @@ def train(cfg: TrainConfig, on_epoch=None, save_model: bool = True, parent_run_i
             mlflow.log_dict(cfg.reproducible(), "config.yaml")  # `train --config` it to train the same again
         datasets = log_split_datasets(cfg, frames) if ctx.main else {}
         rules = start_rules(frames, classes, tag_run=ctx.main)
-        checkpointing = Checkpointing(checkpoint.path_for(cfg.checkpoint_dir, run_id), run_id, resumed, digest) \
-            if cfg.checkpoint_dir else None
+        checkpointing = Checkpointing(checkpoint.path_for(cfg.checkpoint_dir, run_id), run_id, resumed,
+                                      {**as_params(cfg), "data_digest": digest}) if cfg.checkpoint_dir else None
+        recorder = RunRecorder(cfg.epochs, cfg.solved_head) if ctx.main else NO_RECORD
         try:
-            fitter = {("logistic", False): solve_head, ("sgd", False): fit, ("sgd", True): profiled_fit,
-                      ("logistic", True): functools.partial(profiled_solve, frame=frames["train"])}[
-                cfg.head, cfg.profile]
             # feature extraction (in build_loaders) is the longest step of a solved head: a spot reclaim or Ctrl-C
             # there must end the run as KILLED too, not leave it RUNNING
             with checkpoint.interruptible():
-                loaders = build_loaders(cfg, model, frames, classes, device)
-                result = fitter(cfg, model, loaders, classes, device, on_epoch, rules, checkpointing=checkpointing,
-                                log_epoch=log_epoch_to_run if ctx.main else None)
+                loaders = data_loaders(cfg, model, frames, classes, device)
+                result = fit_head(cfg, model, loaders, frames, classes, device, rules=rules,
+                                  checkpointing=checkpointing, recorder=recorder, pruner=pruner)
         except checkpoint.TrainingInterrupted as signal_name:
             if ctx.main:
                 mlflow.end_run("KILLED")

@@ -42,21 +42,13 @@ from torch import nn
 from bin_counter import BinCounterError, tracking
 from bin_counter.cloud import s3
 from bin_counter.commands.evaluate import evaluate_into_run, summary_lines
-from bin_counter.commands.train import (
-    Loaders,
-    evaluate_epoch,
-    fit,
-    make_criterion,
-    pick_device,
-    split_features,
-    split_frames,
-    train,
-)
+from bin_counter.commands.train import split_frames, train
 from bin_counter.config import DECODES, TrainConfig, as_params
 from bin_counter.config import TUNE_OBJECTIVES as OBJECTIVES
-from bin_counter.core import heads, metrics
+from bin_counter.core import choices, heads, metrics
 from bin_counter.core.data import make_loader
 from bin_counter.core.features import FeatureViews
+from bin_counter.core.losses import make_criterion
 from bin_counter.core.manifest import read_classes
 from bin_counter.core.metrics import HEADLINE, metric_key
 from bin_counter.core.models import (
@@ -67,6 +59,7 @@ from bin_counter.core.models import (
     freeze,
     installed_lite_backbones,
 )
+from bin_counter.core.training import Loaders, evaluate_epoch, fit, pick_device, split_features
 
 log = logging.getLogger(__name__)
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -105,7 +98,7 @@ def parse_range(text: str, cast=float) -> tuple:
     return low, high
 
 
-HEADS = ("logistic", "sgd")
+HEADS = tuple(choices.HEADS)
 MIN_RECALL = 0.10  # a trial that gives up a count (recall below this) is not eligible
 
 
@@ -344,7 +337,7 @@ def objective_for(cfg: TuneConfig, parent_run_id: str):
                 raise optuna.TrialPruned(f"validation loss {row['val_loss']:.4f} at epoch {epoch} lags the median")
 
         try:
-            result = train(trial_cfg, on_epoch=report, save_model=False, parent_run_id=parent_run_id)
+            result = train(trial_cfg, pruner=report, save_model=False, parent_run_id=parent_run_id)
         except optuna.TrialPruned:
             client = mlflow.MlflowClient()
             client.set_tag(run_ids[-1], "trial_state", "PRUNED")
@@ -438,7 +431,7 @@ class Folds:
             loaders = Loaders(head, self._loader(augmented, fit_idx, cfg, train=True),
                               self._loader(evaluation, val_idx, cfg), None,
                               [self.classes[i] for i in self.labels[fit_idx]])
-            fit(cfg, CountingModel(nn.Identity(), head), loaders, self.classes, device, verbose=False)
+            fit(cfg, CountingModel(nn.Identity(), head), loaders, self.classes, device)
             held = evaluate_epoch(head, make_criterion(cfg, self.classes, loaders.train_counts).to(device),
                                   self._loader(evaluation, held_idx, cfg), device, cfg.tta)
             probs[held_idx[held["rows"]]] = held["probs"]

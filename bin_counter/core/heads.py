@@ -85,11 +85,16 @@ def view_probabilities(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return torch.softmax(x @ weight.T + bias, -1).mean(1).numpy()
 
 
-def balanced_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Inverse class frequency, mean 1 over samples: every count weighs the same in the loss."""
+def class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Inverse class frequency, one weight per class, scaled so that their mean over the samples is 1: every
+    count weighs the same in the loss."""
     counts = torch.bincount(labels, minlength=num_classes).float().clamp_min(1)
-    per_class = len(labels) / (num_classes * counts)
-    return per_class[labels]
+    return len(labels) / (num_classes * counts)
+
+
+def balanced_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Each sample's class weight (class_weights)."""
+    return class_weights(labels, num_classes)[labels]
 
 
 @dataclass

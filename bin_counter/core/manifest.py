@@ -12,6 +12,7 @@ from bin_counter.core.files import atomic_path, unsafe_reason
 MANIFEST = "manifest.csv"
 REJECTED = "rejected.csv"
 DATASET_JSON = "dataset.json"
+SHARD_DIR = "shards"  # WebDataset-style tar shards and their index.json (cloud/shards.py)
 COLUMNS = ["image_id", "count", "split", "sha256", "width", "height", "path", "expected_quantity"]
 SPLITS = ("train", "val", "test")
 SHA256 = r"[0-9a-f]{64}"

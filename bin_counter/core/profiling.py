@@ -31,7 +31,6 @@ FEATURE_PASS_PHASES = {"data": "data (decode + resize, waiting for the loader)",
 class NoProfile:
     """The hooks the training loop calls; all no-ops, so an unprofiled run pays nothing."""
 
-    enabled = False
     engine_profile_prefix = None  # where an ONNX Runtime session writes its profile (None: no profiling)
 
     def phase(self, name: str):
@@ -92,7 +91,7 @@ class UtilisationSampler(threading.Thread):
 
 @dataclass
 class Profile:
-    """Collects step timings and drives torch.profiler; `report()` turns them into files."""
+    """Collects step timings and drives torch.profiler; `write_report()` turns them into files."""
 
     device: torch.device
     batch_size: int
@@ -101,7 +100,6 @@ class Profile:
     warmup: int = 1
     active: int = 3
     steps: list[dict] = field(default_factory=list)
-    enabled: bool = True
     stage: str = "training epoch"  # or "feature pass": what one step is
     solve_seconds: float | None = None  # the solved head's fit, after the feature pass
 

@@ -1,7 +1,10 @@
-"""Credentials out of URIs: the one place they are taken out of what we log, print, tag or send."""
+"""URIs: credentials taken out of them (the one place they are taken out of what we log, print, tag or send), and
+an S3 URI's bucket and prefix."""
 from __future__ import annotations
 
 import re
+
+from bin_counter import BinCounterError
 
 # user:password@ (or token@) in any URI, up to the last @ of its authority; and secrets passed as query parameters
 _USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^\s/?#]*)@")
@@ -36,3 +39,12 @@ def redact_uri(text: str, drop: bool = False) -> str:
 
 def has_credentials(uri: str) -> bool:
     return redact_uri(uri) != uri
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    """`s3://bucket/some/prefix` -> (`bucket`, `some/prefix/`)."""
+    if not uri.startswith("s3://") or len(uri) <= 5:
+        raise BinCounterError(f"not an S3 URI: {uri!r} (expected s3://bucket[/prefix])")
+    bucket, _, prefix = uri[5:].partition("/")
+    prefix = prefix.strip("/")
+    return bucket, f"{prefix}/" if prefix else ""

@@ -109,14 +109,16 @@ def serving_engine(config: dict, artifacts: dict):
     """numpy batch -> class probabilities: the ONNX graph, or the weights in PyTorch where torch is installed
     and is asked for (or a GPU is there, or the model has no graph)."""
     graph = artifacts.get("onnx")
-    if not torch_installed():
+    if not torch_runnable():
         return slim_engine(config, graph)
     return torch_side_engine(config, artifacts["weights"], graph)
 
 
-def torch_installed() -> bool:
+def torch_runnable() -> bool:
+    """torch is installed and the model's code holds torch's side of the core: a CPU model ships without it, and
+    loads in an environment that has torch (a notebook's, Spark's, the project's) on the slim path."""
     try:
-        return find_spec("torch") is not None
+        return find_spec("torch") is not None and find_spec("bin_counter.core.engine") is not None
     except ImportError:  # an import hook that refuses it
         return False
 

@@ -23,8 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 
 import boto3  # noqa: E402
 
-from bin_counter.commands.prepare import SAMPLE_DIR, prepare  # noqa: E402
+from bin_counter.commands.prepare import build_data_dir  # noqa: E402
 from bin_counter.config import PrepareConfig  # noqa: E402
+from bin_counter.core.dataset import SAMPLE_DIR  # noqa: E402
 from conftest import SlowProxy, start_moto_server  # noqa: E402
 
 
@@ -51,7 +52,7 @@ def main() -> None:
         for workers in (1, args.workers):
             out = Path(tempfile.mkdtemp())
             start = time.perf_counter()
-            result = prepare(PrepareConfig(source="s3://bench", out=str(out), workers=workers))
+            result = build_data_dir(PrepareConfig(source="s3://bench", out=str(out), workers=workers))
             seconds = time.perf_counter() - start
             assert result.downloaded == 2 * len(ids)
             rates[workers] = len(ids) / seconds

@@ -17,10 +17,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from bin_counter.commands.prepare import prepare  # noqa: E402
-from bin_counter.commands.train import build_loaders, make_optimizer, split_frames, train_one_epoch  # noqa: E402
+from bin_counter.commands.prepare import build_data_dir  # noqa: E402
+from bin_counter.commands.train import split_frames  # noqa: E402
 from bin_counter.config import PrepareConfig, TrainConfig  # noqa: E402
 from bin_counter.core.models import create_model, freeze  # noqa: E402
+from bin_counter.core.training import build_loaders, make_optimizer, train_one_epoch  # noqa: E402
 
 
 def epoch_seconds(cfg: TrainConfig, frames, classes) -> tuple[float, float]:
@@ -40,7 +41,7 @@ def epoch_seconds(cfg: TrainConfig, frames, classes) -> tuple[float, float]:
 def main() -> None:
     logging.disable(logging.WARNING)
     data = Path(tempfile.mkdtemp()) / "data"
-    prepare(PrepareConfig(out=str(data), workers=2))
+    build_data_dir(PrepareConfig(out=str(data), workers=2))
     frames = {k: v for k, v in split_frames(str(data)).items() if k != "test"}
     classes = [1, 2, 3, 4, 5]
     cached_cfg = TrainConfig(data=str(data), cache_dir=str(data.parent / "cache"), feature_views=4)

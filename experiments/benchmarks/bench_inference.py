@@ -39,10 +39,10 @@ from served import served  # noqa: E402
 from torch import nn  # noqa: E402
 
 from bin_counter.commands.predict import LocalModel, predict  # noqa: E402
-from bin_counter.commands.prepare import SAMPLE_DIR  # noqa: E402
 from bin_counter.config import PredictConfig, TrainConfig  # noqa: E402
 from bin_counter.core.abid import read_image as open_image  # noqa: E402
 from bin_counter.core.data import eval_transform  # noqa: E402
+from bin_counter.core.dataset import SAMPLE_DIR  # noqa: E402
 from bin_counter.core.engine import OnnxEngine, TorchEngine, ViewAveraged, export_onnx, quantize_int8  # noqa: E402
 from bin_counter.core.models import create_model  # noqa: E402
 from bin_counter.serving.packaging import log_model  # noqa: E402

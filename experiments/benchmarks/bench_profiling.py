@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import mlflow  # noqa: E402
 
-from bin_counter.commands.prepare import prepare  # noqa: E402
+from bin_counter.commands.prepare import build_data_dir  # noqa: E402
 from bin_counter.commands.train import train  # noqa: E402
 from bin_counter.config import PrepareConfig, TrainConfig  # noqa: E402
 from bin_counter.core.debugger import Rules  # noqa: E402
@@ -41,7 +41,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp())
     mlflow.set_tracking_uri(f"sqlite:///{work / 'mlruns.db'}")
     data = work / "data"
-    prepare(PrepareConfig(out=str(data), limit_per_class=16, workers=2))
+    build_data_dir(PrepareConfig(out=str(data), limit_per_class=16, workers=2))
     base = TrainConfig(data=str(data), head="sgd", epochs=2, feature_cache=False, num_workers=2, batch_size=16)
     timed(base)  # warm-up: page cache, lazy imports
     plain = timed(base)

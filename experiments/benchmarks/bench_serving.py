@@ -27,7 +27,7 @@ import requests  # noqa: E402
 from served import served  # noqa: E402
 
 from bin_counter.commands.predict import images_in_manifest  # noqa: E402
-from bin_counter.commands.prepare import prepare  # noqa: E402
+from bin_counter.commands.prepare import build_data_dir  # noqa: E402
 from bin_counter.commands.train import train  # noqa: E402
 from bin_counter.config import PrepareConfig, TrainConfig  # noqa: E402
 from bin_counter.core.manifest import read_manifest  # noqa: E402
@@ -44,7 +44,7 @@ def main() -> None:
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{work / 'mlruns.db'}")
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
     data = work / "data"
-    prepare(PrepareConfig(out=str(data), limit_per_class=16, workers=2))
+    build_data_dir(PrepareConfig(out=str(data), limit_per_class=16, workers=2))
     model_uri = args.model_uri
     if not model_uri:
         with redirect_stdout(StringIO()):

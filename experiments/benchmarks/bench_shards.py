@@ -21,7 +21,7 @@ import boto3  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from bin_counter.cloud.shards import ShardStream, shard_urls, stream_collate  # noqa: E402
-from bin_counter.commands.prepare import prepare, upload_prepared  # noqa: E402
+from bin_counter.commands.prepare import build_data_dir, upload_prepared  # noqa: E402
 from bin_counter.config import PrepareConfig  # noqa: E402
 from bin_counter.core.data import ManifestImages, eval_transform, make_loader  # noqa: E402
 from bin_counter.core.manifest import read_manifest  # noqa: E402
@@ -41,7 +41,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.disable(logging.WARNING)
     data = Path(tempfile.mkdtemp()) / "data"
-    result = prepare(PrepareConfig(out=str(data), split=(1, 0, 0), shard_size=100, workers=2))
+    result = build_data_dir(PrepareConfig(out=str(data), split=(1, 0, 0), shard_size=100, workers=2))
     transform = eval_transform("efficientnet-lite0")
     frame = read_manifest(data)
     loose = make_loader(ManifestImages(frame, [1, 2, 3, 4, 5], transform), 32, shuffle=False,

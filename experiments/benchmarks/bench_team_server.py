@@ -145,11 +145,11 @@ def restart_mid_run(server, uri: str, steps: int = 40) -> dict:
 def postgres_restart_under_tune(server, uri: str, work: Path, hold_down: float, trials: int = 6) -> dict:
     import optuna
 
-    from bin_counter.commands.prepare import prepare
+    from bin_counter.commands.prepare import build_data_dir
     from bin_counter.config import PrepareConfig
 
     data = work / "data"
-    prepare(PrepareConfig(source="sample", out=str(data), split=(0.6, 0.2, 0.2), limit_per_class=12, workers=2))
+    build_data_dir(PrepareConfig(source="sample", out=str(data), split=(0.6, 0.2, 0.2), limit_per_class=12, workers=2))
     storage = server.pg_url("optuna")
     command = [sys.executable, "-m", "bin_counter", "tune", "--recipe", "study", "--data", str(data), "--head", "sgd",
                "--image-size", "224",

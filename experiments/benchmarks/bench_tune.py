@@ -26,7 +26,7 @@ import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
 import optuna  # noqa: E402
 
-from bin_counter.commands.prepare import prepare  # noqa: E402
+from bin_counter.commands.prepare import build_data_dir  # noqa: E402
 from bin_counter.commands.train import train  # noqa: E402
 from bin_counter.commands.tune import SearchSpace, TuneConfig, tune  # noqa: E402
 from bin_counter.config import RECIPES, PrepareConfig, TrainConfig  # noqa: E402
@@ -90,8 +90,8 @@ def main() -> None:
     mlflow.set_tracking_uri(f"sqlite:///{work / 'mlruns.db'}")
     mlflow.set_experiment("bench-tune")
     data = work / "data"
-    manifest = prepare(PrepareConfig(source=args.source, out=str(data), limit_per_class=args.per_class,
-                                     workers=2)).manifest
+    manifest = build_data_dir(PrepareConfig(source=args.source, out=str(data), limit_per_class=args.per_class,
+                                           workers=2)).manifest
     print(f"{len(manifest)} images of {args.source} ({os.cpu_count()} CPUs)")
     base = TrainConfig(data=str(data), cache_dir=str(work / "cache"), num_workers=2)
     storage = f"sqlite:///{work / 'optuna.db'}"

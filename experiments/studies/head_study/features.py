@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bin_counter.commands.prepare import prepare
+from bin_counter.commands.prepare import build_data_dir
 from bin_counter.config import PrepareConfig
 from bin_counter.core.data import eval_transform
 from bin_counter.core.features import cached_features
@@ -19,7 +19,7 @@ from bin_counter.core.models import create_model
 backbone, size = sys.argv[1], int(sys.argv[2])
 source = sys.argv[3] if len(sys.argv) > 3 else str(Path(__file__).resolve().parents[4] / "shared" / "abid-sample")
 out = Path(".cache/explore")
-prepare(PrepareConfig(source=source, out=str(out / "all"), split=(1.0, 0, 0)))
+build_data_dir(PrepareConfig(source=source, out=str(out / "all"), split=(1.0, 0, 0)))
 manifest = read_manifest(out / "all")
 model = create_model(backbone, 5).eval()
 start = time.time()

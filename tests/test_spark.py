@@ -1,21 +1,45 @@
 """Batch scoring on Spark with stock MLflow (docs/spark.md): `mlflow.pyfunc.spark_udf` on real photos read with
 Spark's binaryFile source gives the counts of the same model loaded in-process."""
+import base64
 import os
 import shutil
 import sys
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
 
 from bin_counter.commands.prepare import SAMPLE_DIR
 from bin_counter.commands.train import train
 from bin_counter.config import TrainConfig
-from bin_counter.pyfunc import encode_files
+from bin_counter.core.abid import read_image
+from bin_counter.core.pixels import decode_base64_image
+from bin_counter.serving.clients import encode_files
 
-pytestmark = pytest.mark.slow
-PHOTOS = 128  # two of the model's 64-row requests, several Arrow batches on each of the 2 cores
+PHOTOS = 128  # above an HTTP request's 64 rows, in one in-process call
 RESULT_TYPE = "predicted_count long, confidence double"
+PHOTO = SAMPLE_DIR / "bin-images" / sorted(p.name for p in (SAMPLE_DIR / "bin-images").glob("*.jpg"))[0]
+
+
+def mime_lines(raw: bytes, end: str) -> str:
+    """base64 as Spark's base64() writes it by default (spark.sql.chunkBase64String.enabled): 76-character lines."""
+    text = base64.b64encode(raw).decode()
+    return end.join(text[i:i + 76] for i in range(0, len(text), 76))
+
+
+@pytest.mark.parametrize("end", ["\r\n", "\n"])
+def test_base64_in_mime_lines_decodes_to_the_same_photo(end):
+    """Before: Spark's F.base64("content") was answered "image field is not valid base64" for every photo."""
+    text = mime_lines(PHOTO.read_bytes(), end)
+    assert end in text
+    assert np.array_equal(np.asarray(decode_base64_image(text)), np.asarray(read_image(PHOTO)))
+
+
+def test_base64_with_other_stray_bytes_is_still_refused():
+    text = base64.b64encode(PHOTO.read_bytes()).decode()
+    with pytest.raises(ValueError, match="not valid base64"):
+        decode_base64_image(text[:100] + "*" + text[100:])
 
 
 @pytest.fixture(scope="module")
@@ -26,11 +50,7 @@ def spark():
     # the Python workers run this interpreter (not `python3` from PATH), so they import this MLflow and ONNX Runtime
     old, os.environ["PYSPARK_PYTHON"] = os.environ.get("PYSPARK_PYTHON"), sys.executable
     session = (SparkSession.builder.master("local[2]").appName("bin-counter-test")
-               .config("spark.ui.enabled", "false")
-               .config("spark.sql.shuffle.partitions", "2")
-               # rows per predict call: photos are large rows, and the model still refuses over 64 in one call
-               .config("spark.sql.execution.arrow.maxRecordsPerBatch", "32")
-               .getOrCreate())
+               .config("spark.ui.enabled", "false").config("spark.sql.shuffle.partitions", "2").getOrCreate())
     yield session
     session.stop()
     if old is None:
@@ -64,6 +84,7 @@ def served(tiny_data, tmp_path_factory):
     return uri, result.model_uri, photos
 
 
+@pytest.mark.slow
 def test_spark_udf_counts_equal_the_in_process_model(spark, served, monkeypatch):
     from pyspark.sql import functions as F
 
@@ -80,10 +101,7 @@ def test_spark_udf_counts_equal_the_in_process_model(spark, served, monkeypatch)
     paths = sorted(str(p) for p in photos.glob("*.jpg"))
     images, unreadable = encode_files(paths)
     assert unreadable == {}
-    # one call with every photo, as a notebook makes it; the model's row limit (64, an HTTP request's bound) is
-    # raised here only until the model stops enforcing it
-    monkeypatch.setenv("BIN_COUNTER_MAX_ROWS", str(len(images)))
-    local = mlflow.pyfunc.load_model(model_uri).predict(pd.DataFrame({"image": images}))
+    local = mlflow.pyfunc.load_model(model_uri).predict(pd.DataFrame({"image": images}))  # one call, 128 rows
     local.index = [os.path.basename(p) for p in paths]
 
     assert len(scored) == PHOTOS and list(scored.index) == list(local.index)

@@ -26,7 +26,7 @@ import mlflow  # noqa: E402
 from bin_counter.commands.prepare import SAMPLE_DIR, prepare  # noqa: E402
 from bin_counter.commands.train import train  # noqa: E402
 from bin_counter.config import PrepareConfig, TrainConfig  # noqa: E402
-from bin_counter.pyfunc import predict_files  # noqa: E402
+from bin_counter.serving.clients import predict_files  # noqa: E402
 
 
 def trained_model(work: Path) -> str:
@@ -50,7 +50,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model-uri")
     parser.add_argument("--photos", default=str(SAMPLE_DIR / "bin-images"), help="a folder of JPEG photos")
-    parser.add_argument("--limit", type=int, default=256, help="photos scored by each")
+    parser.add_argument("--limit", type=int, default=128, help="photos scored by each")
     parser.add_argument("--master", default="local[2]")
     parser.add_argument("--rows-per-batch", type=int, default=64, help="spark.sql.execution.arrow.maxRecordsPerBatch")
     args = parser.parse_args()

@@ -53,6 +53,8 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=128, help="photos scored by each")
     parser.add_argument("--master", default="local[2]")
     parser.add_argument("--rows-per-batch", type=int, default=64, help="spark.sql.execution.arrow.maxRecordsPerBatch")
+    parser.add_argument("--onnx-threads", type=int, default=1,
+                        help="ONNX Runtime threads per Spark Python worker (BIN_COUNTER_ONNX_THREADS; 0: all cores)")
     args = parser.parse_args()
     logging.disable(logging.WARNING)
     work = Path(tempfile.mkdtemp())
@@ -70,6 +72,8 @@ def main() -> None:
     from pyspark.sql import SparkSession
 
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # the workers' Python: this one, not python3 on PATH
+    # the workers inherit it; one pool per worker over every core would make the N workers fight for them
+    os.environ["BIN_COUNTER_ONNX_THREADS"] = str(args.onnx_threads)
     start = time.perf_counter()
     spark = (SparkSession.builder.master(args.master).config("spark.ui.enabled", "false")
              .config("spark.sql.execution.arrow.maxRecordsPerBatch", str(args.rows_per_batch)).getOrCreate())
@@ -83,7 +87,8 @@ def main() -> None:
         spark.stop()
     by_name = dict(zip(scored["path"].map(os.path.basename), scored["predicted_count"]))
     same = sum(by_name.get(os.path.basename(p)) == c for p, c in zip(paths, local["predicted_count"]))
-    print(f"spark {args.master} (spark_udf + binaryFile, {args.rows_per_batch} rows per Arrow batch): "
+    print(f"spark {args.master} (spark_udf + binaryFile, {args.rows_per_batch} rows per Arrow batch, "
+          f"{args.onnx_threads} ONNX thread(s) per worker): "
           f"{spark_s:.1f} s, {len(paths) / spark_s:.1f} photos/s; session start {started_s:.1f} s not counted")
     print(f"spark / in-process throughput: {local_s / spark_s:.2f}x; counts identical for {same} of {len(paths)}")
 

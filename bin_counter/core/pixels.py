@@ -16,7 +16,8 @@ def decode_base64_image(text: str) -> Image.Image:
     if not isinstance(text, str) or not text.strip():
         raise ValueError("empty image field")
     try:
-        raw = base64.b64decode(text, validate=True)
+        # MIME's line breaks are whitespace to skip (Spark's base64() writes them by default); other bytes are errors
+        raw = base64.b64decode("".join(text.split()), validate=True)
     except (binascii.Error, ValueError):
         raise ValueError("image field is not valid base64") from None
     return read_image(raw)

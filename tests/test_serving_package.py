@@ -127,7 +127,7 @@ def test_slim_model_loads_and_answers_where_torch_cannot_be_imported(tmp_path):
     photos = [str(p) for p in SAMPLE_IMAGES[:4]]
     expected = mlflow.pyfunc.load_model(str(model_dir)).predict(pd.DataFrame({"image": [b64(Path(p)) for p in photos]}))
     script = NO_TORCH + f"""
-import base64, json, mlflow, pandas as pd
+import base64, json, sys, mlflow, pandas as pd
 model = mlflow.pyfunc.load_model({str(model_dir)!r})
 frame = pd.DataFrame({{"image": [base64.b64encode(open(p, "rb").read()).decode() for p in {photos!r}]}})
 answers = model.predict(frame)
@@ -141,6 +141,11 @@ print(json.dumps({{"counts": answers["predicted_count"].tolist(), "where": bin_c
     assert out["counts"] == expected["predicted_count"].tolist()
     assert out["where"].startswith(str(model_dir / "code"))
     assert not [m for m in out["loaded"] if m.startswith(("torch", "bin_counter.commands", "bin_counter.cli"))]
+    # where torch is installed (a notebook's or Spark's environment) the CPU model, which ships no torch side of
+    # the core, still loads: on the graph
+    with_torch = run_fresh(script.replace(NO_TORCH, ""))
+    assert with_torch.returncode == 0, with_torch.stderr[-2000:]
+    assert json.loads(with_torch.stdout.strip().splitlines()[-1])["counts"] == out["counts"]
 
     asked = run_fresh(NO_TORCH + f"import mlflow; mlflow.pyfunc.load_model({str(model_dir)!r})",
                       env={"BIN_COUNTER_ENGINE": "torch"})

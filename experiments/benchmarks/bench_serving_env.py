@@ -29,7 +29,7 @@ import requests  # noqa: E402
 import torch  # noqa: E402
 from served import served  # noqa: E402
 
-from bin_counter.commands.prepare import SAMPLE_DIR  # noqa: E402
+from bin_counter.core.dataset import SAMPLE_DIR  # noqa: E402
 from bin_counter.core.models import create_model  # noqa: E402
 from bin_counter.serving.packaging import log_model  # noqa: E402
 

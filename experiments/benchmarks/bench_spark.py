@@ -23,15 +23,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import mlflow  # noqa: E402
 
-from bin_counter.commands.prepare import SAMPLE_DIR, prepare  # noqa: E402
+from bin_counter.commands.prepare import build_data_dir  # noqa: E402
 from bin_counter.commands.train import train  # noqa: E402
 from bin_counter.config import PrepareConfig, TrainConfig  # noqa: E402
+from bin_counter.core.dataset import SAMPLE_DIR  # noqa: E402
 from bin_counter.serving.clients import predict_files  # noqa: E402
 
 
 def trained_model(work: Path) -> str:
     data = work / "data"
-    prepare(PrepareConfig(out=str(data), limit_per_class=16, workers=2))
+    build_data_dir(PrepareConfig(out=str(data), limit_per_class=16, workers=2))
     with redirect_stdout(StringIO()):
         return train(TrainConfig(data=str(data), num_workers=0, cache_dir=str(work / "cache"))).model_uri
 

@@ -290,6 +290,7 @@ def test_deploy_to_sagemaker_on_moto(use_registry, aws, capsys):
     # one scoring worker with ONNX Runtime's own threads, not MLflow's worker per vCPU each taking every core
     assert environment["MLFLOW_MODELS_WORKERS"] == "1" and environment["BIN_COUNTER_ENGINE"] == "onnx"
     assert environment["BIN_COUNTER_ONNX_THREADS"] == "0"
+    capsys.readouterr()
     main(create + ["--update", "--workers", "2", "--threads-per-worker", "1", "--dry-run"])
     planned = json.loads(capsys.readouterr().out)["config"]["env"]
     assert planned["MLFLOW_MODELS_WORKERS"] == "2" and planned["BIN_COUNTER_ONNX_THREADS"] == "1"

@@ -179,14 +179,15 @@ print(json.dumps({{"counts": model.predict(frame)["predicted_count"].tolist(), "
 
 def test_model_logged_by_0_2_competes_in_promote_against_a_new_one(model_0_2, tiny_data, tmp_path):
     from bin_counter.commands.registry import promote
+    from bin_counter.config import PromoteConfig
 
     with mlflow.start_run() as run:
         mlflow.log_artifacts(str(model_0_2), "model")
     mlflow.register_model(f"runs:/{run.info.run_id}/model", "bins")
-    first = promote("bins", str(tiny_data), version="1")
+    first = promote(PromoteConfig(name="bins", data=str(tiny_data), version="1"))
     assert first["decision"] == "first champion"
     logged(tmp_path, registered="bins")
-    second = promote("bins", str(tiny_data), version="2", min_gain=0.0)
+    second = promote(PromoteConfig(name="bins", data=str(tiny_data), version="2", min_gain=0.0))
     assert second["decision"] == ("better than champion" if second["candidate"] > second["champion"]
                                   else "not better than champion")
     tags = mlflow.MlflowClient().get_model_version("bins", "2").tags

@@ -217,11 +217,15 @@ def prepared_batches(images: list, pixels, batch_size: int):
     def submit(part: list) -> list:
         return [pool.submit(prepare, text) for text in part]
 
-    current, ahead = [], submit(images[:batch_size])
+    def texts(start: int, stop: int) -> list:
+        # a batch's texts only: a pandas 3 string column made whole into Python strings is a second copy of the frame
+        return list(images.iloc[start:stop]) if isinstance(images, pd.Series) else list(images[start:stop])
+
+    current, ahead = [], submit(texts(0, batch_size))
     try:
         for start in range(0, len(images), batch_size):
             current = ahead  # the next batch decodes while this one runs
-            ahead = submit(images[start + batch_size:start + 2 * batch_size])
+            ahead = submit(texts(start + batch_size, start + 2 * batch_size))
             results = [future.result() for future in current]
             rows = [start + i for i, (array, _) in enumerate(results) if array is not None]
             failed = {start + i: reason for i, (_, reason) in enumerate(results) if reason is not None}
@@ -236,7 +240,7 @@ def refuse(reason: str) -> MlflowException:
     return MlflowException(reason, INVALID_PARAMETER_VALUE)  # the scoring server answers 400 with the reason
 
 
-def image_column(model_input) -> list:
+def image_column(model_input) -> pd.Series:
     """The request's base64 images, after the checks that need no decoding."""
     if isinstance(model_input, dict):
         model_input = pd.DataFrame(model_input)
@@ -246,7 +250,7 @@ def image_column(model_input) -> list:
         raise refuse(PATHS_REFUSED)
     if "image" not in model_input.columns:
         raise refuse("input needs an `image` column of base64-encoded JPEG/PNG bytes")
-    return list(model_input["image"])
+    return model_input["image"]
 
 
 def decode_image(text):

@@ -21,8 +21,9 @@ from bin_counter import BinCounterError, one_line
 from bin_counter.core.files import atomic_path
 
 
-class TrainingInterrupted(Exception):
-    """SIGTERM or SIGINT arrived during training."""
+class TrainingInterrupted(BaseException):
+    """SIGTERM or SIGINT arrived during training. A BaseException, as KeyboardInterrupt is: the handler raises it
+    wherever the main thread is, and code that turns a bad image's Exception into a skip must not swallow it."""
 
 
 @contextmanager

@@ -11,10 +11,7 @@ from typing import Any
 import yaml
 
 from bin_counter import BinCounterError, one_line
-from bin_counter.core.answers import DEFAULT_CHECK_SHARE
-from bin_counter.core.choices import HEADS, LOSSES
-from bin_counter.core.inference import ENGINES
-from bin_counter.core.manifest import SPLITS
+from bin_counter.core.choices import ENGINES, HEADS, LOSSES, SPLITS
 
 
 def setting(default: Any, help: str, **option: Any) -> Any:
@@ -215,7 +212,7 @@ class ResultsConfig:
     records: str | None = setting(None, "recorded quantities to check: columns expected_quantity and image_id or "
                                         "path (path where ids repeat); over ABID metadata beside the photos",
                                   metavar="FILE.csv")
-    check_share: float = setting(DEFAULT_CHECK_SHARE, "of the bins without a record, the share people can look at: "
+    check_share: float = setting(0.1, "of the bins without a record, the share people can look at: "
                                                       "the least certain go on the manual-check list")
 
 

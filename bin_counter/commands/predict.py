@@ -17,9 +17,9 @@ import pandas as pd
 
 from bin_counter import BinCounterError, one_line
 from bin_counter.cloud import s3
-from bin_counter.config import PredictConfig
+from bin_counter.config import PredictConfig, ResultsConfig
 from bin_counter.core import abid
-from bin_counter.core.answers import CONSISTENT, DEFAULT_CHECK_SHARE, OUTSIDE, SUSPECT
+from bin_counter.core.answers import CONSISTENT, OUTSIDE, SUSPECT
 from bin_counter.core.files import atomic_path, safe_join
 from bin_counter.serving.clients import (  # noqa: F401  (0.2's home of the clients: kept importable for 0.3)
     ANSWER_COLUMNS,
@@ -38,6 +38,7 @@ from bin_counter.serving.clients import (  # noqa: F401  (0.2's home of the clie
 )
 
 log = logging.getLogger(__name__)
+DEFAULT_CHECK_SHARE = ResultsConfig.check_share  # of the bins without a record, the share people look at
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 
 

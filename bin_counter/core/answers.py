@@ -9,7 +9,6 @@ from bin_counter.core.calibration import CountCalibration, count_set_text, entro
 from bin_counter.core.metrics import decode
 
 SUSPECT, CONSISTENT, OUTSIDE = "suspect", "consistent", "outside"
-DEFAULT_CHECK_SHARE = 0.1  # of the bins without a record, the share people look at (predict's manual-check list)
 
 
 def answer_frame(probs: np.ndarray, classes: list[int], decoding: dict, calibration: CountCalibration | None,

@@ -1,4 +1,4 @@
-"""The training choices made by name, one table each: the heads and the losses.
+"""The choices made by name, one table each: the heads and the losses, the splits, the inference engines.
 
 `TrainConfig.validate` checks a name against these tables and `train` dispatches on them, so a new head or loss
 is one entry here plus the function it names. No torch here: the CLI reads the tables when it builds its parser.
@@ -32,3 +32,6 @@ LOSSES: dict[str, LossSpec] = {
     "ce": LossSpec(expected_term=False),  # the study's
     "ce+expected": LossSpec(expected_term=True),
 }
+
+SPLITS = ("train", "val", "test")  # a manifest's splits, in prepare's order
+ENGINES = ("onnx", "torch")  # what runs a logged model's forward pass (BIN_COUNTER_ENGINE)

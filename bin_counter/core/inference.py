@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 
 from bin_counter import BinCounterError
+from bin_counter.core.choices import ENGINES
 
 ENGINE_VARIABLE = "BIN_COUNTER_ENGINE"
 # ONNX Runtime's threads per session (0: one per physical core, its default). A server with several workers on one
 # machine sets it to cores / workers, or every worker's pool fights for every core.
 THREADS_VARIABLE = "BIN_COUNTER_ONNX_THREADS"
-ENGINES = ("onnx", "torch")
 INPUT, OUTPUT = "image", "output"
 
 

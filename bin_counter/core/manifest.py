@@ -7,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 
 from bin_counter import BinCounterError, one_line
+from bin_counter.core.choices import SPLITS  # noqa: F401  (readers of a manifest use it from here)
 from bin_counter.core.files import atomic_path, unsafe_reason
 
 MANIFEST = "manifest.csv"
@@ -14,7 +15,6 @@ REJECTED = "rejected.csv"
 DATASET_JSON = "dataset.json"
 SHARD_DIR = "shards"  # WebDataset-style tar shards and their index.json (cloud/shards.py)
 COLUMNS = ["image_id", "count", "split", "sha256", "width", "height", "path", "expected_quantity"]
-SPLITS = ("train", "val", "test")
 SHA256 = r"[0-9a-f]{64}"
 
 

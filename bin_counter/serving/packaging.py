@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 PACKAGE_DIR = Path(__file__).parents[1]
 SERVE_DEVICES = ("cpu", "cuda")
 # what the served model imports, module by module (tests/test_serving_package.py holds the list to the imports)
-SERVED_CORE = ("abid", "answers", "calibration", "inference", "metrics", "pixels", "uris")
+SERVED_CORE = ("abid", "answers", "calibration", "choices", "inference", "metrics", "pixels", "uris")
 TORCH_CORE = ("data", "engine", "models")
 SLIM_STACK = ["onnxruntime", "numpy", "pillow", "pandas", "scipy", "scikit-learn"]
 

@@ -11,7 +11,6 @@ from torchvision import transforms
 
 from bin_counter.core.abid import read_image as open_image  # noqa: F401  (the loaders' and the pyfunc's entry point)
 from bin_counter.core.models import backbone_spec
-from bin_counter.core.pixels import decode_base64_image  # noqa: F401  (its old home)
 
 log = logging.getLogger(__name__)
 
